@@ -13,6 +13,7 @@
 //! - [`testing`]: numerical checkers (round trip, brute-force Jacobian log-determinant)
 //!   shared by the unit and integration tests.
 
+pub mod build;
 pub mod data;
 pub mod error;
 pub mod flow;
@@ -20,6 +21,7 @@ pub mod linalg;
 pub mod nets;
 pub mod params;
 pub mod rng;
+pub mod spec;
 pub mod testing;
 
 pub use error::{Error, Result};

@@ -34,10 +34,7 @@ fn tutorial_models_have_the_published_parameter_counts() {
 /// Every layer family chained: checkerboard coupling, actnorm, invconv (LU and plain),
 /// squeeze, channel coupling, learned-prior split, Glow split coupling, additive coupling.
 fn chain(p: &Params) -> flowlab::Result<Box<dyn flowlab::flow::Flow>> {
-    let small = NetConfig::Gated {
-        hidden: 4,
-        layers: 1,
-    };
+    let small = NetConfig::gated(4, 1);
     let mut s = Sequential::new();
     s.push(
         "c0",
@@ -76,7 +73,7 @@ fn chain(p: &Params) -> flowlab::Result<Box<dyn flowlab::flow::Flow>> {
         Box::new(InvConv1x1::new(&p.pp("inv1"), 4, InvConvKind::Plain)?),
     );
     let mut glow = flowlab::flow::coupling::CouplingConfig::new(Partition::Split, false);
-    glow.net = NetConfig::Glow { hidden: 5 };
+    glow.net = NetConfig::glow(5);
     glow.scale = ScaleBound::Sigmoid;
     s.push(
         "c2",
@@ -117,10 +114,7 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
     // to the layers before them, which would make this test vacuous.
     let store = f32_store(0);
     let p = store.root();
-    let small = NetConfig::Gated {
-        hidden: 8,
-        layers: 2,
-    };
+    let small = NetConfig::gated(8, 2);
     let mut s = Sequential::new();
     s.push(
         "c0",
@@ -143,7 +137,7 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
                 &p.pp("c1"),
                 Partition::Channel,
                 false,
-                NetConfig::Glow { hidden: 8 },
+                NetConfig::glow(8),
                 4,
                 0,
             )

@@ -331,10 +331,7 @@ mod tests {
             invert,
             kind,
             scale,
-            net: NetConfig::Gated {
-                hidden: 4,
-                layers: 1,
-            },
+            net: NetConfig::gated(4, 1),
             cond_channels: 0,
         }
     }
@@ -376,7 +373,7 @@ mod tests {
             CouplingKind::Affine,
             ScaleBound::Sigmoid,
         );
-        cfg.net = NetConfig::Glow { hidden: 6 };
+        cfg.net = NetConfig::glow(6);
         check_built(&FlowCheck::new(&[4, 2, 2]), |p| {
             Ok(Box::new(Coupling::new(p, cfg, 4)?))
         });

@@ -117,10 +117,7 @@ mod tests {
         let mut s = Sequential::new();
         for i in 0..n {
             let mut cfg = CouplingConfig::new(Partition::Checkerboard, i % 2 == 1);
-            cfg.net = NetConfig::Gated {
-                hidden: 4,
-                layers: 1,
-            };
+            cfg.net = NetConfig::gated(4, 1);
             cfg.cond_channels = 1;
             s.push(
                 format!("c{i}"),

@@ -14,6 +14,7 @@ pub mod dequant;
 pub mod invconv;
 pub mod logit;
 pub mod model;
+pub mod permute;
 pub mod sequential;
 pub mod split;
 pub mod squeeze;

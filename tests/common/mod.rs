@@ -12,7 +12,7 @@ use flowlab::params::{ParamStore, Params};
 use flowlab::Result;
 
 pub fn gated(hidden: usize) -> NetConfig {
-    NetConfig::Gated { hidden, layers: 3 }
+    NetConfig::gated(hidden, 3)
 }
 
 pub fn coupling(

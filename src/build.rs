@@ -1,0 +1,59 @@
+//! The one builder: a [`ModelPlan`] becomes a [`FlowModel`], one exhaustive match per layer.
+
+use candle_core::{DType, Device};
+
+use crate::flow::actnorm::ActNorm;
+use crate::flow::coupling::Coupling;
+use crate::flow::dequant::Dequantization;
+use crate::flow::invconv::InvConv1x1;
+use crate::flow::permute::Permute;
+use crate::flow::split::Split;
+use crate::flow::squeeze::Squeeze;
+use crate::flow::{Flow, FlowModel, Sequential};
+use crate::params::{ParamStore, Params};
+use crate::spec::{ModelPlan, PlannedLayer, PlannedOp};
+use crate::Result;
+
+fn build_layer(p: &Params, l: &PlannedLayer) -> Result<Box<dyn Flow>> {
+    let p = p.pp(&l.name);
+    let c = l.in_shape[0];
+    Ok(match l.op {
+        PlannedOp::Coupling(cfg) => Box::new(Coupling::new(&p, cfg, c)?),
+        PlannedOp::ActNorm => Box::new(ActNorm::new(&p, c)?),
+        PlannedOp::InvConv(kind) => Box::new(InvConv1x1::new(&p, c, kind)?),
+        PlannedOp::Permute(kind) => Box::new(Permute::new(&p, c, kind)?),
+        PlannedOp::Squeeze => Box::new(Squeeze),
+        PlannedOp::Split(prior) => Box::new(Split::new(&p, c, prior)?),
+    })
+}
+
+fn build_list(p: &Params, layers: &[PlannedLayer]) -> Result<Sequential> {
+    let mut s = Sequential::new();
+    for l in layers {
+        s.push(l.name.clone(), build_layer(p, l)?);
+    }
+    Ok(s)
+}
+
+/// Builds the model of `plan` with parameters drawn from `seed`.
+pub fn build_model(plan: &ModelPlan, seed: u64, dtype: DType, device: &Device) -> Result<FlowModel> {
+    let store = ParamStore::new(seed, dtype, device);
+    let root = store.root();
+    let dequant = match &plan.dequant_noise {
+        None => Dequantization::uniform(plan.alpha),
+        Some(noise) => Dequantization::variational(plan.alpha, Dequantization::noise_flow(plan.alpha, build_list(&root, noise)?)),
+    };
+    let flows = build_list(&root, &plan.layers)?;
+    FlowModel::new(store, dequant, flows, &plan.data_shape)
+}
+
+/// Trainable parameters whose names start with `prefix.` (a layer's count in `flowlab check`).
+pub fn params_under(store: &ParamStore, prefix: &str) -> usize {
+    let dotted = format!("{prefix}.");
+    store
+        .named_vars()
+        .iter()
+        .filter(|(n, _)| n.starts_with(&dotted))
+        .map(|(_, v)| v.elem_count())
+        .sum()
+}
