@@ -36,12 +36,20 @@ fn build_list(p: &Params, layers: &[PlannedLayer]) -> Result<Sequential> {
 }
 
 /// Builds the model of `plan` with parameters drawn from `seed`.
-pub fn build_model(plan: &ModelPlan, seed: u64, dtype: DType, device: &Device) -> Result<FlowModel> {
+pub fn build_model(
+    plan: &ModelPlan,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<FlowModel> {
     let store = ParamStore::new(seed, dtype, device);
     let root = store.root();
     let dequant = match &plan.dequant_noise {
         None => Dequantization::uniform(plan.alpha),
-        Some(noise) => Dequantization::variational(plan.alpha, Dequantization::noise_flow(plan.alpha, build_list(&root, noise)?)),
+        Some(noise) => Dequantization::variational(
+            plan.alpha,
+            Dequantization::noise_flow(plan.alpha, build_list(&root, noise)?),
+        ),
     };
     let flows = build_list(&root, &plan.layers)?;
     FlowModel::new(store, dequant, flows, &plan.data_shape)

@@ -20,8 +20,11 @@ pub mod flow;
 pub mod linalg;
 pub mod nets;
 pub mod params;
+pub mod results;
 pub mod rng;
+pub mod runner;
 pub mod spec;
 pub mod testing;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -185,23 +185,33 @@ pub fn check_built(
     r
 }
 
-fn run_checks(f32_flow: &dyn Flow, f64_flow: &dyn Flow, check: &FlowCheck) -> Result<CheckReport> {
-    let out_shape = f32_flow.out_shape(&check.shape)?;
+/// Result of [`round_trip`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoundTrip {
+    /// max |x − f⁻¹(f(x))|.
+    pub max_inverse_err: f64,
+    /// max |ldj_f + ldj_f⁻¹|.
+    pub max_ldj_sum: f64,
+    /// max |ldj_f| (to judge the error against).
+    pub max_abs_ldj: f64,
+}
 
-    // 1. Round trip in f32.
+/// Runs x → f(x) → f⁻¹(f(x)) in f32 on a random batch (factored latents given back to
+/// the inverse) and checks the output shape against `out_shape`.
+pub fn round_trip(flow: &dyn Flow, check: &FlowCheck) -> Result<RoundTrip> {
+    let out_shape = flow.out_shape(&check.shape)?;
     let mut rng = Rng::new(check.seed);
     let x = make_input(check, check.batch, &mut rng, DType::F32)?;
     let cond = make_cond(check, check.batch, &mut rng, DType::F32)?;
     let zeros = Tensor::zeros(check.batch, DType::F32, &Device::Cpu)?;
     let mut ctx = FlowCtx::new(check.seed);
     ctx.cond = cond.clone();
-    let (z, ldj_f) = f32_flow.forward_ctx(&x, &zeros, &mut ctx)?;
-    // 3. Shapes.
+    let (z, ldj_f) = flow.forward_ctx(&x, &zeros, &mut ctx)?;
     let mut expected = vec![check.batch];
     expected.extend(&out_shape);
     if z.dims() != expected.as_slice() || ldj_f.dims() != [check.batch] {
         return Err(crate::Error::shape(
-            f32_flow.kind(),
+            flow.kind(),
             format!(
                 "out_shape says {expected:?} / ldj [{}], forward gave {:?} / {:?}",
                 check.batch,
@@ -213,9 +223,18 @@ fn run_checks(f32_flow: &dyn Flow, f64_flow: &dyn Flow, check: &FlowCheck) -> Re
     let factored = std::mem::take(&mut ctx.factored);
     let mut ictx = FlowCtx::new(check.seed).with_latents(Latents::Given(factored));
     ictx.cond = cond;
-    let (x_rec, ldj_i) = f32_flow.inverse_ctx(&z, &zeros, &mut ictx)?;
-    let max_inverse_err = max_abs(&(&x - &x_rec)?)?;
-    let max_ldj_sum = max_abs(&(&ldj_f + &ldj_i)?)?;
+    let (x_rec, ldj_i) = flow.inverse_ctx(&z, &zeros, &mut ictx)?;
+    Ok(RoundTrip {
+        max_inverse_err: max_abs(&(&x - &x_rec)?)?,
+        max_ldj_sum: max_abs(&(&ldj_f + &ldj_i)?)?,
+        max_abs_ldj: max_abs(&ldj_f)?,
+    })
+}
+
+fn run_checks(f32_flow: &dyn Flow, f64_flow: &dyn Flow, check: &FlowCheck) -> Result<CheckReport> {
+    // 1. Round trip in f32 (3. shapes checked inside).
+    let rt = round_trip(f32_flow, check)?;
+    let (max_inverse_err, max_ldj_sum) = (rt.max_inverse_err, rt.max_ldj_sum);
 
     // 2. Brute-force Jacobian in f64, one sample at a time, all 2·D perturbed copies in one batch.
     let mut rng = Rng::new(check.seed);

@@ -11,7 +11,14 @@ fn runs_of(text: &str, overrides: &[&str]) -> Result<Vec<Run>, String> {
 }
 
 fn params(run: &Run) -> usize {
-    build_model(&run.plan, 0, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap().num_params()
+    build_model(
+        &run.plan,
+        0,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .num_params()
 }
 
 #[test]
@@ -19,10 +26,17 @@ fn tutorial_specs_build_the_published_parameter_counts() {
     let exp = Experiment::load("experiments/uva_tutorial11.yaml".as_ref(), &[]).unwrap();
     assert_eq!(exp.variants, vec!["simple", "vardeq", "multiscale"]);
     let runs = exp.runs(&[], &builtin_shape).unwrap();
-    let counts: Vec<(String, usize)> = runs.iter().map(|r| (r.config.variant.clone(), params(r))).collect();
+    let counts: Vec<(String, usize)> = runs
+        .iter()
+        .map(|r| (r.config.variant.clone(), params(r)))
+        .collect();
     assert_eq!(
         counts,
-        vec![("simple".into(), 556_312), ("vardeq".into(), 628_388), ("multiscale".into(), 1_711_818)]
+        vec![
+            ("simple".into(), 556_312),
+            ("vardeq".into(), 628_388),
+            ("multiscale".into(), 1_711_818)
+        ]
     );
     assert_eq!(runs[2].plan.latent_shape, [8, 7, 7]);
 }
@@ -56,12 +70,20 @@ fn sweep_counts_names_and_variant_specific_paths() {
 
 #[test]
 fn zip_runs_in_lockstep_and_unequal_lengths_are_refused() {
-    let text = format!("{BASE}sweep:\n  zip:\n    - {{train.lr: [1.0e-3, 5.0e-4], data.batch_size: [64, 32]}}\n");
+    let text = format!(
+        "{BASE}sweep:\n  zip:\n    - {{train.lr: [1.0e-3, 5.0e-4], data.batch_size: [64, 32]}}\n"
+    );
     let runs = runs_of(&text, &[]).unwrap();
     assert_eq!(runs.len(), 4);
-    assert!(runs.iter().any(|r| r.config.train.lr == 5e-4 && r.config.data.batch_size == 32));
-    assert!(!runs.iter().any(|r| r.config.train.lr == 5e-4 && r.config.data.batch_size == 64));
-    let bad = format!("{BASE}sweep:\n  zip:\n    - {{train.lr: [1.0e-3, 5.0e-4], data.batch_size: [64]}}\n");
+    assert!(runs
+        .iter()
+        .any(|r| r.config.train.lr == 5e-4 && r.config.data.batch_size == 32));
+    assert!(!runs
+        .iter()
+        .any(|r| r.config.train.lr == 5e-4 && r.config.data.batch_size == 64));
+    let bad = format!(
+        "{BASE}sweep:\n  zip:\n    - {{train.lr: [1.0e-3, 5.0e-4], data.batch_size: [64]}}\n"
+    );
     let e = runs_of(&bad, &[]).unwrap_err();
     assert!(e.contains("equal lengths"), "{e}");
 }
@@ -70,13 +92,22 @@ fn zip_runs_in_lockstep_and_unequal_lengths_are_refused() {
 fn run_ids_are_stable_and_ignore_key_order() {
     let a = runs_of(BASE, &[]).unwrap();
     let b = runs_of(BASE, &[]).unwrap();
-    assert_eq!(a.iter().map(|r| &r.id).collect::<Vec<_>>(), b.iter().map(|r| &r.id).collect::<Vec<_>>());
-    let reordered = BASE.replace("data: {dataset: mnist, downscale: 2}\ntrain: {steps: 10, lr: 1.0e-3}", "train: {lr: 1.0e-3, steps: 10}\ndata: {downscale: 2, dataset: mnist}");
+    assert_eq!(
+        a.iter().map(|r| &r.id).collect::<Vec<_>>(),
+        b.iter().map(|r| &r.id).collect::<Vec<_>>()
+    );
+    let reordered = BASE.replace(
+        "data: {dataset: mnist, downscale: 2}\ntrain: {steps: 10, lr: 1.0e-3}",
+        "train: {lr: 1.0e-3, steps: 10}\ndata: {downscale: 2, dataset: mnist}",
+    );
     assert_ne!(reordered, BASE);
     let c = runs_of(&reordered, &[]).unwrap();
     assert_eq!(a[0].id, c[0].id);
     // Defaults written out explicitly do not change the id either.
-    let explicit = BASE.replace("train: {steps: 10, lr: 1.0e-3}", "train: {steps: 10, lr: 1.0e-3, lr_decay: 0.99}");
+    let explicit = BASE.replace(
+        "train: {steps: 10, lr: 1.0e-3}",
+        "train: {steps: 10, lr: 1.0e-3, lr_decay: 0.99}",
+    );
     assert_eq!(a[0].id, runs_of(&explicit, &[]).unwrap()[0].id);
     // A different config has a different id; so does a --set override.
     let other = runs_of(BASE, &["train.steps=11"]).unwrap();
@@ -86,11 +117,21 @@ fn run_ids_are_stable_and_ignore_key_order() {
 
 #[test]
 fn per_variant_overrides_merge_into_shared_sections() {
-    let text = BASE.replace("  b:\n    coupling", "  b:\n    train: {lr: 5.0e-4}\n    data: {batch_size: 16}\n    coupling");
+    let text = BASE.replace(
+        "  b:\n    coupling",
+        "  b:\n    train: {lr: 5.0e-4}\n    data: {batch_size: 16}\n    coupling",
+    );
     let runs = runs_of(&text, &[]).unwrap();
     let b = runs.iter().find(|r| r.config.variant == "b").unwrap();
     let a = runs.iter().find(|r| r.config.variant == "a").unwrap();
-    assert_eq!((b.config.train.lr, b.config.data.batch_size, b.config.train.steps), (5e-4, 16, Some(10)));
+    assert_eq!(
+        (
+            b.config.train.lr,
+            b.config.data.batch_size,
+            b.config.train.steps
+        ),
+        (5e-4, 16, Some(10))
+    );
     assert_eq!((a.config.train.lr, a.config.data.batch_size), (1e-3, 128));
 }
 

@@ -4,6 +4,7 @@ pub mod dataset;
 pub mod idx;
 pub mod loader;
 pub mod mnist;
+pub mod sources;
 
 pub use dataset::Dataset;
 pub use loader::Loader;
@@ -14,11 +15,90 @@ use crate::spec::DataSpec;
 pub fn builtin_shape(spec: &DataSpec) -> Result<[usize; 3], String> {
     let [c, h, w] = match spec.dataset.name.as_str() {
         "mnist" | "fashion_mnist" if spec.dataset.source.is_none() => [1, 28, 28],
-        other => return Err(format!("the shape of dataset '{other}' is only known after loading it")),
+        other => {
+            return Err(format!(
+                "the shape of dataset '{other}' is only known after loading it"
+            ))
+        }
     };
     let f = spec.downscale.max(1);
     if h % f != 0 || w % f != 0 {
         return Err(format!("downscale {f} does not divide the {h}×{w} images"));
     }
     Ok([c, h / f, w / f])
+}
+
+/// Train / validation / test parts of a dataset, after class filters, downscaling and subsets.
+#[derive(Debug, Clone)]
+pub struct Splits {
+    pub train: Dataset,
+    pub val: Dataset,
+    pub test: Dataset,
+}
+
+/// The split of training data into train/validation uses this fixed seed, so runs with
+/// different training seeds are validated on the same images.
+pub const SPLIT_SEED: u64 = 0x5eed_da7a;
+
+/// Loads the raw (train, test) parts of a dataset.
+pub fn load_parts(spec: &DataSpec) -> crate::Result<(Dataset, Dataset)> {
+    let ds = &spec.dataset;
+    match (ds.name.as_str(), ds.source.as_deref()) {
+        ("mnist", None) => Ok((
+            mnist::embedded(mnist::Part::Train)?,
+            mnist::embedded(mnist::Part::Test)?,
+        )),
+        ("fashion_mnist", None) => {
+            let dir = std::path::Path::new(mnist::FASHION_DIR);
+            if dir.is_dir() {
+                Ok((
+                    mnist::from_dir("fashion_mnist", dir, mnist::Part::Train)?,
+                    mnist::from_dir("fashion_mnist", dir, mnist::Part::Test)?,
+                ))
+            } else {
+                Err(crate::Error::Data(format!(
+                    "fashion_mnist: not found offline: looked in {} (Debian: `apt-get install dataset-fashion-mnist`); online, use `dataset: {{name: fashion_mnist, source: \"hf://zalando-datasets/fashion_mnist\"}}`",
+                    mnist::FASHION_DIR
+                )))
+            }
+        }
+        (name, Some(src)) => sources::load(name, src),
+        (name, None) => Err(crate::Error::Data(format!(
+            "unknown dataset '{name}': use mnist, fashion_mnist, or give a source"
+        ))),
+    }
+}
+
+/// Loads and prepares all three parts of a data spec.
+pub fn load(spec: &DataSpec) -> crate::Result<Splits> {
+    let (mut train, mut test) = load_parts(spec)?;
+    if let Some(classes) = &spec.classes {
+        train = train.filter_classes(classes)?;
+        test = test.filter_classes(classes)?;
+    }
+    if spec.downscale > 1 {
+        train = train.downscale(spec.downscale)?;
+        test = test.downscale(spec.downscale)?;
+    }
+    let (mut train, val) = train.split(spec.val_size, SPLIT_SEED)?;
+    if let Some(n) = spec.train_subset {
+        train = train.subset(n, SPLIT_SEED);
+    }
+    if let Some(n) = spec.test_subset {
+        test = test.subset(n, SPLIT_SEED);
+    }
+    Ok(Splits { train, val, test })
+}
+
+/// `[C, H, W]` of a data spec after downscaling: without loading for built-ins, else by loading.
+pub fn shape_of(spec: &DataSpec) -> Result<[usize; 3], String> {
+    builtin_shape(spec).or_else(|_| {
+        let (train, _) = load_parts(spec).map_err(|e| e.to_string())?;
+        let [c, h, w] = train.shape;
+        let f = spec.downscale.max(1);
+        if h % f != 0 || w % f != 0 {
+            return Err(format!("downscale {f} does not divide the {h}×{w} images"));
+        }
+        Ok([c, h / f, w / f])
+    })
 }

@@ -118,7 +118,7 @@ pub(crate) fn sum_per_sample(t: &Tensor) -> Result<Tensor> {
 }
 
 /// Checks that a shape is `[C, H, W]`.
-pub(crate) fn expect_chw<'a>(layer: &str, shape: &'a [usize]) -> Result<(usize, usize, usize)> {
+pub(crate) fn expect_chw(layer: &str, shape: &[usize]) -> Result<(usize, usize, usize)> {
     match shape {
         [c, h, w] => Ok((*c, *h, *w)),
         _ => Err(crate::Error::shape(

@@ -72,7 +72,10 @@ impl Flow for Permute {
     fn out_shape(&self, in_shape: &[usize]) -> Result<Vec<usize>> {
         let (c, _, _) = expect_chw("permute", in_shape)?;
         if c != self.channels {
-            return Err(Error::shape("permute", format!("built for {} channels, got {c}", self.channels)));
+            return Err(Error::shape(
+                "permute",
+                format!("built for {} channels, got {c}", self.channels),
+            ));
         }
         Ok(in_shape.to_vec())
     }
@@ -94,17 +97,28 @@ mod tests {
     #[test]
     fn reverse_and_shuffle_invert_with_zero_logdet() {
         for kind in [PermuteKind::Reverse, PermuteKind::Shuffle] {
-            let r = check_built(&FlowCheck::new(&[5, 2, 2]), |p| Ok(Box::new(Permute::new(p, 5, kind)?)));
+            let r = check_built(&FlowCheck::new(&[5, 2, 2]), |p| {
+                Ok(Box::new(Permute::new(p, 5, kind)?))
+            });
             assert!(r.max_abs_logdet < 1e-9);
         }
     }
 
     #[test]
     fn reverse_reverses() {
-        let store = crate::params::ParamStore::new(0, candle_core::DType::F32, &candle_core::Device::Cpu);
+        let store =
+            crate::params::ParamStore::new(0, candle_core::DType::F32, &candle_core::Device::Cpu);
         let p = Permute::new(&store.root(), 3, PermuteKind::Reverse).unwrap();
         let x = Tensor::new(&[[[[0f32]], [[1.]], [[2.]]]], &candle_core::Device::Cpu).unwrap();
-        let (z, _) = p.forward(&x, &Tensor::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap()).unwrap();
-        assert_eq!(z.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![2., 1., 0.]);
+        let (z, _) = p
+            .forward(
+                &x,
+                &Tensor::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        assert_eq!(
+            z.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![2., 1., 0.]
+        );
     }
 }

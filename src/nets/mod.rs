@@ -50,12 +50,20 @@ fn default_layers() -> usize {
 impl NetConfig {
     /// A GatedConvNet.
     pub fn gated(hidden: usize, layers: usize) -> Self {
-        Self { arch: NetArch::Gated, hidden, layers }
+        Self {
+            arch: NetArch::Gated,
+            hidden,
+            layers,
+        }
     }
 
     /// Glow's conv net.
     pub fn glow(hidden: usize) -> Self {
-        Self { arch: NetArch::Glow, hidden, layers: 0 }
+        Self {
+            arch: NetArch::Glow,
+            hidden,
+            layers: 0,
+        }
     }
 }
 
@@ -78,7 +86,9 @@ impl Net {
     /// convolution is zero-initialised, so it outputs zeros at initialisation.
     pub fn new(p: &Params, cfg: &NetConfig, c_in: usize, c_out: usize) -> Result<Self> {
         Ok(match cfg.arch {
-            NetArch::Gated => Net::Gated(GatedConvNet::new(p, c_in, cfg.hidden, c_out, cfg.layers)?),
+            NetArch::Gated => {
+                Net::Gated(GatedConvNet::new(p, c_in, cfg.hidden, c_out, cfg.layers)?)
+            }
             NetArch::Glow => Net::Glow(GlowConvNet::new(p, c_in, cfg.hidden, c_out)?),
         })
     }

@@ -65,7 +65,10 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// The candidate closest to `word`, if close enough to be a plausible typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let limit = word.chars().count().div_ceil(3).max(2);
     candidates
         .into_iter()
@@ -94,14 +97,23 @@ pub fn from_serde(file: &str, e: &serde_yaml::Error, index: &PosIndex) -> SpecEr
         Some((p, m)) if !p.contains(' ') && !p.is_empty() => (p.to_string(), m.to_string()),
         _ => (String::new(), text.clone()),
     };
-    let mut pos = e.location().map(|l| Pos { line: l.line(), col: l.column() });
+    let mut pos = e.location().map(|l| Pos {
+        line: l.line(),
+        col: l.column(),
+    });
 
-    let kind = ["unknown variant", "unknown field"].into_iter().find(|k| msg.starts_with(k));
+    let kind = ["unknown variant", "unknown field"]
+        .into_iter()
+        .find(|k| msg.starts_with(k));
     if let Some(kind) = kind {
         let owned = msg.clone();
         let ticks = backticked(&owned);
         if let Some((&bad, rest)) = ticks.split_first() {
-            let what = if kind == "unknown field" { "unknown key" } else { "unknown value" };
+            let what = if kind == "unknown field" {
+                "unknown key"
+            } else {
+                "unknown value"
+            };
             let expected = rest.join(", ");
             let mut m = if expected.is_empty() {
                 format!("{what} '{bad}'")
@@ -113,8 +125,15 @@ pub fn from_serde(file: &str, e: &serde_yaml::Error, index: &PosIndex) -> SpecEr
             }
             msg = m;
             if kind == "unknown field" {
-                let p = if path.is_empty() { bad.to_string() } else { format!("{path}.{bad}") };
-                if let Some(q) = index.locate(&p).filter(|_| !path.is_empty() || index.locate(bad).is_some()) {
+                let p = if path.is_empty() {
+                    bad.to_string()
+                } else {
+                    format!("{path}.{bad}")
+                };
+                if let Some(q) = index
+                    .locate(&p)
+                    .filter(|_| !path.is_empty() || index.locate(bad).is_some())
+                {
                     pos = Some(q);
                 }
                 path = p;
@@ -125,7 +144,12 @@ pub fn from_serde(file: &str, e: &serde_yaml::Error, index: &PosIndex) -> SpecEr
             }
         }
     }
-    SpecError { file: file.to_string(), pos, path, msg }
+    SpecError {
+        file: file.to_string(),
+        pos,
+        path,
+        msg,
+    }
 }
 
 #[cfg(test)]
@@ -134,10 +158,22 @@ mod tests {
 
     #[test]
     fn suggestions() {
-        assert_eq!(did_you_mean("chequer", ["checkerboard", "channel", "split"]), None);
-        assert_eq!(did_you_mean("chanel", ["checkerboard", "channel", "split"]), Some("channel"));
-        assert_eq!(did_you_mean("lerning_rate", ["lr", "learning_rate"]), Some("learning_rate"));
-        assert_eq!(did_you_mean("coupler", ["coupling", "actnorm"]), Some("coupling"));
+        assert_eq!(
+            did_you_mean("chequer", ["checkerboard", "channel", "split"]),
+            None
+        );
+        assert_eq!(
+            did_you_mean("chanel", ["checkerboard", "channel", "split"]),
+            Some("channel")
+        );
+        assert_eq!(
+            did_you_mean("lerning_rate", ["lr", "learning_rate"]),
+            Some("learning_rate")
+        );
+        assert_eq!(
+            did_you_mean("coupler", ["coupling", "actnorm"]),
+            Some("coupling")
+        );
         assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 }

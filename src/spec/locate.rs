@@ -44,7 +44,10 @@ fn join(path: &str, key: &str) -> String {
 impl Walker {
     /// The path of the node that starts now, or `None` if it is a mapping key.
     fn node_path(&mut self, mark: Marker, scalar: Option<&str>) -> Option<String> {
-        let pos = Pos { line: mark.line(), col: mark.col() + 1 };
+        let pos = Pos {
+            line: mark.line(),
+            col: mark.col() + 1,
+        };
         match self.stack.last_mut() {
             None => Some(String::new()),
             Some(Frame::Map { path, key }) => match key.take() {
@@ -74,7 +77,10 @@ impl MarkedEventReceiver for Walker {
             Event::Scalar(v, ..) => {
                 if let Some(p) = self.node_path(mark, Some(&v)) {
                     self.index.scalars.insert(p.clone(), v);
-                    let pos = Pos { line: mark.line(), col: mark.col() + 1 };
+                    let pos = Pos {
+                        line: mark.line(),
+                        col: mark.col() + 1,
+                    };
                     self.index.pos.entry(format!("{p}=")).or_insert(pos);
                 }
             }
@@ -101,7 +107,10 @@ impl PosIndex {
     /// Indexes a document; a document that does not parse gives an empty index (its syntax
     /// error is reported by serde_yaml with its own position).
     pub fn new(text: &str) -> Self {
-        let mut w = Walker { stack: Vec::new(), index: PosIndex::default() };
+        let mut w = Walker {
+            stack: Vec::new(),
+            index: PosIndex::default(),
+        };
         let mut parser = Parser::new_from_str(text);
         if parser.load(&mut w, false).is_err() {
             return PosIndex::default();
@@ -129,7 +138,10 @@ impl PosIndex {
     /// The path under `prefix` (itself included) whose scalar value is `value`, if exactly one is.
     pub fn find_scalar_under(&self, prefix: &str, value: &str) -> Option<String> {
         let mut hits = self.scalars.iter().filter(|(p, v)| {
-            v.as_str() == value && (p.as_str() == prefix || p.starts_with(&format!("{prefix}.")) || p.starts_with(&format!("{prefix}[")))
+            v.as_str() == value
+                && (p.as_str() == prefix
+                    || p.starts_with(&format!("{prefix}."))
+                    || p.starts_with(&format!("{prefix}[")))
         });
         let first = hits.next()?;
         if hits.next().is_some() {
@@ -148,12 +160,28 @@ mod tests {
         let text = "data:\n  dataset: mnist\nmodels:\n  glow:\n    layers:\n      - type: squeeze\n      - {type: coupling, mask: chequer}\n";
         let idx = PosIndex::new(text);
         assert_eq!(idx.locate("data.dataset"), Some(Pos { line: 2, col: 3 }));
-        assert_eq!(idx.locate("models.glow.layers[0].type"), Some(Pos { line: 6, col: 9 }));
-        assert_eq!(idx.locate("models.glow.layers[1].mask"), Some(Pos { line: 7, col: 26 }));
-        assert_eq!(idx.locate_value("models.glow.layers[1].mask"), Some(Pos { line: 7, col: 32 }));
+        assert_eq!(
+            idx.locate("models.glow.layers[0].type"),
+            Some(Pos { line: 6, col: 9 })
+        );
+        assert_eq!(
+            idx.locate("models.glow.layers[1].mask"),
+            Some(Pos { line: 7, col: 26 })
+        );
+        assert_eq!(
+            idx.locate_value("models.glow.layers[1].mask"),
+            Some(Pos { line: 7, col: 32 })
+        );
         // Missing leaf → nearest ancestor.
-        assert_eq!(idx.locate("models.glow.layers[1].net.hidden"), Some(Pos { line: 7, col: 9 }));
-        assert_eq!(idx.find_scalar_under("models.glow.layers[1]", "chequer").as_deref(), Some("models.glow.layers[1].mask"));
+        assert_eq!(
+            idx.locate("models.glow.layers[1].net.hidden"),
+            Some(Pos { line: 7, col: 9 })
+        );
+        assert_eq!(
+            idx.find_scalar_under("models.glow.layers[1]", "chequer")
+                .as_deref(),
+            Some("models.glow.layers[1].mask")
+        );
         assert!(PosIndex::new("a: [").locate("a").is_none());
     }
 }

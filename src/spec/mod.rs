@@ -60,14 +60,27 @@ impl Experiment {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, SpecErrors> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| {
-            SpecErrors::one(SpecError { file: file.clone(), pos: None, path: String::new(), msg: format!("cannot read the spec: {e}") })
+            SpecErrors::one(SpecError {
+                file: file.clone(),
+                pos: None,
+                path: String::new(),
+                msg: format!("cannot read the spec: {e}"),
+            })
         })?;
-        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "experiment".into());
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "experiment".into());
         Self::from_text(&text, &file, &stem, overrides)
     }
 
     /// Like [`Experiment::load`] from text; `stem` is the default experiment name.
-    pub fn from_text(text: &str, file: &str, stem: &str, overrides: &[String]) -> Result<Self, SpecErrors> {
+    pub fn from_text(
+        text: &str,
+        file: &str,
+        stem: &str,
+        overrides: &[String],
+    ) -> Result<Self, SpecErrors> {
         let index = PosIndex::new(text);
         let located = |e: &serde_yaml::Error| SpecErrors::one(error::from_serde(file, e, &index));
         // Typed parse of the file as written: syntax, types and unknown keys, located.
@@ -76,7 +89,12 @@ impl Experiment {
 
         let mut parsed = Vec::new();
         let mut errs = Vec::new();
-        let cli = |path: &str, msg: String| SpecError { file: "--set".into(), pos: None, path: path.to_string(), msg };
+        let cli = |path: &str, msg: String| SpecError {
+            file: "--set".into(),
+            pos: None,
+            path: path.to_string(),
+            msg,
+        };
         for o in overrides {
             match o.split_once('=') {
                 Some((p, v)) if !p.trim().is_empty() => {
@@ -100,18 +118,38 @@ impl Experiment {
         let variants: Vec<String> = doc
             .get("models")
             .and_then(Value::as_mapping)
-            .map(|m| m.keys().filter_map(|k| k.as_str().map(str::to_string)).collect())
+            .map(|m| {
+                m.keys()
+                    .filter_map(|k| k.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
         let name = spec.name.clone().unwrap_or_else(|| stem.to_string());
-        let exp = Experiment { file: file.to_string(), name, spec, doc, variants, overrides: parsed, index };
+        let exp = Experiment {
+            file: file.to_string(),
+            name,
+            spec,
+            doc,
+            variants,
+            overrides: parsed,
+            index,
+        };
         if exp.variants.is_empty() {
-            return Err(SpecErrors::one(exp.err("models", "no model variants: add at least one under `models:`".into())));
+            return Err(SpecErrors::one(exp.err(
+                "models",
+                "no model variants: add at least one under `models:`".into(),
+            )));
         }
         Ok(exp)
     }
 
     fn err(&self, path: &str, msg: String) -> SpecError {
-        SpecError { file: self.file.clone(), pos: self.index.locate(path), path: path.to_string(), msg }
+        SpecError {
+            file: self.file.clone(),
+            pos: self.index.locate(path),
+            path: path.to_string(),
+            msg,
+        }
     }
 
     /// The sweep as a list of points, each a list of assignments.
@@ -136,7 +174,10 @@ impl Experiment {
                         })
                         .collect();
                 }
-                _ => errs.push(self.err(&fpath, "a sweep entry needs a non-empty list of values".into())),
+                _ => errs.push(self.err(
+                    &fpath,
+                    "a sweep entry needs a non-empty list of values".into(),
+                )),
             }
         }
         for (g, group) in self.spec.sweep.zip.iter().enumerate() {
@@ -153,7 +194,10 @@ impl Experiment {
                         len.get_or_insert(vals.len());
                         cols.push((key, fpath, vals));
                     }
-                    _ => errs.push(self.err(&fpath, "a sweep entry needs a non-empty list of values".into())),
+                    _ => errs.push(self.err(
+                        &fpath,
+                        "a sweep entry needs a non-empty list of values".into(),
+                    )),
                 }
             }
             let n = len.unwrap_or(0);
@@ -164,7 +208,10 @@ impl Experiment {
                         let cols = &cols;
                         (0..n).map(move |i| {
                             let mut p = pt.clone();
-                            p.extend(cols.iter().map(|(k, f, vals)| (k.clone(), f.clone(), vals[i].clone())));
+                            p.extend(
+                                cols.iter()
+                                    .map(|(k, f, vals)| (k.clone(), f.clone(), vals[i].clone())),
+                            );
                             p
                         })
                     })
@@ -203,8 +250,16 @@ impl Experiment {
         if !train.is_null() {
             m.insert("train".into(), train);
         }
-        m.insert("eval".into(), doc.get("eval").cloned().unwrap_or_else(|| Value::Mapping(Default::default())));
-        m.insert("device".into(), doc.get("device").cloned().unwrap_or_else(|| "cpu".into()));
+        m.insert(
+            "eval".into(),
+            doc.get("eval")
+                .cloned()
+                .unwrap_or_else(|| Value::Mapping(Default::default())),
+        );
+        m.insert(
+            "device".into(),
+            doc.get("device").cloned().unwrap_or_else(|| "cpu".into()),
+        );
         m.insert("model".into(), model);
         let typed: RunConfig = typed(&Value::Mapping(m)).map_err(|e| {
             let mut se = error::from_serde(&self.file, &e, &PosIndex::default());
@@ -223,7 +278,11 @@ impl Experiment {
         for section in ["data", "train"] {
             if let Some(rest) = run_path.strip_prefix(section) {
                 let over = format!("models.{variant}.{section}{rest}");
-                if self.index.locate(&over).is_some_and(|p| Some(p) != self.index.locate(&format!("models.{variant}"))) {
+                if self
+                    .index
+                    .locate(&over)
+                    .is_some_and(|p| Some(p) != self.index.locate(&format!("models.{variant}")))
+                {
                     return over;
                 }
             }
@@ -243,10 +302,16 @@ impl Experiment {
                 let hint = error::did_you_mean(v, self.variants.iter().map(String::as_str))
                     .map(|s| format!(" (did you mean '{s}'?)"))
                     .unwrap_or_default();
-                return Err(format!("unknown model variant '{v}'{hint}; variants: {}", self.variants.join(", ")));
+                return Err(format!(
+                    "unknown model variant '{v}'{hint}; variants: {}",
+                    self.variants.join(", ")
+                ));
             }
             if tail.is_empty() {
-                return Err("a sweep path must name a key inside the model, e.g. models.glow.coupling.kind".into());
+                return Err(
+                    "a sweep path must name a key inside the model, e.g. models.glow.coupling.kind"
+                        .into(),
+                );
             }
             return Ok((v == variant).then(|| format!("model.{tail}")));
         }
@@ -255,7 +320,9 @@ impl Experiment {
         if HEADS.contains(&head) {
             Ok(Some(p.to_string()))
         } else {
-            let hint = error::did_you_mean(head, HEADS).map(|s| format!(" (did you mean '{s}'?)")).unwrap_or_default();
+            let hint = error::did_you_mean(head, HEADS)
+                .map(|s| format!(" (did you mean '{s}'?)"))
+                .unwrap_or_default();
             Err(format!("unknown sweep path '{p}'{hint}: paths start with data, train, eval, device, seed, model or models.<variant>"))
         }
     }
@@ -276,7 +343,10 @@ impl Experiment {
                     file: "--only".into(),
                     pos: None,
                     path: String::new(),
-                    msg: format!("unknown variant '{o}'{hint}; variants: {}", self.variants.join(", ")),
+                    msg: format!(
+                        "unknown variant '{o}'{hint}; variants: {}",
+                        self.variants.join(", ")
+                    ),
                 }));
             }
         }
@@ -284,7 +354,12 @@ impl Experiment {
         let mut errs: Vec<SpecError> = Vec::new();
         let mut runs = Vec::new();
         let mut seen = HashSet::new();
-        let short_names = short_names(points.first().map(|p| p.iter().map(|a| a.0.clone()).collect()).unwrap_or_default());
+        let short_names = short_names(
+            points
+                .first()
+                .map(|p| p.iter().map(|a| a.0.clone()).collect())
+                .unwrap_or_default(),
+        );
         for variant in &self.variants {
             if !only.is_empty() && !only.contains(variant) {
                 continue;
@@ -307,7 +382,11 @@ impl Experiment {
                         Ok(None) => {}
                         Ok(Some(rp)) => match path::set(&mut cfg, &rp, v.clone()) {
                             Ok(()) => {
-                                name.push_str(&format!("-{}={}", short_names.get(p).map(String::as_str).unwrap_or(p), path::short(v)));
+                                name.push_str(&format!(
+                                    "-{}={}",
+                                    short_names.get(p).map(String::as_str).unwrap_or(p),
+                                    path::short(v)
+                                ));
                                 swept.push((rp.clone(), v.clone()));
                                 sources.push((rp, fpath.clone()));
                             }
@@ -328,7 +407,11 @@ impl Experiment {
                 let locate = |run_path: &str| -> String {
                     sources
                         .iter()
-                        .find(|(rp, _)| run_path == rp || run_path.starts_with(&format!("{rp}.")) || run_path.starts_with(&format!("{rp}[")))
+                        .find(|(rp, _)| {
+                            run_path == rp
+                                || run_path.starts_with(&format!("{rp}."))
+                                || run_path.starts_with(&format!("{rp}["))
+                        })
                         .map(|(_, f)| f.clone())
                         .unwrap_or_else(|| self.file_path(variant, run_path))
                 };
@@ -337,7 +420,11 @@ impl Experiment {
                     Err(e) => {
                         let se = error::from_serde(&self.file, &e, &PosIndex::default());
                         let fp = locate(&se.path);
-                        errs.push(SpecError { pos: self.index.locate(&fp), path: fp, ..se });
+                        errs.push(SpecError {
+                            pos: self.index.locate(&fp),
+                            path: fp,
+                            ..se
+                        });
                         continue;
                     }
                 };
@@ -357,7 +444,12 @@ impl Experiment {
                 };
                 for (p, m) in issues {
                     let fp = locate(&p);
-                    let e = SpecError { file: self.file.clone(), pos: self.index.locate(&fp), path: fp, msg: m };
+                    let e = SpecError {
+                        file: self.file.clone(),
+                        pos: self.index.locate(&fp),
+                        path: fp,
+                        msg: m,
+                    };
                     if !errs.contains(&e) {
                         errs.push(e);
                     }
@@ -368,7 +460,13 @@ impl Experiment {
                 }
                 let id = run_id(&config);
                 if seen.insert(id.clone()) {
-                    runs.push(Run { id, name, config, swept, plan });
+                    runs.push(Run {
+                        id,
+                        name,
+                        config,
+                        swept,
+                        plan,
+                    });
                 }
             }
         }
@@ -395,7 +493,9 @@ fn short_names(paths: Vec<String>) -> BTreeMap<String, String> {
         let mut n = 1;
         loop {
             let cand = s[s.len().saturating_sub(n)..].join(".");
-            let clash = paths.iter().any(|q| q != p && segs(q).ends_with(&s[s.len().saturating_sub(n)..]));
+            let clash = paths
+                .iter()
+                .any(|q| q != p && segs(q).ends_with(&s[s.len().saturating_sub(n)..]));
             if !clash || n >= s.len() {
                 out.insert(p.clone(), cand);
                 break;
@@ -424,33 +524,111 @@ fn check_sections(c: &RunConfig) -> Vec<(String, String)> {
     };
     let d = &c.data;
     let builtin = DatasetSpec::BUILTIN.contains(&d.dataset.name.as_str());
-    let hint = error::did_you_mean(&d.dataset.name, DatasetSpec::BUILTIN).map(|s| format!(" (did you mean '{s}'?)")).unwrap_or_default();
+    let hint = error::did_you_mean(&d.dataset.name, DatasetSpec::BUILTIN)
+        .map(|s| format!(" (did you mean '{s}'?)"))
+        .unwrap_or_default();
     need(
         builtin || d.dataset.source.is_some(),
         "data.dataset",
         format!("unknown dataset '{}'{hint}: use mnist, fashion_mnist, or give {{name, source}} with a hf:// repo, a PNG folder, an IDX folder or a parquet file", d.dataset.name),
     );
-    need(d.batch_size >= 1, "data.batch_size", "must be at least 1".into());
-    need(d.eval_batch_size >= 1, "data.eval_batch_size", "must be at least 1".into());
-    need(d.downscale >= 1, "data.downscale", "must be at least 1".into());
-    need(d.train_subset != Some(0), "data.train_subset", "must be at least 1".into());
-    need(d.test_subset != Some(0), "data.test_subset", "must be at least 1".into());
-    need(d.classes.as_ref().is_none_or(|c| !c.is_empty()), "data.classes", "must list at least one class".into());
+    need(
+        d.batch_size >= 1,
+        "data.batch_size",
+        "must be at least 1".into(),
+    );
+    need(
+        d.eval_batch_size >= 1,
+        "data.eval_batch_size",
+        "must be at least 1".into(),
+    );
+    need(
+        d.downscale >= 1,
+        "data.downscale",
+        "must be at least 1".into(),
+    );
+    need(
+        d.train_subset != Some(0),
+        "data.train_subset",
+        "must be at least 1".into(),
+    );
+    need(
+        d.test_subset != Some(0),
+        "data.test_subset",
+        "must be at least 1".into(),
+    );
+    need(
+        d.classes.as_ref().is_none_or(|c| !c.is_empty()),
+        "data.classes",
+        "must list at least one class".into(),
+    );
     let t = &c.train;
-    need(t.lr.is_finite() && t.lr > 0.0, "train.lr", format!("must be a positive number, got {}", t.lr));
-    need(t.weight_decay.is_finite() && t.weight_decay >= 0.0, "train.weight_decay", format!("must be ≥ 0, got {}", t.weight_decay));
-    need(t.lr_decay > 0.0 && t.lr_decay <= 1.0, "train.lr_decay", format!("must be in (0, 1], got {}", t.lr_decay));
-    need(t.grad_clip.is_none_or(|g| g.is_finite() && g > 0.0), "train.grad_clip", "must be positive (or null for no clipping)".into());
-    need(t.steps.is_some() || t.epochs.is_some(), "train", "set train.steps or train.epochs".into());
-    need(t.steps != Some(0), "train.steps", "must be at least 1".into());
-    need(t.epochs.is_none_or(|e| e.is_finite() && e > 0.0), "train.epochs", "must be positive".into());
-    need(t.eval_every >= 1, "train.eval_every", "must be at least 1".into());
-    need(t.log_every >= 1, "train.log_every", "must be at least 1".into());
+    need(
+        t.lr.is_finite() && t.lr > 0.0,
+        "train.lr",
+        format!("must be a positive number, got {}", t.lr),
+    );
+    need(
+        t.weight_decay.is_finite() && t.weight_decay >= 0.0,
+        "train.weight_decay",
+        format!("must be ≥ 0, got {}", t.weight_decay),
+    );
+    need(
+        t.lr_decay > 0.0 && t.lr_decay <= 1.0,
+        "train.lr_decay",
+        format!("must be in (0, 1], got {}", t.lr_decay),
+    );
+    need(
+        t.grad_clip.is_none_or(|g| g.is_finite() && g > 0.0),
+        "train.grad_clip",
+        "must be positive (or null for no clipping)".into(),
+    );
+    need(
+        t.steps.is_some() || t.epochs.is_some(),
+        "train",
+        "set train.steps or train.epochs".into(),
+    );
+    need(
+        t.steps != Some(0),
+        "train.steps",
+        "must be at least 1".into(),
+    );
+    need(
+        t.epochs.is_none_or(|e| e.is_finite() && e > 0.0),
+        "train.epochs",
+        "must be positive".into(),
+    );
+    need(
+        t.eval_every >= 1,
+        "train.eval_every",
+        "must be at least 1".into(),
+    );
+    need(
+        t.log_every >= 1,
+        "train.log_every",
+        "must be at least 1".into(),
+    );
     let e = &c.eval;
-    need(e.importance_samples >= 1, "eval.importance_samples", "must be at least 1".into());
-    need(e.n_samples >= 1, "eval.n_samples", "must be at least 1".into());
-    need(!e.temperatures.is_empty() && e.temperatures.iter().all(|t| t.is_finite() && *t >= 0.0), "eval.temperatures", "must be a non-empty list of temperatures ≥ 0".into());
-    need(parse_device(&c.device).is_some(), "device", format!("unknown device '{}': use cpu, cuda or cuda:N", c.device));
+    need(
+        e.importance_samples >= 1,
+        "eval.importance_samples",
+        "must be at least 1".into(),
+    );
+    need(
+        e.n_samples >= 1,
+        "eval.n_samples",
+        "must be at least 1".into(),
+    );
+    need(
+        !e.temperatures.is_empty() && e.temperatures.iter().all(|t| t.is_finite() && *t >= 0.0),
+        "eval.temperatures",
+        "must be a non-empty list of temperatures ≥ 0".into(),
+    );
+    need(
+        parse_device(&c.device).is_some(),
+        "device",
+        format!("unknown device '{}': use cpu, cuda or cuda:N", c.device),
+    );
     out
 }
 
@@ -459,6 +637,9 @@ pub fn parse_device(s: &str) -> Option<Option<usize>> {
     match s {
         "cpu" | "" => Some(None),
         "cuda" => Some(Some(0)),
-        _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Some),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Some),
     }
 }

@@ -48,9 +48,9 @@ pub fn set(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
                 if cur.is_null() {
                     *cur = Value::Mapping(Mapping::new());
                 }
-                let m = cur
-                    .as_mapping_mut()
-                    .ok_or_else(|| format!("'{k}' in '{path}': the value there is not a mapping"))?;
+                let m = cur.as_mapping_mut().ok_or_else(|| {
+                    format!("'{k}' in '{path}': the value there is not a mapping")
+                })?;
                 let key = Value::String(k.clone());
                 if last {
                     m.insert(key, value);
@@ -66,9 +66,9 @@ pub fn set(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
                     .as_sequence_mut()
                     .ok_or_else(|| format!("[{n}] in '{path}': the value there is not a list"))?;
                 let len = s.len();
-                let slot = s
-                    .get_mut(*n)
-                    .ok_or_else(|| format!("index [{n}] in '{path}' is out of range (the list has {len} entries)"))?;
+                let slot = s.get_mut(*n).ok_or_else(|| {
+                    format!("index [{n}] in '{path}' is out of range (the list has {len} entries)")
+                })?;
                 if last {
                     *slot = value;
                     return Ok(());
@@ -103,7 +103,13 @@ pub fn canonical(v: &Value) -> Value {
         Value::Mapping(m) => {
             let mut entries: Vec<(String, Value, Value)> = m
                 .iter()
-                .map(|(k, v)| (serde_yaml::to_string(k).unwrap_or_default(), k.clone(), canonical(v)))
+                .map(|(k, v)| {
+                    (
+                        serde_yaml::to_string(k).unwrap_or_default(),
+                        k.clone(),
+                        canonical(v),
+                    )
+                })
                 .collect();
             entries.sort_by(|a, b| a.0.cmp(&b.0));
             Value::Mapping(entries.into_iter().map(|(_, k, v)| (k, v)).collect())
@@ -124,7 +130,10 @@ pub fn short(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "null".into(),
-        other => serde_yaml::to_string(other).unwrap_or_default().trim().replace('\n', " "),
+        other => serde_yaml::to_string(other)
+            .unwrap_or_default()
+            .trim()
+            .replace('\n', " "),
     }
 }
 
@@ -134,15 +143,28 @@ mod tests {
 
     #[test]
     fn parse_set_merge_canonical() {
-        assert_eq!(parse("a.b[2].c"), Some(vec![Seg::Key("a".into()), Seg::Key("b".into()), Seg::Index(2), Seg::Key("c".into())]));
+        assert_eq!(
+            parse("a.b[2].c"),
+            Some(vec![
+                Seg::Key("a".into()),
+                Seg::Key("b".into()),
+                Seg::Index(2),
+                Seg::Key("c".into())
+            ])
+        );
         assert_eq!(parse("a..b"), None);
         assert_eq!(parse("a[x]"), None);
-        let mut doc: Value = serde_yaml::from_str("train: {lr: 1}\nlayers: [{t: 1}, {t: 2}]").unwrap();
+        let mut doc: Value =
+            serde_yaml::from_str("train: {lr: 1}\nlayers: [{t: 1}, {t: 2}]").unwrap();
         set(&mut doc, "train.lr", Value::from(2)).unwrap();
         set(&mut doc, "layers[1].t", Value::from(5)).unwrap();
         set(&mut doc, "new.key", Value::from(1)).unwrap();
-        assert!(set(&mut doc, "layers[7].t", Value::from(5)).unwrap_err().contains("out of range"));
-        assert!(set(&mut doc, "train.lr.x", Value::from(5)).unwrap_err().contains("not a mapping"));
+        assert!(set(&mut doc, "layers[7].t", Value::from(5))
+            .unwrap_err()
+            .contains("out of range"));
+        assert!(set(&mut doc, "train.lr.x", Value::from(5))
+            .unwrap_err()
+            .contains("not a mapping"));
         assert_eq!(doc["train"]["lr"], Value::from(2));
         assert_eq!(doc["layers"][1]["t"], Value::from(5));
         let mut base: Value = serde_yaml::from_str("{a: {x: 1, y: 2}, b: 3}").unwrap();
@@ -151,7 +173,10 @@ mod tests {
         assert_eq!(base["a"]["y"], Value::from(9));
         let a: Value = serde_yaml::from_str("{b: 1, a: {d: 1, c: 2}}").unwrap();
         let b: Value = serde_yaml::from_str("{a: {c: 2, d: 1}, b: 1}").unwrap();
-        assert_eq!(serde_yaml::to_string(&canonical(&a)).unwrap(), serde_yaml::to_string(&canonical(&b)).unwrap());
+        assert_eq!(
+            serde_yaml::to_string(&canonical(&a)).unwrap(),
+            serde_yaml::to_string(&canonical(&b)).unwrap()
+        );
         assert_eq!(parse_value("1e-3"), Value::from(1e-3));
         assert_eq!(parse_value("affine"), Value::String("affine".into()));
     }

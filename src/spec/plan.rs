@@ -114,7 +114,12 @@ impl Planner<'_> {
     ) -> Option<[usize; 3]> {
         for (i, l) in layers.iter().enumerate() {
             let lp = format!("{path}[{i}]");
-            let name = join(prefix, &layer_name(l).map(str::to_string).unwrap_or_else(|| format!("{}{i}", type_name(l))));
+            let name = join(
+                prefix,
+                &layer_name(l)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{}{i}", type_name(l))),
+            );
             shape = self.plan_one(l, &lp, &name, flip, shape, out)?;
         }
         Some(shape)
@@ -135,11 +140,24 @@ impl Planner<'_> {
     ) -> Option<[usize; 3]> {
         let [c, h, w] = shape;
         let push = |op: PlannedOp, out_shape: [usize; 3], out: &mut Vec<PlannedLayer>| {
-            out.push(PlannedLayer { name: name.to_string(), path: path.to_string(), op, in_shape: shape, out_shape });
+            out.push(PlannedLayer {
+                name: name.to_string(),
+                path: path.to_string(),
+                op,
+                in_shape: shape,
+                out_shape,
+            });
             Some(out_shape)
         };
         match l {
-            LayerSpec::Coupling { mask, invert, kind, scale, net, .. } => {
+            LayerSpec::Coupling {
+                mask,
+                invert,
+                kind,
+                scale,
+                net,
+                ..
+            } => {
                 let net = net.or(self.defaults.net).unwrap_or_default();
                 if net.hidden == 0 {
                     self.issue(&format!("{path}.net.hidden"), "must be at least 1");
@@ -147,7 +165,10 @@ impl Planner<'_> {
                 if matches!(mask, Partition::Channel | Partition::Split) && c < 2 {
                     self.issue(
                         &format!("{path}.mask"),
-                        format!("a {} mask needs at least 2 channels, the input here is {c}×{h}×{w}", serde_yaml::to_string(mask).unwrap_or_default().trim()),
+                        format!(
+                            "a {} mask needs at least 2 channels, the input here is {c}×{h}×{w}",
+                            serde_yaml::to_string(mask).unwrap_or_default().trim()
+                        ),
                     );
                     return None;
                 }
@@ -166,14 +187,22 @@ impl Planner<'_> {
             LayerSpec::Permute { order, .. } => push(PlannedOp::Permute(*order), shape, out),
             LayerSpec::Squeeze { .. } => {
                 if h % 2 != 0 || w % 2 != 0 {
-                    self.issue(path, format!("squeeze needs even height and width, the input here is {c}×{h}×{w}"));
+                    self.issue(
+                        path,
+                        format!(
+                            "squeeze needs even height and width, the input here is {c}×{h}×{w}"
+                        ),
+                    );
                     return None;
                 }
                 push(PlannedOp::Squeeze, [4 * c, h / 2, w / 2], out)
             }
             LayerSpec::Split { prior, .. } => {
                 if self.cond > 0 {
-                    self.issue(path, "split cannot be used inside variational dequantization");
+                    self.issue(
+                        path,
+                        "split cannot be used inside variational dequantization",
+                    );
                     return None;
                 }
                 if c < 2 || c % 2 != 0 {
@@ -182,21 +211,43 @@ impl Planner<'_> {
                 }
                 push(PlannedOp::Split(*prior), [c / 2, h, w], out)
             }
-            LayerSpec::Repeat { times, alternate, layers, .. } => {
+            LayerSpec::Repeat {
+                times,
+                alternate,
+                layers,
+                ..
+            } => {
                 if *times == 0 {
                     self.issue(&format!("{path}.times"), "must be at least 1");
                 }
                 if layers.is_empty() {
-                    self.issue(&format!("{path}.layers"), "is empty: a repeat block needs at least one layer");
+                    self.issue(
+                        &format!("{path}.layers"),
+                        "is empty: a repeat block needs at least one layer",
+                    );
                 }
                 let mut s = shape;
                 for t in 0..*times {
                     let f = flip != (*alternate && t % 2 == 1);
-                    s = self.plan_list(layers, &format!("{path}.layers"), &join(name, &t.to_string()), f, s, out)?;
+                    s = self.plan_list(
+                        layers,
+                        &format!("{path}.layers"),
+                        &join(name, &t.to_string()),
+                        f,
+                        s,
+                        out,
+                    )?;
                 }
                 Some(s)
             }
-            LayerSpec::Levels { levels, depth, alternate, step, split, .. } => {
+            LayerSpec::Levels {
+                levels,
+                depth,
+                alternate,
+                step,
+                split,
+                ..
+            } => {
                 if *levels == 0 {
                     self.issue(&format!("{path}.levels"), "must be at least 1");
                 }
@@ -204,18 +255,45 @@ impl Planner<'_> {
                     self.issue(&format!("{path}.depth"), "must be at least 1");
                 }
                 if step.is_empty() {
-                    self.issue(&format!("{path}.step"), "is empty: a level needs at least one layer per step");
+                    self.issue(
+                        &format!("{path}.step"),
+                        "is empty: a level needs at least one layer per step",
+                    );
                 }
                 let mut s = shape;
                 for lv in 0..*levels {
                     let lname = join(name, &format!("level{lv}"));
-                    s = self.plan_one(&LayerSpec::Squeeze { name: None }, path, &join(&lname, "squeeze"), flip, s, out)?;
+                    s = self.plan_one(
+                        &LayerSpec::Squeeze { name: None },
+                        path,
+                        &join(&lname, "squeeze"),
+                        flip,
+                        s,
+                        out,
+                    )?;
                     for k in 0..*depth {
                         let f = flip != (*alternate && k % 2 == 1);
-                        s = self.plan_list(step, &format!("{path}.step"), &join(&lname, &format!("step{k}")), f, s, out)?;
+                        s = self.plan_list(
+                            step,
+                            &format!("{path}.step"),
+                            &join(&lname, &format!("step{k}")),
+                            f,
+                            s,
+                            out,
+                        )?;
                     }
                     if lv + 1 < *levels {
-                        s = self.plan_one(&LayerSpec::Split { name: None, prior: *split }, path, &join(&lname, "split"), flip, s, out)?;
+                        s = self.plan_one(
+                            &LayerSpec::Split {
+                                name: None,
+                                prior: *split,
+                            },
+                            path,
+                            &join(&lname, "split"),
+                            flip,
+                            s,
+                            out,
+                        )?;
                     }
                 }
                 Some(s)
@@ -226,24 +304,59 @@ impl Planner<'_> {
 
 /// Expands and shape-checks a model for data of shape `data_shape`. `path` is the key
 /// path of the model in the spec (for messages).
-pub fn plan(model: &ModelSpec, data_shape: [usize; 3], path: &str) -> Result<ModelPlan, Vec<PlanIssue>> {
-    let mut p = Planner { defaults: &model.coupling, issues: Vec::new(), cond: 0 };
+pub fn plan(
+    model: &ModelSpec,
+    data_shape: [usize; 3],
+    path: &str,
+) -> Result<ModelPlan, Vec<PlanIssue>> {
+    let mut p = Planner {
+        defaults: &model.coupling,
+        issues: Vec::new(),
+        cond: 0,
+    };
     if model.layers.is_empty() {
-        p.issue(&format!("{path}.layers"), "is empty: a model needs at least one layer");
+        p.issue(
+            &format!("{path}.layers"),
+            "is empty: a model needs at least one layer",
+        );
     }
     let mut layers = Vec::new();
-    let latent = p.plan_list(&model.layers, &format!("{path}.layers"), "", false, data_shape, &mut layers);
+    let latent = p.plan_list(
+        &model.layers,
+        &format!("{path}.layers"),
+        "",
+        false,
+        data_shape,
+        &mut layers,
+    );
     let (alpha, dequant_noise) = match &model.dequant {
         DequantSpec::Uniform { alpha } => (*alpha, None),
         DequantSpec::Variational { alpha, layers: dl } => {
             p.cond = data_shape[0];
             if dl.is_empty() {
-                p.issue(&format!("{path}.dequant.layers"), "is empty: variational dequantization needs at least one coupling");
+                p.issue(
+                    &format!("{path}.dequant.layers"),
+                    "is empty: variational dequantization needs at least one coupling",
+                );
             }
             let mut noise = Vec::new();
-            p.plan_list(dl, &format!("{path}.dequant.layers"), "dequant", false, data_shape, &mut noise);
+            p.plan_list(
+                dl,
+                &format!("{path}.dequant.layers"),
+                "dequant",
+                false,
+                data_shape,
+                &mut noise,
+            );
             for l in &noise {
-                if !matches!(l.op, PlannedOp::Coupling(_) | PlannedOp::ActNorm | PlannedOp::InvConv(_) | PlannedOp::Permute(_)) || l.in_shape != l.out_shape {
+                if !matches!(
+                    l.op,
+                    PlannedOp::Coupling(_)
+                        | PlannedOp::ActNorm
+                        | PlannedOp::InvConv(_)
+                        | PlannedOp::Permute(_)
+                ) || l.in_shape != l.out_shape
+                {
                     p.issue(&l.path, format!("only shape-preserving layers can be used in variational dequantization, not {}", l.op.kind()));
                 }
             }
@@ -251,10 +364,19 @@ pub fn plan(model: &ModelSpec, data_shape: [usize; 3], path: &str) -> Result<Mod
         }
     };
     if !(alpha > 0.0 && alpha < 1.0) {
-        p.issue(&format!("{path}.dequant.alpha"), format!("must be in (0, 1), got {alpha}"));
+        p.issue(
+            &format!("{path}.dequant.alpha"),
+            format!("must be in (0, 1), got {alpha}"),
+        );
     }
     match (latent, p.issues.is_empty()) {
-        (Some(latent_shape), true) => Ok(ModelPlan { data_shape, alpha, dequant_noise, layers, latent_shape }),
+        (Some(latent_shape), true) => Ok(ModelPlan {
+            data_shape,
+            alpha,
+            dequant_noise,
+            layers,
+            latent_shape,
+        }),
         _ => Err(p.issues),
     }
 }

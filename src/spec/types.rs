@@ -95,11 +95,17 @@ pub(crate) mod dataset_shorthand {
                 f.write_str("a dataset name (mnist, fashion_mnist) or {name, source}")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<DatasetSpec, E> {
-                Ok(DatasetSpec { name: v.to_string(), source: None })
+                Ok(DatasetSpec {
+                    name: v.to_string(),
+                    source: None,
+                })
             }
             fn visit_map<M: MapAccess<'de>>(self, m: M) -> Result<DatasetSpec, M::Error> {
                 let f = Full::deserialize(de::value::MapAccessDeserializer::new(m))?;
-                Ok(DatasetSpec { name: f.name, source: f.source })
+                Ok(DatasetSpec {
+                    name: f.name,
+                    source: f.source,
+                })
             }
         }
         d.deserialize_any(V)

@@ -1,0 +1,352 @@
+//! `flowlab compare`: the ablation table (mean ± std over seeds) and a bpd-vs-step plot.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use polars::prelude::{AnyValue, Column, DataFrame, DataType};
+
+use super::font::{draw_text, text_width};
+use super::png::Canvas;
+use super::read_parquet;
+use crate::{Error, Result};
+
+/// One row of the comparison table.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CompareRow {
+    /// Values of the `--by` columns.
+    pub key: Vec<String>,
+    pub n_runs: usize,
+    pub n_done: usize,
+    pub mean: Option<f64>,
+    pub std: Option<f64>,
+    pub params: Option<f64>,
+    pub imgs_per_s: Option<f64>,
+}
+
+/// The `runs.parquet` files under `path` (a parquet file, an experiment folder, or a results root).
+pub fn find_tables(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let direct = path.join("runs.parquet");
+    if direct.is_file() {
+        return Ok(vec![direct]);
+    }
+    let mut out: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| Error::io(path, e))?
+        .filter_map(|e| e.ok().map(|e| e.path().join("runs.parquet")))
+        .filter(|p| p.is_file())
+        .collect();
+    out.sort();
+    if out.is_empty() {
+        return Err(Error::Data(format!(
+            "{}: no runs.parquet here or in its sub-folders (run `flowlab run` first)",
+            path.display()
+        )));
+    }
+    Ok(out)
+}
+
+fn column<'a>(df: &'a DataFrame, name: &str, path: &Path) -> Result<&'a Column> {
+    df.column(name).map_err(|_| {
+        let names: Vec<String> = df
+            .get_column_names()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        Error::Data(format!(
+            "{}: no column '{name}'; columns: {}",
+            path.display(),
+            names.join(", ")
+        ))
+    })
+}
+
+fn cell_text(c: &Column, i: usize) -> String {
+    match c.get(i) {
+        Ok(AnyValue::String(s)) => s.to_string(),
+        Ok(AnyValue::StringOwned(s)) => s.to_string(),
+        Ok(AnyValue::Null) | Err(_) => "-".into(),
+        Ok(v) => v.to_string(),
+    }
+}
+
+fn numbers(c: &Column) -> Result<Vec<Option<f64>>> {
+    let f = c
+        .cast(&DataType::Float64)
+        .map_err(|e| Error::Data(e.to_string()))?;
+    let ca = f.f64().map_err(|e| Error::Data(e.to_string()))?;
+    Ok((0..ca.len()).map(|i| ca.get(i)).collect())
+}
+
+fn mean_std(v: &[f64]) -> (Option<f64>, Option<f64>) {
+    if v.is_empty() {
+        return (None, None);
+    }
+    let m = v.iter().sum::<f64>() / v.len() as f64;
+    let s = if v.len() > 1 {
+        Some((v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt())
+    } else {
+        None
+    };
+    (Some(m), s)
+}
+
+/// Groups the runs of `df` by `by` and summarises `metric` over finished runs.
+pub fn summarise(
+    df: &DataFrame,
+    path: &Path,
+    by: &[String],
+    metric: &str,
+) -> Result<Vec<CompareRow>> {
+    let keys: Vec<&Column> = by
+        .iter()
+        .map(|b| column(df, b, path))
+        .collect::<Result<_>>()?;
+    let metric_v = numbers(column(df, metric, path)?)?;
+    let status = column(df, "status", path)?;
+    let params = numbers(column(df, "params", path)?)?;
+    let speed = numbers(column(df, "train_imgs_per_s", path)?)?;
+    let mut groups: BTreeMap<Vec<String>, Vec<usize>> = BTreeMap::new();
+    let mut order: Vec<Vec<String>> = Vec::new();
+    for i in 0..df.height() {
+        let k: Vec<String> = keys.iter().map(|c| cell_text(c, i)).collect();
+        if !groups.contains_key(&k) {
+            order.push(k.clone());
+        }
+        groups.entry(k).or_default().push(i);
+    }
+    Ok(order
+        .into_iter()
+        .map(|k| {
+            let idx = &groups[&k];
+            let done: Vec<usize> = idx
+                .iter()
+                .copied()
+                .filter(|&i| cell_text(status, i) == "done")
+                .collect();
+            let vals: Vec<f64> = done.iter().filter_map(|&i| metric_v[i]).collect();
+            let (mean, std) = mean_std(&vals);
+            let p: Vec<f64> = idx.iter().filter_map(|&i| params[i]).collect();
+            let s: Vec<f64> = done.iter().filter_map(|&i| speed[i]).collect();
+            CompareRow {
+                key: k,
+                n_runs: idx.len(),
+                n_done: done.len(),
+                mean,
+                std,
+                params: mean_std(&p).0,
+                imgs_per_s: mean_std(&s).0,
+            }
+        })
+        .collect())
+}
+
+/// Renders the table, aligned for a terminal or as GitHub markdown.
+pub fn render(rows: &[CompareRow], by: &[String], metric: &str, markdown: bool) -> String {
+    let fmt =
+        |v: Option<f64>, d: usize| v.map(|x| format!("{x:.d$}")).unwrap_or_else(|| "-".into());
+    let mut head: Vec<String> = by.to_vec();
+    head.extend([
+        format!("{metric} (mean ± std)"),
+        "params".into(),
+        "train img/s".into(),
+        "runs (done/all)".into(),
+    ]);
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut c = r.key.clone();
+            let m = match (r.mean, r.std) {
+                (Some(m), Some(s)) => format!("{m:.4} ± {s:.4}"),
+                (Some(m), None) => format!("{m:.4}"),
+                _ => "-".into(),
+            };
+            c.extend([
+                m,
+                fmt(r.params, 0),
+                fmt(r.imgs_per_s, 1),
+                format!("{}/{}", r.n_done, r.n_runs),
+            ]);
+            c
+        })
+        .collect();
+    let widths: Vec<usize> = (0..head.len())
+        .map(|j| {
+            std::iter::once(&head[j])
+                .chain(body.iter().map(|r| &r[j]))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| -> String {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        if markdown {
+            format!("| {} |", padded.join(" | "))
+        } else {
+            padded.join("  ").trim_end().to_string()
+        }
+    };
+    let mut out = vec![line(&head)];
+    if markdown {
+        out.push(format!(
+            "|{}|",
+            widths
+                .iter()
+                .map(|w| "-".repeat(w + 2))
+                .collect::<Vec<_>>()
+                .join("|")
+        ));
+    } else {
+        out.push(
+            widths
+                .iter()
+                .map(|w| "-".repeat(*w))
+                .collect::<Vec<_>>()
+                .join("  "),
+        );
+    }
+    out.extend(body.iter().map(|r| line(r)));
+    out.join("\n")
+}
+
+const PALETTE: [[u8; 3]; 8] = [
+    [31, 119, 180],
+    [255, 127, 14],
+    [44, 160, 44],
+    [214, 39, 40],
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+];
+
+/// Plots validation bpd (solid) and train bpd (light) against step, one colour per variant.
+pub fn plot_curves(curves: &DataFrame, path: &Path, title: &str) -> Result<Canvas> {
+    let step = numbers(column(curves, "step", path)?)?;
+    let val = numbers(column(curves, "val_bpd", path)?)?;
+    let train = numbers(column(curves, "train_bpd", path)?)?;
+    let run = column(curves, "run_id", path)?;
+    let variant = column(curves, "variant", path)?;
+    let mut variants: Vec<String> = Vec::new();
+    let mut series: BTreeMap<(String, bool), Vec<(f64, f64)>> = BTreeMap::new();
+    let mut run_variant: BTreeMap<String, String> = BTreeMap::new();
+    for i in 0..curves.height() {
+        let (r, v) = (cell_text(run, i), cell_text(variant, i));
+        if !variants.contains(&v) {
+            variants.push(v.clone());
+        }
+        run_variant.insert(r.clone(), v);
+        for (vals, is_val) in [(&val, true), (&train, false)] {
+            if let (Some(s), Some(b)) = (step[i], vals[i]) {
+                if b.is_finite() {
+                    series.entry((r.clone(), is_val)).or_default().push((s, b));
+                }
+            }
+        }
+    }
+    let pts: Vec<(f64, f64)> = series.values().flatten().copied().collect();
+    let (w, h, l, r, t, b) = (720i64, 440i64, 60i64, 20i64, 30i64, 40i64);
+    let mut c = Canvas::new(w as usize, h as usize, [255, 255, 255]);
+    let black = [0, 0, 0];
+    draw_text(&mut c, title, l, 8, 2, black);
+    if pts.is_empty() {
+        draw_text(&mut c, "no curve points", l + 10, h / 2, 2, black);
+        return Ok(c);
+    }
+    let (x0, x1) = (0.0, pts.iter().map(|p| p.0).fold(1.0, f64::max));
+    let mut ys: Vec<f64> = pts.iter().map(|p| p.1).collect();
+    ys.sort_by(|a, b| a.total_cmp(b));
+    // Robust y-range: ignore the worst 5% (the first steps) so the interesting part is visible.
+    let (y0, y1) = (
+        ys[0],
+        ys[((ys.len() - 1) as f64 * 0.95) as usize].max(ys[0] + 1e-3),
+    );
+    let px = |x: f64| l + ((x - x0) / (x1 - x0) * (w - l - r) as f64).round() as i64;
+    let py = |y: f64| t + ((y1 - y.min(y1)) / (y1 - y0) * (h - t - b) as f64).round() as i64;
+    c.line((l, t), (l, h - b), black);
+    c.line((l, h - b), (w - r, h - b), black);
+    for k in 0..=4 {
+        let yv = y0 + (y1 - y0) * k as f64 / 4.0;
+        let label = format!("{yv:.2}");
+        draw_text(
+            &mut c,
+            &label,
+            l - 6 - text_width(&label, 2),
+            py(yv) - 5,
+            2,
+            black,
+        );
+        c.line((l - 4, py(yv)), (l, py(yv)), black);
+        let xv = x0 + (x1 - x0) * k as f64 / 4.0;
+        let xl = format!("{}", xv.round() as i64);
+        draw_text(
+            &mut c,
+            &xl,
+            px(xv) - text_width(&xl, 2) / 2,
+            h - b + 8,
+            2,
+            black,
+        );
+    }
+    draw_text(
+        &mut c,
+        "step",
+        w - r - text_width("step", 2),
+        h - b + 24,
+        2,
+        black,
+    );
+    draw_text(&mut c, "bpd", 6, 8, 2, black);
+    for ((run_id, is_val), mut s) in series {
+        s.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let vi = variants
+            .iter()
+            .position(|v| Some(v) == run_variant.get(&run_id))
+            .unwrap_or(0);
+        let base = PALETTE[vi % PALETTE.len()];
+        // Train curves in a light tint of the variant's colour.
+        let color = if is_val {
+            base
+        } else {
+            base.map(|v| ((v as u16 + 2 * 255) / 3) as u8)
+        };
+        for pair in s.windows(2) {
+            c.line(
+                (px(pair[0].0), py(pair[0].1)),
+                (px(pair[1].0), py(pair[1].1)),
+                color,
+            );
+        }
+        for p in &s {
+            c.set(px(p.0), py(p.1), color);
+        }
+    }
+    for (i, v) in variants.iter().enumerate() {
+        let y = t + 6 + i as i64 * 14;
+        let col = PALETTE[i % PALETTE.len()];
+        for dy in 0..3 {
+            c.line((w - r - 150, y + dy), (w - r - 130, y + dy), col);
+        }
+        draw_text(&mut c, v, w - r - 124, y - 3, 2, black);
+    }
+    draw_text(
+        &mut c,
+        "solid: val  light: train",
+        l + 8,
+        t + 4,
+        1,
+        [90, 90, 90],
+    );
+    Ok(c)
+}
+
+/// Reads the table and returns it (for tests and the CLI).
+pub fn load(path: &Path) -> Result<DataFrame> {
+    read_parquet(path)
+}

@@ -1,0 +1,316 @@
+//! `flowlab run`: every run of a sweep, with resume, divergence handling, samples and tables.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::build::build_model;
+use crate::data::{self, Loader, Splits};
+use crate::flow::{FlowCtx, FlowModel};
+use crate::results::{self, png, RunRecord, RunRow, Status};
+use crate::spec::{parse_device, Experiment, Run};
+use crate::train::{self, derive_seed, streams, CheckpointPaths, Outcome};
+use crate::{Error, Result};
+
+/// Options of a sweep.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Results root (`results/`).
+    pub out: PathBuf,
+    /// Rerun runs that already finished.
+    pub force: bool,
+    /// No progress bars.
+    pub quiet: bool,
+}
+
+/// Counts of a sweep.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepSummary {
+    pub exp_dir: PathBuf,
+    pub total: usize,
+    pub skipped: usize,
+    pub done: usize,
+    pub diverged: usize,
+    pub failed: usize,
+}
+
+/// The device named by a spec (`cpu`, `cuda`, `cuda:N`).
+pub fn device(name: &str) -> Result<Device> {
+    match parse_device(name) {
+        Some(None) => Ok(Device::Cpu),
+        Some(Some(n)) => Device::new_cuda(n).map_err(|e| {
+            Error::Usage(format!(
+                "device '{name}': {e} (build with `--features cuda` on a machine with CUDA)"
+            ))
+        }),
+        None => Err(Error::Usage(format!("unknown device '{name}'"))),
+    }
+}
+
+/// The git revision of the working directory, if it is a git checkout.
+pub fn git_rev() -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+fn bar_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+/// Runs every run of `runs` (from `exp`), writing under `opts.out/<experiment>/`.
+pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<SweepSummary> {
+    let exp_dir = results::experiment_dir(&opts.out, &exp.name);
+    std::fs::create_dir_all(exp_dir.join("runs")).map_err(|e| Error::io(&exp_dir, e))?;
+    let multi = MultiProgress::with_draw_target(if opts.quiet {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    });
+    let sweep_bar = multi.add(ProgressBar::new(runs.len() as u64));
+    sweep_bar.set_style(bar_style("sweep [{bar:30}] {pos}/{len} runs  {msg}"));
+    let mut summary = SweepSummary {
+        exp_dir: exp_dir.clone(),
+        total: runs.len(),
+        ..Default::default()
+    };
+    let mut data_cache: HashMap<String, Splits> = HashMap::new();
+    let rev = git_rev();
+    for run in runs {
+        sweep_bar.set_message(run.name.clone());
+        let dir = results::run_dir(&exp_dir, &run.name, &run.id);
+        if opts.force && dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        if let Some(rec) = results::read_record(&dir)? {
+            tracing::info!(run = %run.name, status = rec.row.status.as_str(), "already finished, skipped");
+            summary.skipped += 1;
+            sweep_bar.inc(1);
+            continue;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let yaml = serde_yaml::to_string(&run.config).map_err(|e| Error::Usage(e.to_string()))?;
+        train::write_atomic(&dir.join("config.yaml"), yaml.as_bytes())?;
+        let started = Instant::now();
+        let step_bar = multi.add(ProgressBar::new(0));
+        step_bar.set_style(bar_style(
+            "  {prefix} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}",
+        ));
+        step_bar.set_prefix(run.name.clone());
+        let row = match execute(run, &dir, &mut data_cache, &step_bar) {
+            Ok(row) => row,
+            Err(e) => {
+                tracing::warn!(run = %run.name, error = %e, "run failed");
+                failed_row(run, &e.to_string())
+            }
+        };
+        step_bar.finish_and_clear();
+        multi.remove(&step_bar);
+        let mut row = row;
+        row.wall_seconds = started.elapsed().as_secs_f64();
+        row.git_rev = rev.clone();
+        match row.status {
+            Status::Done => summary.done += 1,
+            Status::Diverged => summary.diverged += 1,
+            Status::Failed => summary.failed += 1,
+        }
+        let curves = read_curves(&dir);
+        tracing::info!(run = %run.name, status = row.status.as_str(), test_bpd = ?row.test_bpd, "finished");
+        results::write_record(&dir, &RunRecord { row, curves })?;
+        results::write_tables(&exp_dir)?;
+        sweep_bar.inc(1);
+    }
+    sweep_bar.finish_and_clear();
+    if runs.is_empty() || summary.skipped == runs.len() {
+        results::write_tables(&exp_dir)?;
+    }
+    Ok(summary)
+}
+
+fn read_curves(dir: &Path) -> Vec<train::CurvePoint> {
+    std::fs::read(CheckpointPaths::in_dir(dir).curves)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn base_row(run: &Run, status: Status) -> RunRow {
+    let c = &run.config;
+    RunRow {
+        experiment: c.experiment.clone(),
+        variant: c.variant.clone(),
+        run_id: run.id.clone(),
+        name: run.name.clone(),
+        seed: c.train.seed,
+        status,
+        status_step: None,
+        status_reason: None,
+        params: 0,
+        val_bpd: None,
+        test_bpd: None,
+        importance_samples: c.eval.importance_samples as u64,
+        train_imgs_per_s: None,
+        infer_ms_per_batch: None,
+        sample_ms_per_batch: None,
+        train_seconds: 0.0,
+        wall_seconds: 0.0,
+        steps: 0,
+        batch_size: c.data.batch_size as u64,
+        device: c.device.clone(),
+        flowlab_version: env!("CARGO_PKG_VERSION").to_string(),
+        git_rev: None,
+        swept: run
+            .swept
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    serde_json::to_value(v).unwrap_or(serde_json::Value::Null),
+                )
+            })
+            .collect(),
+    }
+}
+
+fn failed_row(run: &Run, reason: &str) -> RunRow {
+    RunRow {
+        status_reason: Some(reason.to_string()),
+        ..base_row(run, Status::Failed)
+    }
+}
+
+/// Median wall milliseconds of `f` over `reps` calls (after one warm-up call).
+fn time_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f().map(|_| s.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_>>()?;
+    t.sort_by(|a, b| a.total_cmp(b));
+    Ok(t[t.len() / 2])
+}
+
+/// Images `[N, C, H, W]` (values 0..=255) → bytes.
+pub fn to_bytes(x: &Tensor) -> Result<Vec<u8>> {
+    Ok(x.clamp(0.0, 255.0)?
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1::<u8>()?)
+}
+
+/// Writes a sample grid of `n` images at `temperature` to `path`.
+pub fn save_samples(
+    model: &FlowModel,
+    n: usize,
+    temperature: f64,
+    seed: u64,
+    path: &Path,
+) -> Result<()> {
+    let x = model.sample(n, temperature, &mut FlowCtx::new(seed))?;
+    let s = model.data_shape();
+    let scale = if s[1] <= 16 { 4 } else { 2 };
+    png::image_grid(&to_bytes(&x)?, n, [s[0], s[1], s[2]], scale).save(path)
+}
+
+fn execute(
+    run: &Run,
+    dir: &Path,
+    cache: &mut HashMap<String, Splits>,
+    bar: &ProgressBar,
+) -> Result<RunRow> {
+    let c = &run.config;
+    let dev = device(&c.device)?;
+    let key = serde_json::to_string(&c.data).unwrap_or_default();
+    if !cache.contains_key(&key) {
+        cache.insert(key.clone(), data::load(&c.data)?);
+    }
+    let splits = &cache[&key];
+    let model = build_model(
+        &run.plan,
+        derive_seed(c.train.seed, streams::INIT, 0),
+        DType::F32,
+        &dev,
+    )?;
+    let train_l = Loader::new(&splits.train, c.data.batch_size, DType::F32, &dev)?;
+    let val_l = Loader::new(&splits.val, c.data.eval_batch_size, DType::F32, &dev)?;
+    let test_l = Loader::new(&splits.test, c.data.eval_batch_size, DType::F32, &dev)?;
+    if train_l.len() < c.data.batch_size {
+        return Err(Error::Data(format!(
+            "only {} training images for batch size {}",
+            train_l.len(),
+            c.data.batch_size
+        )));
+    }
+    bar.set_length(train::total_steps(c, train_l.len()) as u64);
+    let ckpt = CheckpointPaths::in_dir(dir);
+    let report = train::train(
+        &model,
+        c,
+        &train_l,
+        &val_l,
+        Some(&ckpt),
+        &mut |step, _total, bpd, ips| {
+            bar.set_position(step as u64);
+            bar.set_message(format!("bpd {bpd:.3}  {ips:.0} img/s"));
+        },
+    )?;
+    let mut row = base_row(run, Status::Done);
+    row.params = model.num_params() as u64;
+    row.steps = report.steps as u64;
+    row.train_seconds = report.train_seconds;
+    row.train_imgs_per_s = (report.steps > report.resumed_from).then_some(report.imgs_per_s);
+    if let Outcome::Diverged { step, reason } = &report.outcome {
+        row.status = Status::Diverged;
+        row.status_step = Some(*step as u64);
+        row.status_reason = Some(reason.clone());
+        return Ok(row);
+    }
+    bar.set_message("evaluating test bpd".to_string());
+    let seed = c.train.seed;
+    row.val_bpd = Some(train::eval::mean_bpd(
+        &model,
+        &val_l,
+        &val_l.ordered(),
+        1,
+        derive_seed(seed, streams::VAL, 0),
+    )?);
+    row.test_bpd = Some(train::eval::mean_bpd(
+        &model,
+        &test_l,
+        &test_l.ordered(),
+        c.eval.importance_samples,
+        derive_seed(seed, streams::TEST, 0),
+    )?);
+    let eval_batch: Vec<usize> = (0..c.data.eval_batch_size.min(test_l.len())).collect();
+    let (xb, _) = test_l.batch(&eval_batch)?;
+    row.infer_ms_per_batch = Some(time_ms(3, || {
+        model.bpd(&xb, &mut FlowCtx::new(0)).map(|_| ())
+    })?);
+    row.sample_ms_per_batch = Some(time_ms(3, || {
+        model
+            .sample(eval_batch.len(), 1.0, &mut FlowCtx::new(0))
+            .map(|_| ())
+    })?);
+    for &t in &c.eval.temperatures {
+        save_samples(
+            &model,
+            c.eval.n_samples,
+            t,
+            derive_seed(seed, streams::SAMPLE, 0),
+            &dir.join(format!("samples-t{t}.png")),
+        )?;
+    }
+    Ok(row)
+}

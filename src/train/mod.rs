@@ -1,0 +1,287 @@
+//! Training one run: Adam(W), warm-up and per-epoch decay, global-norm clipping, a NaN
+//! guard, periodic validation, atomic checkpoints, and exact resume.
+//!
+//! Randomness is derived from the run seed per epoch (shuffling) and per step
+//! (dequantization noise), so a run resumed from a checkpoint at step k continues exactly
+//! as the uninterrupted run would have.
+
+pub mod eval;
+pub mod optim;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::data::Loader;
+use crate::flow::{FlowCtx, FlowModel};
+use crate::spec::RunConfig;
+use crate::{Error, Result};
+
+pub use optim::Adam;
+
+/// One logged point of a training curve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    pub step: usize,
+    pub epoch: usize,
+    /// Mean train bpd over the steps since the previous point.
+    pub train_bpd: Option<f64>,
+    pub val_bpd: Option<f64>,
+    pub lr: f64,
+    pub grad_norm: Option<f64>,
+}
+
+/// How training ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    Done,
+    /// A non-finite loss or gradient at `step`.
+    Diverged {
+        step: usize,
+        reason: String,
+    },
+}
+
+/// What [`train`] reports.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    pub outcome: Outcome,
+    pub steps: usize,
+    pub curves: Vec<CurvePoint>,
+    /// Seconds spent in optimisation steps in this process (evaluation excluded).
+    pub train_seconds: f64,
+    /// Training images per second in this process.
+    pub imgs_per_s: f64,
+    /// Step at which this process started (> 0 after a resume).
+    pub resumed_from: usize,
+}
+
+/// Mixes a seed with a stream tag and an index (SplitMix64), for independent streams.
+pub fn derive_seed(seed: u64, stream: u64, index: u64) -> u64 {
+    let mut z = seed
+        ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Random streams of a run.
+pub mod streams {
+    pub const SHUFFLE: u64 = 1;
+    pub const DEQUANT: u64 = 2;
+    pub const VAL: u64 = 3;
+    pub const TEST: u64 = 4;
+    pub const SAMPLE: u64 = 5;
+    pub const INIT: u64 = 6;
+}
+
+/// Total optimizer steps of a run.
+pub fn total_steps(cfg: &RunConfig, train_len: usize) -> usize {
+    let per_epoch = steps_per_epoch(cfg, train_len);
+    match (cfg.train.steps, cfg.train.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => ((e * per_epoch as f64).ceil() as usize).max(1),
+        (None, None) => per_epoch,
+    }
+}
+
+/// Full batches per epoch.
+pub fn steps_per_epoch(cfg: &RunConfig, train_len: usize) -> usize {
+    (train_len / cfg.data.batch_size).max(1)
+}
+
+/// Files of a run's checkpoint.
+pub struct CheckpointPaths {
+    pub tensors: PathBuf,
+    pub curves: PathBuf,
+}
+
+impl CheckpointPaths {
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            tensors: dir.join("checkpoint.safetensors"),
+            curves: dir.join("checkpoint-curves.json"),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn save_checkpoint(
+    model: &FlowModel,
+    opt: &Adam,
+    step: usize,
+    curves: &[CurvePoint],
+    paths: &CheckpointPaths,
+) -> Result<()> {
+    let mut all = model.store().tensors();
+    all.extend(opt.state()?);
+    all.insert(
+        "train.step".into(),
+        Tensor::new(&[step as f64], &candle_core::Device::Cpu)?,
+    );
+    let tmp = paths.tensors.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(&all, &tmp)?;
+    // Curves first: a crash between the two renames leaves curves ahead of tensors, which
+    // the loader trims to the checkpoint's step.
+    write_atomic(
+        &paths.curves,
+        &serde_json::to_vec(curves).map_err(|e| Error::Usage(e.to_string()))?,
+    )?;
+    std::fs::rename(&tmp, &paths.tensors).map_err(|e| Error::io(&paths.tensors, e))
+}
+
+/// Restores model, optimizer and curves from a checkpoint; returns the step reached.
+pub fn load_checkpoint(
+    model: &FlowModel,
+    opt: Option<&mut Adam>,
+    paths: &CheckpointPaths,
+) -> Result<(usize, Vec<CurvePoint>)> {
+    let all = candle_core::safetensors::load(&paths.tensors, model.device())?;
+    let params: std::collections::HashMap<String, Tensor> = all
+        .iter()
+        .filter(|(k, _)| !k.starts_with("optim.") && !k.starts_with("train."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    model.store().load_tensors(&params, &paths.tensors)?;
+    if let Some(opt) = opt {
+        opt.load_state(&all)?;
+    }
+    let step = all
+        .get("train.step")
+        .ok_or_else(|| Error::Checkpoint {
+            path: paths.tensors.clone(),
+            msg: "no train.step".into(),
+        })?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?[0] as usize;
+    let mut curves: Vec<CurvePoint> = match std::fs::read(&paths.curves) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Checkpoint {
+            path: paths.curves.clone(),
+            msg: e.to_string(),
+        })?,
+        Err(_) => Vec::new(),
+    };
+    curves.retain(|c| c.step <= step);
+    Ok((step, curves))
+}
+
+/// Progress callback: (step, total, latest train bpd, images/s).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, f64, f64);
+
+/// Trains `model` on `train`, validating on `val`. Checkpoints go to `ckpt` (if given) at
+/// every evaluation and at the end; an existing checkpoint there is resumed.
+pub fn train(
+    model: &FlowModel,
+    cfg: &RunConfig,
+    train: &Loader,
+    val: &Loader,
+    ckpt: Option<&CheckpointPaths>,
+    progress: Progress<'_>,
+) -> Result<TrainReport> {
+    let t = &cfg.train;
+    let seed = t.seed;
+    let mut opt = Adam::new(model.store().named_vars(), t.optimizer, t.weight_decay)?;
+    let per_epoch = steps_per_epoch(cfg, train.len());
+    let total = total_steps(cfg, train.len());
+    let (mut step, mut curves) = match ckpt {
+        Some(p) if p.tensors.is_file() => load_checkpoint(model, Some(&mut opt), p)?,
+        _ => (0, Vec::new()),
+    };
+    let resumed_from = step;
+    let val_batches = eval::first_batches(val, t.val_subset);
+    let mut epoch_batches: Option<(usize, Vec<Vec<usize>>)> = None;
+    let mut train_seconds = 0.0;
+    let mut acc = (0.0, 0usize, 0.0);
+    let mut outcome = Outcome::Done;
+
+    while step < total {
+        let epoch = step / per_epoch;
+        if epoch_batches.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut rng = crate::rng::Rng::new(derive_seed(seed, streams::SHUFFLE, epoch as u64));
+            epoch_batches = Some((epoch, train.shuffled_epoch(&mut rng)));
+        }
+        let batches = &epoch_batches.as_ref().expect("set above").1;
+        let idx = &batches[(step % per_epoch) % batches.len()];
+        let lr = optim::learning_rate(t.lr, step, epoch, t.warmup_steps, t.lr_decay);
+
+        let started = Instant::now();
+        let (x, _) = train.batch(idx)?;
+        let mut ctx = FlowCtx::new(derive_seed(seed, streams::DEQUANT, step as u64));
+        let loss = model.bpd(&x, &mut ctx)?.mean_all()?;
+        let loss_v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        if !loss_v.is_finite() {
+            outcome = Outcome::Diverged {
+                step,
+                reason: format!("loss is {loss_v}"),
+            };
+            break;
+        }
+        let grads = loss.backward()?;
+        let norm = opt.grad_norm(&grads)?;
+        if !norm.is_finite() {
+            outcome = Outcome::Diverged {
+                step,
+                reason: format!("gradient norm is {norm}"),
+            };
+            break;
+        }
+        opt.step(&grads, lr, optim::clip_scale(norm, t.grad_clip))?;
+        train_seconds += started.elapsed().as_secs_f64();
+        step += 1;
+        acc = (acc.0 + loss_v, acc.1 + 1, acc.2 + norm);
+
+        let imgs_per_s =
+            ((step - resumed_from) * train.batch_size()) as f64 / train_seconds.max(1e-9);
+        progress(step, total, loss_v, imgs_per_s);
+        let log_now = step % t.log_every == 0;
+        let eval_now = step % t.eval_every == 0 || step == total;
+        if log_now || eval_now {
+            let val_bpd = if eval_now {
+                Some(eval::mean_bpd(
+                    model,
+                    val,
+                    &val_batches,
+                    1,
+                    derive_seed(seed, streams::VAL, 0),
+                )?)
+            } else {
+                None
+            };
+            curves.push(CurvePoint {
+                step,
+                epoch,
+                train_bpd: (acc.1 > 0).then(|| acc.0 / acc.1 as f64),
+                val_bpd,
+                lr,
+                grad_norm: (acc.1 > 0).then(|| acc.2 / acc.1 as f64),
+            });
+            acc = (0.0, 0, 0.0);
+            if eval_now {
+                if let Some(p) = ckpt {
+                    save_checkpoint(model, &opt, step, &curves, p)?;
+                }
+            }
+        }
+    }
+    let imgs_per_s = ((step - resumed_from) * train.batch_size()) as f64 / train_seconds.max(1e-9);
+    Ok(TrainReport {
+        outcome,
+        steps: step,
+        curves,
+        train_seconds,
+        imgs_per_s,
+        resumed_from,
+    })
+}

@@ -1,0 +1,189 @@
+//! The `flowlab` binary: help, check, run with kill-and-resume, compare, sample.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flowlab");
+
+fn flowlab(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const SPEC: &str = "
+name: clitest
+data: {dataset: mnist, downscale: 4, batch_size: 32, eval_batch_size: 64, val_size: 64, train_subset: 256, test_subset: 64}
+train: {steps: 8, eval_every: 4, log_every: 4}
+eval: {importance_samples: 2, n_samples: 4}
+models:
+  a:
+    coupling: {net: {hidden: 4, layers: 1}}
+    layers: [{type: repeat, times: 2, layers: [{type: coupling, mask: checkerboard}]}]
+  b:
+    coupling: {net: {arch: glow, hidden: 8}}
+    layers: [{type: actnorm}, {type: coupling, mask: checkerboard}]
+sweep:
+  grid:
+    seed: [0, 1]
+";
+
+#[test]
+fn help_lists_the_commands() {
+    let (code, out, _) = flowlab(&["--help"]);
+    assert_eq!(code, 0);
+    for c in ["run", "check", "compare", "sample"] {
+        assert!(out.contains(c), "{out}");
+    }
+    let (code, out, _) = flowlab(&["run", "--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("--set")
+            && out.contains("--only")
+            && out.contains("--force")
+            && out.contains("--quiet"),
+        "{out}"
+    );
+}
+
+#[test]
+fn every_experiment_file_passes_check() {
+    let mut n = 0;
+    for e in std::fs::read_dir("experiments").unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            let (code, out, err) = flowlab(&["check", p.to_str().unwrap()]);
+            assert_eq!(code, 0, "{}:\n{out}\n{err}", p.display());
+            assert!(
+                out.contains("invertibility") && !out.contains("FAILED"),
+                "{out}"
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+}
+
+#[test]
+fn broken_spec_exits_2_with_a_located_message() {
+    let (code, _, err) = flowlab(&["check", "tests/specs/broken/bad_mask_value.yaml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("tests/specs/broken/bad_mask_value.yaml:8:32: models.glow.layers[1].mask: unknown value 'chequer'"), "{err}");
+    let (code, _, err) = flowlab(&["check", "experiments/ci_small.yaml", "--set", "train.lr=-1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("train.lr: must be a positive number"), "{err}");
+    let (code, _, err) = flowlab(&["check", "no/such/file.yaml"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("no/such/file.yaml: cannot read the spec"),
+        "{err}"
+    );
+}
+
+fn records(dir: &Path) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = std::fs::read_dir(dir.join("clitest/runs"))
+        .map(|rd| {
+            rd.filter_map(|e| {
+                let p = e.ok()?.path().join("result.json");
+                Some((p.display().to_string(), std::fs::read_to_string(&p).ok()?))
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn killed_sweep_resumes_without_redoing_or_losing_runs_then_compare_and_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("clitest.yaml");
+    std::fs::write(&spec, SPEC).unwrap();
+    let out = dir.path().join("results");
+    let args = [
+        "run",
+        spec.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
+
+    // Start, wait for the first finished run, kill.
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while records(&out).is_empty() && t0.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = records(&out);
+    assert!(
+        !before.is_empty() && before.len() < 4,
+        "kill came too late to test resuming: {}",
+        before.len()
+    );
+
+    let (code, stdout, stderr) = flowlab(&args);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!("{} already finished", before.len())),
+        "{stderr}"
+    );
+    let after = records(&out);
+    assert_eq!(after.len(), 4);
+    for r in &before {
+        assert!(after.contains(r), "finished run {} was redone or lost", r.0);
+    }
+    assert!(stdout.contains("test_bpd"), "{stdout}");
+
+    let (code, table, err) = flowlab(&[
+        "compare",
+        out.to_str().unwrap(),
+        "--markdown",
+        "--require-done",
+        "--expect-runs",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains("| variant") && table.contains("| a ") && table.contains("| b "),
+        "{table}"
+    );
+    assert!(out.join("clitest/bpd_vs_step.png").is_file());
+    let (code, _, err) = flowlab(&["compare", out.to_str().unwrap(), "--max-metric", "0.01"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("above 0.01"), "{err}");
+
+    let run_dir = std::fs::read_dir(out.join("clitest/runs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let png = dir.path().join("s.png");
+    let (code, msg, err) = flowlab(&[
+        "sample",
+        run_dir.to_str().unwrap(),
+        "--n",
+        "9",
+        "-t",
+        "0.5",
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        msg.contains("9 samples at temperature 0.5 from step 8"),
+        "{msg}"
+    );
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+}
