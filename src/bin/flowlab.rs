@@ -106,6 +106,19 @@ struct SampleArgs {
     output: PathBuf,
 }
 
+/// `println!` that ends the process quietly when stdout is closed (`flowlab … | head`)
+/// instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 /// Exit code for spec errors (distinct from 1 = a failed check or run).
 const SPEC_ERROR: u8 = 2;
 
@@ -172,16 +185,16 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let table = s.exp_dir.join("runs.parquet");
     let df = compare::load(&table)?;
     let rows = compare::summarise(&df, &table, &["variant".to_string()], "test_bpd")?;
-    println!(
+    say!(
         "{}",
         compare::render(&rows, &["variant".to_string()], "test_bpd", false)
     );
-    println!(
+    say!(
         "\ntables: {}  {}",
         table.display(),
         s.exp_dir.join("curves.parquet").display()
     );
-    println!("samples: {}/runs/*/samples-t*.png", s.exp_dir.display());
+    say!("samples: {}/runs/*/samples-t*.png", s.exp_dir.display());
     Ok(if s.failed > 0 {
         ExitCode::FAILURE
     } else {
@@ -199,7 +212,7 @@ fn shape_text(s: &[usize]) -> String {
 fn cmd_check(a: SpecArgs) -> Result<ExitCode> {
     let (exp, runs) = load_runs(&a)?;
     let mut ok = true;
-    println!(
+    say!(
         "{}: {} variant(s), {} run(s) in the sweep",
         exp.file,
         exp.variants.len(),
@@ -218,7 +231,7 @@ fn cmd_check(a: SpecArgs) -> Result<ExitCode> {
             candle_core::DType::F32,
             &candle_core::Device::Cpu,
         )?;
-        println!(
+        say!(
             "\n== {v} ({n_runs} run{}) ==",
             if n_runs == 1 { "" } else { "s" }
         );
@@ -254,7 +267,7 @@ fn cmd_check(a: SpecArgs) -> Result<ExitCode> {
             .map(|j| rows.iter().map(|r| r[j].chars().count()).max().unwrap_or(0))
             .collect();
         for r in &rows {
-            println!(
+            say!(
                 "  {:<a$}  {:<b$}  {:>c$}  {:>d$}  {:>e$}",
                 r[0],
                 r[1],
@@ -268,7 +281,7 @@ fn cmd_check(a: SpecArgs) -> Result<ExitCode> {
                 e = w[4]
             );
         }
-        println!(
+        say!(
             "  total parameters: {}   data {} → latent {}",
             model.num_params(),
             shape_text(&plan.data_shape),
@@ -283,7 +296,7 @@ fn cmd_check(a: SpecArgs) -> Result<ExitCode> {
         let tol_ldj = 1e-3 * rt.max_abs_ldj.max(1.0);
         let pass = rt.max_inverse_err <= 1e-3 && rt.max_ldj_sum <= tol_ldj;
         ok &= pass;
-        println!(
+        say!(
             "  invertibility: max|x − f⁻¹(f(x))| = {:.2e}, max|ldj_f + ldj_f⁻¹| = {:.2e}  {}",
             rt.max_inverse_err,
             rt.max_ldj_sum,
@@ -308,14 +321,14 @@ fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        println!("## {name} ({} runs)\n", df.height());
-        println!("{}\n", compare::render(&rows, &a.by, &a.metric, a.markdown));
+        say!("## {name} ({} runs)\n", df.height());
+        say!("{}\n", compare::render(&rows, &a.by, &a.metric, a.markdown));
         let curves_path = exp_dir.join("curves.parquet");
         if curves_path.is_file() {
             let curves = compare::load(&curves_path)?;
             let plot = exp_dir.join("bpd_vs_step.png");
             compare::plot_curves(&curves, &curves_path, &name)?.save(&plot)?;
-            println!("plot: {}\n", plot.display());
+            say!("plot: {}\n", plot.display());
         }
         if let Some(n) = a.expect_runs {
             if df.height() != n {
@@ -384,7 +397,7 @@ fn cmd_sample(a: SampleArgs) -> Result<ExitCode> {
     }
     let (step, _) = flowlab::train::load_checkpoint(&model, None, &ckpt)?;
     runner::save_samples(&model, a.n, a.temperature, a.seed, &a.output)?;
-    println!(
+    say!(
         "{} samples at temperature {} from step {step} → {}",
         a.n,
         a.temperature,

@@ -125,11 +125,18 @@ pub fn parse_value(text: &str) -> Value {
     serde_yaml::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
 }
 
-/// Short human text of a value for run names.
+/// Short human text of a value for run names (`{type: permute, order: reverse}` →
+/// `permute-reverse`; nested lists and maps are left out).
 pub fn short(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "null".into(),
+        Value::Mapping(m) => m
+            .values()
+            .filter(|x| !matches!(x, Value::Mapping(_) | Value::Sequence(_)))
+            .map(short)
+            .collect::<Vec<_>>()
+            .join("-"),
         other => serde_yaml::to_string(other)
             .unwrap_or_default()
             .trim()
@@ -179,5 +186,13 @@ mod tests {
         );
         assert_eq!(parse_value("1e-3"), Value::from(1e-3));
         assert_eq!(parse_value("affine"), Value::String("affine".into()));
+        assert_eq!(
+            short(&parse_value("{type: permute, order: reverse}")),
+            "permute-reverse"
+        );
+        assert_eq!(
+            short(&parse_value("{type: variational, layers: [1]}")),
+            "variational"
+        );
     }
 }
