@@ -40,6 +40,9 @@ pub struct Splits {
 /// different training seeds are validated on the same images.
 pub const SPLIT_SEED: u64 = 0x5eed_da7a;
 
+/// The hub repository Fashion-MNIST is fetched from when Debian's package is absent.
+pub const FASHION_HUB_REPO: &str = "zalando-datasets/fashion_mnist";
+
 /// Loads the raw (train, test) parts of a dataset.
 pub fn load_parts(spec: &DataSpec) -> crate::Result<(Dataset, Dataset)> {
     let ds = &spec.dataset;
@@ -51,16 +54,18 @@ pub fn load_parts(spec: &DataSpec) -> crate::Result<(Dataset, Dataset)> {
         ("fashion_mnist", None) => {
             let dir = std::path::Path::new(mnist::FASHION_DIR);
             if dir.is_dir() {
-                Ok((
+                return Ok((
                     mnist::from_dir("fashion_mnist", dir, mnist::Part::Train)?,
                     mnist::from_dir("fashion_mnist", dir, mnist::Part::Test)?,
-                ))
-            } else {
-                Err(crate::Error::Data(format!(
-                    "fashion_mnist: not found offline: looked in {} (Debian: `apt-get install dataset-fashion-mnist`); online, use `dataset: {{name: fashion_mnist, source: \"hf://zalando-datasets/fashion_mnist\"}}`",
-                    mnist::FASHION_DIR
-                )))
+                ));
             }
+            // Not installed: the hub (or its offline cache).
+            sources::hub("fashion_mnist", FASHION_HUB_REPO).map_err(|e| {
+                crate::Error::Data(format!(
+                    "fashion_mnist: not found offline: looked in {} (Debian: `apt-get install dataset-fashion-mnist`), then on the hub as hf://{FASHION_HUB_REPO}: {e}",
+                    mnist::FASHION_DIR
+                ))
+            })
         }
         (name, Some(src)) => sources::load(name, src),
         (name, None) => Err(crate::Error::Data(format!(
