@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Tensor, Var};
 
-use super::{expect_chw, Flow, FlowCtx};
+use super::{expect_channels, Flow, FlowCtx};
 use crate::params::{Init, Params};
-use crate::{Error, Result};
+use crate::Result;
 
 /// Per-channel affine normalisation with data-dependent init.
 #[derive(Debug)]
@@ -80,13 +80,7 @@ impl Flow for ActNorm {
     }
 
     fn out_shape(&self, in_shape: &[usize]) -> Result<Vec<usize>> {
-        let (c, _, _) = expect_chw("actnorm", in_shape)?;
-        if c != self.channels {
-            return Err(Error::shape(
-                "actnorm",
-                format!("built for {} channels, got {c}", self.channels),
-            ));
-        }
+        expect_channels("actnorm", in_shape, self.channels)?;
         Ok(in_shape.to_vec())
     }
 

@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::logit::log_sigmoid;
-use super::{expect_chw, sum_per_sample, Flow, FlowCtx};
+use super::{expect_channels, sum_per_sample, Flow, FlowCtx};
 use crate::nets::{Net, NetConfig};
 use crate::params::{Init, Params};
 use crate::rng::host_tensor;
@@ -224,12 +224,7 @@ impl Coupling {
         reverse: bool,
     ) -> Result<(Tensor, Tensor)> {
         let (_, c, h, w) = x.dims4()?;
-        if c != self.channels {
-            return Err(Error::shape(
-                "coupling",
-                format!("built for {} channels, got {c}", self.channels),
-            ));
-        }
+        expect_channels("coupling", &[c, h, w], self.channels)?;
         let step =
             |xb: &Tensor, s: Option<Tensor>, t: Tensor| -> Result<(Tensor, Option<Tensor>)> {
                 Ok(match (s, reverse) {
@@ -294,14 +289,8 @@ impl Flow for Coupling {
     }
 
     fn out_shape(&self, in_shape: &[usize]) -> Result<Vec<usize>> {
-        let (c, _, _) = expect_chw("coupling", in_shape)?;
+        let (c, _, _) = expect_channels("coupling", in_shape, self.channels)?;
         Self::check_channels(&self.cfg, c)?;
-        if c != self.channels {
-            return Err(Error::shape(
-                "coupling",
-                format!("built for {} channels, got {c}", self.channels),
-            ));
-        }
         Ok(in_shape.to_vec())
     }
 

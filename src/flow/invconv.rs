@@ -14,7 +14,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::{expect_chw, Flow, FlowCtx};
+use super::{expect_channels, Flow, FlowCtx};
 use crate::linalg::{self, Lu};
 use crate::params::{Init, Params};
 use crate::rng::host_tensor;
@@ -173,13 +173,7 @@ impl Flow for InvConv1x1 {
     }
 
     fn out_shape(&self, in_shape: &[usize]) -> Result<Vec<usize>> {
-        let (c, _, _) = expect_chw("invconv", in_shape)?;
-        if c != self.channels {
-            return Err(Error::shape(
-                "invconv",
-                format!("built for {} channels, got {c}", self.channels),
-            ));
-        }
+        expect_channels("invconv", in_shape, self.channels)?;
         Ok(in_shape.to_vec())
     }
 

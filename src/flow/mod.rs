@@ -128,6 +128,22 @@ pub(crate) fn expect_chw(layer: &str, shape: &[usize]) -> Result<(usize, usize, 
     }
 }
 
+/// Checks that a `[C, H, W]` shape has the `channels` a layer was built for.
+pub(crate) fn expect_channels(
+    layer: &str,
+    shape: &[usize],
+    channels: usize,
+) -> Result<(usize, usize, usize)> {
+    let (c, h, w) = expect_chw(layer, shape)?;
+    if c != channels {
+        return Err(crate::Error::shape(
+            layer,
+            format!("built for {channels} channels, got {c}"),
+        ));
+    }
+    Ok((c, h, w))
+}
+
 /// log N(z; 0, 1) per element.
 pub(crate) fn std_normal_log_density(z: &Tensor) -> Result<Tensor> {
     let half_log_2pi = 0.5 * (2.0 * std::f64::consts::PI).ln();

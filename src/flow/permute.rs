@@ -7,9 +7,9 @@
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::{expect_chw, Flow, FlowCtx};
+use super::{expect_channels, Flow, FlowCtx};
 use crate::params::{Init, Params};
-use crate::{Error, Result};
+use crate::Result;
 
 /// Which permutation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,13 +70,7 @@ impl Flow for Permute {
     }
 
     fn out_shape(&self, in_shape: &[usize]) -> Result<Vec<usize>> {
-        let (c, _, _) = expect_chw("permute", in_shape)?;
-        if c != self.channels {
-            return Err(Error::shape(
-                "permute",
-                format!("built for {} channels, got {c}", self.channels),
-            ));
-        }
+        expect_channels("permute", in_shape, self.channels)?;
         Ok(in_shape.to_vec())
     }
 

@@ -13,7 +13,9 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{expect_chw, std_normal_log_density, sum_per_sample, Flow, FlowCtx, Latents};
+use super::{
+    expect_channels, expect_chw, std_normal_log_density, sum_per_sample, Flow, FlowCtx, Latents,
+};
 use crate::nets::Conv2d;
 use crate::params::Params;
 use crate::{Error, Result};
@@ -95,12 +97,7 @@ impl Flow for Split {
     fn out_shape(&self, in_shape: &[usize]) -> Result<Vec<usize>> {
         let (c, h, w) = expect_chw("split", in_shape)?;
         Self::check(c)?;
-        if c != self.channels {
-            return Err(Error::shape(
-                "split",
-                format!("built for {} channels, got {c}", self.channels),
-            ));
-        }
+        expect_channels("split", in_shape, self.channels)?;
         Ok(vec![c / 2, h, w])
     }
 
