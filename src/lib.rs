@@ -13,6 +13,7 @@
 //! - [`testing`]: numerical checkers (round trip, brute-force Jacobian log-determinant)
 //!   shared by the unit and integration tests.
 
+pub mod bench;
 pub mod build;
 pub mod data;
 pub mod error;

@@ -36,7 +36,7 @@ sweep:
 fn help_lists_the_commands() {
     let (code, out, _) = flowlab(&["--help"]);
     assert_eq!(code, 0);
-    for c in ["run", "check", "compare", "sample"] {
+    for c in ["run", "check", "compare", "sample", "bench"] {
         assert!(out.contains(c), "{out}");
     }
     let (code, out, _) = flowlab(&["run", "--help"]);
@@ -186,4 +186,46 @@ fn killed_sweep_resumes_without_redoing_or_losing_runs_then_compare_and_sample()
         "{msg}"
     );
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+}
+
+#[test]
+fn bench_prints_one_json_object_per_variant() {
+    let (code, out, err) = flowlab(&[
+        "bench",
+        "experiments/ci_small.yaml",
+        "--batch",
+        "4",
+        "--steps",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for v in &lines {
+        for k in [
+            "variant",
+            "batch",
+            "fwd_ms",
+            "bwd_ms",
+            "opt_ms",
+            "step_ms",
+            "imgs_per_s",
+            "infer_ms",
+            "sample_ms",
+            "params",
+            "gflop_per_step",
+            "gflops",
+            "peak_rss_mb",
+        ] {
+            assert!(v.get(k).is_some(), "missing {k} in {v}");
+        }
+        assert_eq!(v["batch"], 4);
+        assert!(
+            v["step_ms"].as_f64().unwrap() > 0.0 && v["gflop_per_step"].as_f64().unwrap() > 0.0
+        );
+    }
 }

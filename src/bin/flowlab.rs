@@ -35,6 +35,24 @@ enum Command {
     Compare(CompareArgs),
     /// Draw samples from a trained run.
     Sample(SampleArgs),
+    /// Time the training step (forward, backward, optimizer), inference and sampling of
+    /// each variant on random batches; FLOPs from the graph; peak memory.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// Batch size (default: the spec's).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Timed steps (after 2 warm-up steps).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// One JSON object per variant per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -135,6 +153,7 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd_check(a),
         Command::Compare(a) => cmd_compare(a),
         Command::Sample(a) => cmd_sample(a),
+        Command::Bench(a) => cmd_bench(a),
     };
     match result {
         Ok(code) => code,
@@ -403,5 +422,30 @@ fn cmd_sample(a: SampleArgs) -> Result<ExitCode> {
         a.temperature,
         a.output.display()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
+    let (_, runs) = load_runs(&a.spec)?;
+    let mut seen = std::collections::HashSet::new();
+    if !a.json {
+        say!("variant  batch  fwd ms  bwd ms  opt ms  step ms  img/s  infer ms  sample ms  params  GFLOP/step  GFLOP/s  peak RSS MB  RSS growth MB");
+    }
+    for run in runs
+        .iter()
+        .filter(|r| seen.insert(r.config.variant.clone()))
+    {
+        let dev = runner::device(&run.config.device)?;
+        let batch = a.batch.unwrap_or(run.config.data.batch_size);
+        let r = flowlab::bench::bench_run(run, batch, 2, a.steps.max(1), &dev)?;
+        if a.json {
+            say!("{}", serde_json::to_string(&r)?);
+        } else {
+            say!(
+                "{}  {}  {:.1}  {:.1}  {:.1}  {:.1}  {:.1}  {:.1}  {:.1}  {}  {:.3}  {:.2}  {:.0}  {:.1}",
+                r.variant, r.batch, r.fwd_ms, r.bwd_ms, r.opt_ms, r.step_ms, r.imgs_per_s, r.infer_ms, r.sample_ms, r.params, r.gflop_per_step, r.gflops, r.peak_rss_mb, r.rss_growth_mb
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,208 @@
+//! `flowlab bench`: per-variant timing of the training step and of inference/sampling,
+//! FLOPs from the layer plan, and memory.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+
+use crate::build::build_model;
+use crate::flow::coupling::{CouplingKind, Partition};
+use crate::flow::FlowCtx;
+use crate::nets::{NetArch, NetConfig};
+use crate::rng::Rng;
+use crate::spec::{ModelPlan, PlannedLayer, PlannedOp, Run};
+use crate::train::{optim, Adam};
+use crate::Result;
+
+/// One line of `flowlab bench --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRow {
+    pub variant: String,
+    pub batch: usize,
+    pub fwd_ms: f64,
+    pub bwd_ms: f64,
+    pub opt_ms: f64,
+    pub step_ms: f64,
+    pub imgs_per_s: f64,
+    pub infer_ms: f64,
+    pub sample_ms: f64,
+    pub params: usize,
+    pub gflop_per_step: f64,
+    pub gflops: f64,
+    pub peak_rss_mb: f64,
+    /// RSS after the last timed step minus after the first (MB); ~0 means no growth.
+    pub rss_growth_mb: f64,
+}
+
+/// Multiply-accumulates of a k×k "same" convolution at h×w.
+fn conv_macs(c_in: usize, c_out: usize, k: usize, hw: usize) -> f64 {
+    (c_in * c_out * k * k * hw) as f64
+}
+
+fn net_macs(net: &NetConfig, c_in: usize, c_out: usize, hw: usize) -> f64 {
+    let h = net.hidden;
+    match net.arch {
+        NetArch::Gated => {
+            conv_macs(c_in, h, 3, hw)
+                + net.layers as f64 * (conv_macs(2 * h, h, 3, hw) + conv_macs(2 * h, 2 * h, 1, hw))
+                + conv_macs(2 * h, c_out, 3, hw)
+        }
+        NetArch::Glow => {
+            conv_macs(c_in, h, 3, hw) + conv_macs(h, h, 1, hw) + conv_macs(h, c_out, 3, hw)
+        }
+    }
+}
+
+fn layer_macs(l: &PlannedLayer) -> f64 {
+    let [c, h, w] = l.in_shape;
+    let hw = h * w;
+    match &l.op {
+        PlannedOp::Coupling(cfg) => {
+            let (net_in, c_t) = match cfg.partition {
+                Partition::Checkerboard | Partition::Channel => (c, c),
+                Partition::Split => {
+                    let first = c / 2;
+                    if cfg.invert {
+                        (c - first, first)
+                    } else {
+                        (first, c - first)
+                    }
+                }
+            };
+            let out = if cfg.kind == CouplingKind::Affine {
+                2 * c_t
+            } else {
+                c_t
+            };
+            net_macs(&cfg.net, net_in + cfg.cond_channels, out, hw)
+        }
+        PlannedOp::InvConv(_) => (c * c * hw) as f64,
+        PlannedOp::Split(crate::flow::split::SplitPrior::Learned) => conv_macs(c / 2, c, 3, hw),
+        _ => 0.0,
+    }
+}
+
+/// Forward FLOPs per image (2 per multiply-accumulate; convolutions and 1×1 mixes only).
+pub fn flops_per_image(plan: &ModelPlan) -> f64 {
+    let noise = plan.dequant_noise.iter().flatten();
+    2.0 * noise.chain(&plan.layers).map(layer_macs).sum::<f64>()
+}
+
+/// Resident set size (current, peak) in MB from /proc (0 where unavailable).
+pub fn rss_mb() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(0.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn ms_since(t: Instant, dev: &Device) -> Result<f64> {
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Times `steps` training steps (after `warmup` untimed ones) of a run's model on random
+/// pixel batches of size `batch`, plus inference and sampling of one batch.
+pub fn bench_run(
+    run: &Run,
+    batch: usize,
+    warmup: usize,
+    steps: usize,
+    dev: &Device,
+) -> Result<BenchRow> {
+    let model = build_model(&run.plan, 0, DType::F32, dev)?;
+    let mut opt = Adam::new(
+        model.store().named_vars(),
+        run.config.train.optimizer,
+        run.config.train.weight_decay,
+    )?;
+    let mut rng = Rng::new(0);
+    let mut shape = vec![batch];
+    shape.extend(run.plan.data_shape);
+    let x = rng.uniform(&shape, 0.0, 256.0, DType::F32, dev)?.floor()?;
+    let (mut fwd, mut bwd, mut upd, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..warmup + steps {
+        let t = Instant::now();
+        let loss = model.bpd(&x, &mut FlowCtx::new(i as u64))?.mean_all()?;
+        let f = ms_since(t, dev)?;
+        let t = Instant::now();
+        let grads = loss.backward()?;
+        let b = ms_since(t, dev)?;
+        let t = Instant::now();
+        let norm = opt.grad_norm(&grads)?;
+        opt.step(
+            &grads,
+            1e-4,
+            optim::clip_scale(norm, run.config.train.grad_clip),
+        )?;
+        let o = ms_since(t, dev)?;
+        if i >= warmup {
+            fwd.push(f);
+            bwd.push(b);
+            upd.push(o);
+            rss.push(rss_mb().0);
+        }
+    }
+    let step: Vec<f64> = (0..fwd.len()).map(|i| fwd[i] + bwd[i] + upd[i]).collect();
+    let step_ms = median(step);
+    let mut infer = Vec::new();
+    let mut sample = Vec::new();
+    for i in 0..3 {
+        let t = Instant::now();
+        model.bpd(&x, &mut FlowCtx::new(i))?.detach();
+        infer.push(ms_since(t, dev)?);
+        let t = Instant::now();
+        model.sample(batch, 1.0, &mut FlowCtx::new(i))?;
+        sample.push(ms_since(t, dev)?);
+    }
+    let gflop = 3.0 * flops_per_image(&run.plan) * batch as f64 / 1e9;
+    Ok(BenchRow {
+        variant: run.config.variant.clone(),
+        batch,
+        fwd_ms: median(fwd),
+        bwd_ms: median(bwd),
+        opt_ms: median(upd),
+        step_ms,
+        imgs_per_s: batch as f64 / (step_ms / 1e3),
+        infer_ms: median(infer),
+        sample_ms: median(sample),
+        params: model.num_params(),
+        gflop_per_step: gflop,
+        gflops: gflop / (step_ms / 1e3),
+        peak_rss_mb: rss_mb().1,
+        rss_growth_mb: rss.last().copied().unwrap_or(0.0) - rss.first().copied().unwrap_or(0.0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tutorial_coupling_flops_by_hand() {
+        // One checkerboard coupling, GatedConvNet(1→32→2, 3 blocks) at 28×28:
+        // MACs = hw·(1·32·9 + 3·(64·32·9 + 64·64) + 64·2·9).
+        let text = "data: {dataset: mnist}\ntrain: {steps: 1}\nmodels:\n  a:\n    layers: [{type: coupling, mask: checkerboard}]\n";
+        let exp = crate::spec::Experiment::from_text(text, "t", "t", &[]).unwrap();
+        let runs = exp.runs(&[], &crate::data::builtin_shape).unwrap();
+        let macs = 784.0 * (288.0 + 3.0 * (18432.0 + 4096.0) + 1152.0);
+        assert_eq!(flops_per_image(&runs[0].plan), 2.0 * macs);
+    }
+}
