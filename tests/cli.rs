@@ -159,6 +159,22 @@ fn killed_sweep_resumes_without_redoing_or_losing_runs_then_compare_and_sample()
         "{table}"
     );
     assert!(out.join("clitest/bpd_vs_step.png").is_file());
+    // `--by seed` finds the swept column `train.seed`.
+    let (code, table, err) = flowlab(&[
+        "compare",
+        out.join("clitest").to_str().unwrap(),
+        "--by",
+        "variant,seed",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.starts_with("a ") || l.starts_with("b "))
+            .count(),
+        4,
+        "{table}"
+    );
     let (code, _, err) = flowlab(&["compare", out.to_str().unwrap(), "--max-metric", "0.01"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("above 0.01"), "{err}");

@@ -233,12 +233,17 @@ fn fashion_mnist_from_debian_package() {
             "FLOWLAB_REQUIRE_FASHION is set but {} is missing",
             dir.display()
         );
+        // It falls back to the hub: offline, with an empty cache, never the internet.
+        let home = tempfile::tempdir().unwrap();
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+        std::env::set_var("HF_HOME", home.path());
         let e = data::load_parts(&spec("{dataset: fashion_mnist}"))
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("looked in /usr/share/datasets/fashion-mnist")
-                && e.contains("apt-get install dataset-fashion-mnist"),
+                && e.contains("apt-get install dataset-fashion-mnist")
+                && e.contains("hf://zalando-datasets/fashion_mnist"),
             "{e}"
         );
         eprintln!("dataset-fashion-mnist is not installed: checked the error message only");

@@ -92,6 +92,29 @@ fn mean_std(v: &[f64]) -> (Option<f64>, Option<f64>) {
     (Some(m), s)
 }
 
+/// A `--by` name: an exact column, else the one column having it as a dotted path segment
+/// (`coupling` → `model.coupling.kind`, `lr` → `train.lr`).
+fn group_column<'a>(df: &'a DataFrame, name: &str, path: &Path) -> Result<&'a Column> {
+    if let Ok(c) = df.column(name) {
+        return Ok(c);
+    }
+    let hits: Vec<String> = df
+        .get_column_names()
+        .iter()
+        .map(|s| s.to_string())
+        .filter(|c| c.split('.').any(|seg| seg == name))
+        .collect();
+    match hits.as_slice() {
+        [one] => column(df, one, path),
+        [] => column(df, name, path),
+        many => Err(Error::Data(format!(
+            "{}: '{name}' matches several columns: {}",
+            path.display(),
+            many.join(", ")
+        ))),
+    }
+}
+
 /// Groups the runs of `df` by `by` and summarises `metric` over finished runs.
 pub fn summarise(
     df: &DataFrame,
@@ -101,7 +124,7 @@ pub fn summarise(
 ) -> Result<Vec<CompareRow>> {
     let keys: Vec<&Column> = by
         .iter()
-        .map(|b| column(df, b, path))
+        .map(|b| group_column(df, b, path))
         .collect::<Result<_>>()?;
     let metric_v = numbers(column(df, metric, path)?)?;
     let status = column(df, "status", path)?;
@@ -349,4 +372,55 @@ pub fn plot_curves(curves: &DataFrame, path: &Path, title: &str) -> Result<Canva
 /// Reads the table and returns it (for tests and the CLI).
 pub fn load(path: &Path) -> Result<DataFrame> {
     read_parquet(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use polars::prelude::{IntoColumn, NamedFrom, Series};
+
+    #[test]
+    fn by_names_resolve_to_path_segments_and_summaries_use_done_runs_only() {
+        let df = DataFrame::new(
+            4,
+            vec![
+                Series::new("variant".into(), ["g", "g", "g", "r"]).into_column(),
+                Series::new(
+                    "model.coupling.kind".into(),
+                    ["affine", "affine", "additive", "affine"],
+                )
+                .into_column(),
+                Series::new("train.lr".into(), [1e-3, 1e-3, 1e-3, 1e-3]).into_column(),
+                Series::new("status".into(), ["done", "done", "done", "diverged"]).into_column(),
+                Series::new("test_bpd".into(), [1.0, 2.0, 3.0, f64::NAN]).into_column(),
+                Series::new("params".into(), [10u64, 10, 10, 20]).into_column(),
+                Series::new("train_imgs_per_s".into(), [5.0, 7.0, 6.0, 1.0]).into_column(),
+            ],
+        )
+        .unwrap();
+        let p = Path::new("t.parquet");
+        let rows = summarise(&df, p, &["variant".into(), "coupling".into()], "test_bpd").unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].key, vec!["g", "affine"]);
+        assert_eq!(
+            (rows[0].n_runs, rows[0].n_done, rows[0].mean),
+            (2, 2, Some(1.5))
+        );
+        assert!((rows[0].std.unwrap() - 0.5f64.sqrt()).abs() < 1e-12);
+        assert_eq!((rows[2].n_runs, rows[2].n_done, rows[2].mean), (1, 0, None));
+        assert!(summarise(&df, p, &["nope".into()], "test_bpd")
+            .unwrap_err()
+            .to_string()
+            .contains("no column 'nope'"));
+        let md = render(
+            &rows,
+            &["variant".into(), "coupling".into()],
+            "test_bpd",
+            true,
+        );
+        assert!(
+            md.contains("| g       | affine   | 1.5000 ± 0.7071"),
+            "{md}"
+        );
+    }
 }
