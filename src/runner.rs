@@ -107,11 +107,12 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
             "  {prefix} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}",
         ));
         step_bar.set_prefix(run.name.clone());
-        let row = match execute(run, &dir, &mut data_cache, &step_bar) {
-            Ok(row) => row,
+        let (row, curves) = match execute(run, &dir, &mut data_cache, &step_bar) {
+            Ok(done) => done,
             Err(e) => {
                 tracing::warn!(run = %run.name, error = %e, "run failed");
-                failed_row(run, &e.to_string())
+                // Whatever the run logged before failing, from its last checkpoint.
+                (failed_row(run, &e.to_string()), read_curves(&dir))
             }
         };
         step_bar.finish_and_clear();
@@ -124,7 +125,6 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
             Status::Diverged => summary.diverged += 1,
             Status::Failed => summary.failed += 1,
         }
-        let curves = read_curves(&dir);
         tracing::info!(run = %run.name, status = row.status.as_str(), test_bpd = ?row.test_bpd, "finished");
         results::write_record(&dir, &RunRecord { row, curves })?;
         results::write_tables(&exp_dir)?;
@@ -224,12 +224,13 @@ pub fn save_samples(
     png::image_grid(&to_bytes(&x)?, n, [s[0], s[1], s[2]], scale).save(path)
 }
 
+/// Trains and evaluates one run; returns its row and its training curves.
 fn execute(
     run: &Run,
     dir: &Path,
     cache: &mut HashMap<String, Splits>,
     bar: &ProgressBar,
-) -> Result<RunRow> {
+) -> Result<(RunRow, Vec<train::CurvePoint>)> {
     let c = &run.config;
     let dev = device(&c.device)?;
     let key = serde_json::to_string(&c.data).unwrap_or_default();
@@ -275,7 +276,7 @@ fn execute(
         row.status = Status::Diverged;
         row.status_step = Some(*step as u64);
         row.status_reason = Some(reason.clone());
-        return Ok(row);
+        return Ok((row, report.curves));
     }
     bar.set_message("evaluating test bpd".to_string());
     let seed = c.train.seed;
@@ -312,5 +313,5 @@ fn execute(
             &dir.join(format!("samples-t{t}.png")),
         )?;
     }
-    Ok(row)
+    Ok((row, report.curves))
 }

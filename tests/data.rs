@@ -1,7 +1,6 @@
 //! Datasets: embedded MNIST checksums, splits, corrupt IDX files, PNG folders, parquet
 //! files, Fashion-MNIST from Debian's package.
 
-use std::io::Write;
 use std::path::Path;
 
 use flowlab::data::{self, idx, mnist, sources};
@@ -68,6 +67,22 @@ fn default_split_is_50k_10k_deterministic_and_subsets_downscale_classes_apply() 
         .all(|&l| l == 3 || l == 7));
 }
 
+/// Writes raw IDX image and label files for both MNIST parts into `d`.
+fn write_idx_folder(d: &Path, images: &idx::IdxArray, labels: &idx::IdxArray) {
+    for part in ["train", "t10k"] {
+        std::fs::write(
+            d.join(format!("{part}-images-idx3-ubyte")),
+            idx::encode(images),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join(format!("{part}-labels-idx1-ubyte")),
+            idx::encode(labels),
+        )
+        .unwrap();
+    }
+}
+
 #[test]
 fn corrupt_and_mismatched_idx_folders_give_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -80,18 +95,7 @@ fn corrupt_and_mismatched_idx_folders_give_clear_errors() {
         dims: vec![2],
         data: vec![1, 2],
     };
-    for part in ["train", "t10k"] {
-        std::fs::write(
-            d.join(format!("{part}-images-idx3-ubyte")),
-            idx::encode(&images),
-        )
-        .unwrap();
-        std::fs::write(
-            d.join(format!("{part}-labels-idx1-ubyte")),
-            idx::encode(&labels),
-        )
-        .unwrap();
-    }
+    write_idx_folder(d, &images, &labels);
     let e = mnist::from_dir("mine", d, mnist::Part::Train)
         .unwrap_err()
         .to_string();
@@ -121,18 +125,7 @@ fn corrupt_and_mismatched_idx_folders_give_clear_errors() {
         dims: vec![3],
         data: vec![1, 2, 3],
     };
-    for part in ["train", "t10k"] {
-        std::fs::write(
-            d.join(format!("{part}-images-idx3-ubyte")),
-            idx::encode(&images),
-        )
-        .unwrap();
-        std::fs::write(
-            d.join(format!("{part}-labels-idx1-ubyte")),
-            idx::encode(&labels3),
-        )
-        .unwrap();
-    }
+    write_idx_folder(d, &images, &labels3);
     let (tr, te) = sources::load("mine", d.to_str().unwrap()).unwrap();
     assert_eq!((tr.len(), te.len(), tr.shape), (3, 3, [1, 2, 2]));
 }
@@ -255,5 +248,4 @@ fn fashion_mnist_from_debian_package() {
         (60_000, 10_000, [1, 28, 28])
     );
     assert!(tr.labels.iter().all(|&l| l < 10));
-    let _ = std::io::stderr().flush();
 }

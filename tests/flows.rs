@@ -2,7 +2,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use common::*;
 use flowlab::flow::actnorm::ActNorm;
 use flowlab::flow::coupling::{CouplingKind, Partition, ScaleBound};
@@ -290,5 +290,4 @@ fn same_seed_same_model_and_bpd() {
     };
     assert_eq!(run(3), run(3));
     assert_ne!(run(3), run(4));
-    let _ = DType::F32;
 }

@@ -107,10 +107,9 @@ impl Adam {
     /// The state as named tensors (`optim.m.<var>`, `optim.v.<var>`, `optim.step`).
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for (i, (name, var)) in self.vars.iter().enumerate() {
+        for (i, (name, _)) in self.vars.iter().enumerate() {
             out.insert(format!("optim.m.{name}"), self.m[i].clone());
             out.insert(format!("optim.v.{name}"), self.v[i].clone());
-            let _ = var;
         }
         out.insert(
             "optim.step".into(),
@@ -164,7 +163,7 @@ pub fn learning_rate(base: f64, step: usize, epoch: usize, warmup: usize, decay:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     #[test]
     fn adam_minimises_a_quadratic_and_matches_a_hand_step() {
@@ -214,6 +213,5 @@ mod tests {
         );
         assert!((learning_rate(1.0, 0, 0, 10, 0.9) - 0.1).abs() < 1e-12);
         assert!((learning_rate(1.0, 50, 2, 10, 0.9) - 0.81).abs() < 1e-12);
-        let _ = DType::F64;
     }
 }
