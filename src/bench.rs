@@ -20,6 +20,10 @@ use crate::Result;
 pub struct BenchRow {
     pub variant: String,
     pub batch: usize,
+    /// `fast` (flowlab's CPU kernels) or `candle` (stock ops); see [`crate::kernels`].
+    pub kernels: String,
+    /// Worker threads (rayon's pool: `RAYON_NUM_THREADS`, default = logical cores).
+    pub threads: usize,
     pub fwd_ms: f64,
     pub bwd_ms: f64,
     pub opt_ms: f64,
@@ -176,6 +180,12 @@ pub fn bench_run(
     Ok(BenchRow {
         variant: run.config.variant.clone(),
         batch,
+        kernels: match crate::kernels::kernels() {
+            crate::kernels::Kernels::Fast => "fast",
+            crate::kernels::Kernels::Candle => "candle",
+        }
+        .into(),
+        threads: rayon::current_num_threads(),
         fwd_ms: median(fwd),
         bwd_ms: median(bwd),
         opt_ms: median(upd),

@@ -18,6 +18,7 @@ pub mod build;
 pub mod data;
 pub mod error;
 pub mod flow;
+pub mod kernels;
 pub mod linalg;
 pub mod nets;
 pub mod params;

@@ -53,6 +53,16 @@ struct BenchArgs {
     /// One JSON object per variant per line.
     #[arg(long)]
     json: bool,
+    /// Kernels for the conv/elementwise hot ops: flowlab's fused CPU kernels, or candle's
+    /// stock ops (to measure the difference).
+    #[arg(long, value_enum, default_value_t = KernelChoice::Fast)]
+    kernels: KernelChoice,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum KernelChoice {
+    Fast,
+    Candle,
 }
 
 #[derive(Args)]
@@ -148,6 +158,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    flowlab::kernels::tune_allocator();
     let result = match cli.command {
         Command::Run(a) => cmd_run(a),
         Command::Check(a) => cmd_check(a),
@@ -427,6 +438,10 @@ fn cmd_sample(a: SampleArgs) -> Result<ExitCode> {
 
 fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
     let (_, runs) = load_runs(&a.spec)?;
+    flowlab::kernels::set_kernels(match a.kernels {
+        KernelChoice::Fast => flowlab::kernels::Kernels::Fast,
+        KernelChoice::Candle => flowlab::kernels::Kernels::Candle,
+    });
     let mut seen = std::collections::HashSet::new();
     if !a.json {
         say!("variant  batch  fwd ms  bwd ms  opt ms  step ms  img/s  infer ms  sample ms  params  GFLOP/step  GFLOP/s  peak RSS MB  RSS growth MB");

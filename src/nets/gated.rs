@@ -17,12 +17,13 @@ use crate::Result;
 
 /// ConcatELU: `[B, C, H, W] → [B, 2C, H, W]`, `[elu(x), elu(−x)]`.
 pub fn concat_elu(x: &Tensor) -> Result<Tensor> {
-    Ok(Tensor::cat(&[x.elu(1.0)?, x.neg()?.elu(1.0)?], 1)?)
+    crate::kernels::concat_elu(x)
 }
 
 /// LayerNorm over the channel axis of `[B, C, H, W]` (per pixel), with affine weight and bias.
 ///
-/// Written from differentiable ops on purpose: candle-nn's fused LayerNorm has no backward.
+/// The normalisation is flowlab's fused kernel (with its own backward) on CPU and composed
+/// candle ops elsewhere; candle-nn's fused LayerNorm is avoided because it has no backward.
 #[derive(Debug, Clone)]
 pub struct LayerNormChannels {
     weight: Tensor,
@@ -46,11 +47,7 @@ impl LayerNormChannels {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        crate::kernels::layer_norm_channels(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -72,10 +69,7 @@ impl GatedConv {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.conv.forward(&concat_elu(x)?)?;
         let out = self.gate.forward(&concat_elu(&h)?)?;
-        let c = x.dim(1)?;
-        let val = out.narrow(1, 0, c)?;
-        let gate = out.narrow(1, c, c)?;
-        Ok((x + (val * candle_nn::ops::sigmoid(&gate)?)?)?)
+        crate::kernels::gate(x, &out)
     }
 }
 
