@@ -74,10 +74,10 @@ fn layer_macs(l: &PlannedLayer) -> f64 {
                     }
                 }
             };
-            let out = if cfg.kind == CouplingKind::Affine {
-                2 * c_t
-            } else {
-                c_t
+            let out = match cfg.kind {
+                CouplingKind::Affine => 2 * c_t,
+                CouplingKind::Additive => c_t,
+                CouplingKind::Spline => crate::flow::spline::params_per_element(cfg.bins) * c_t,
             };
             net_macs(&cfg.net, net_in + cfg.cond_channels, out, hw)
         }

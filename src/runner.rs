@@ -179,6 +179,7 @@ fn base_row(run: &Run, status: Status) -> RunRow {
                 )
             })
             .collect(),
+        importance_study: Vec::new(),
     }
 }
 
@@ -222,6 +223,27 @@ pub fn save_samples(
     let s = model.data_shape();
     let scale = if s[1] <= 16 { 4 } else { 2 };
     png::image_grid(&to_bytes(&x)?, n, [s[0], s[1], s[2]], scale).save(path)
+}
+
+/// Saves a temperature study: one row of `n` samples per temperature, every row decoded
+/// from the same standard-normal draws (scaled by T), labelled `t=T`.
+pub fn save_temperature_grid(
+    model: &FlowModel,
+    n: usize,
+    temperatures: &[f64],
+    seed: u64,
+    path: &Path,
+) -> Result<()> {
+    let s = model.data_shape();
+    let rows = temperatures
+        .iter()
+        .map(|&t| {
+            let x = model.sample(n, t, &mut FlowCtx::new(seed))?;
+            Ok((format!("t={t}"), to_bytes(&x)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let scale = if s[1] <= 16 { 4 } else { 2 };
+    png::labelled_rows(&rows, n, [s[0], s[1], s[2]], scale).save(path)
 }
 
 /// Trains and evaluates one run; returns its row and its training curves.
@@ -294,6 +316,17 @@ fn execute(
         c.eval.importance_samples,
         derive_seed(seed, streams::TEST, 0),
     )?);
+    for (i, &k) in c.eval.importance_study.iter().enumerate() {
+        bar.set_message(format!("importance study: K = {k}"));
+        let bpd = train::eval::mean_bpd(
+            &model,
+            &test_l,
+            &test_l.ordered(),
+            k,
+            derive_seed(seed, streams::TEST, 1 + i as u64),
+        )?;
+        row.importance_study.push((k as u64, bpd));
+    }
     let eval_batch: Vec<usize> = (0..c.data.eval_batch_size.min(test_l.len())).collect();
     let (xb, _) = test_l.batch(&eval_batch)?;
     row.infer_ms_per_batch = Some(time_ms(3, || {
@@ -311,6 +344,15 @@ fn execute(
             t,
             derive_seed(seed, streams::SAMPLE, 0),
             &dir.join(format!("samples-t{t}.png")),
+        )?;
+    }
+    if c.eval.temperatures.len() > 1 {
+        save_temperature_grid(
+            &model,
+            c.eval.n_samples.min(10),
+            &c.eval.temperatures,
+            derive_seed(seed, streams::SAMPLE, 1),
+            &dir.join("samples-temperatures.png"),
         )?;
     }
     Ok((row, report.curves))

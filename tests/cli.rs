@@ -245,3 +245,64 @@ fn bench_prints_one_json_object_per_variant() {
         );
     }
 }
+
+#[test]
+fn spline_run_with_temperature_grid_and_importance_study() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("spline.yaml");
+    std::fs::write(
+        &spec,
+        "
+name: splinetest
+data: {dataset: mnist, downscale: 4, batch_size: 32, eval_batch_size: 64, val_size: 64, train_subset: 256, test_subset: 64}
+train: {steps: 6, eval_every: 3, log_every: 3}
+eval: {importance_samples: 2, n_samples: 4, temperatures: [0.0, 1.0], importance_study: [1, 3]}
+models:
+  spline:
+    coupling: {kind: spline, bins: 4, bound: 3.0, net: {hidden: 4, layers: 1}}
+    layers: [{type: repeat, times: 2, layers: [{type: coupling, mask: checkerboard}]}]
+",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let (code, _, err) = flowlab(&[
+        "run",
+        spec.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, table, err) = flowlab(&["compare", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains("importance samples") && table.contains("K=1") && table.contains("K=3"),
+        "{table}"
+    );
+    let run_dir = std::fs::read_dir(out.join("splinetest/runs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(run_dir.join("samples-temperatures.png").is_file());
+    let png = dir.path().join("grid.png");
+    let (code, msg, err) = flowlab(&[
+        "sample",
+        run_dir.to_str().unwrap(),
+        "-n",
+        "3",
+        "-t",
+        "0,0.5,1",
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(msg.contains("3 samples per temperature"), "{msg}");
+    let ([_, h, _], _) =
+        flowlab::results::png::decode(&std::fs::read(&png).unwrap(), "grid").unwrap();
+    // Three rows of 7×7 images at scale 4 with 2-px gaps.
+    assert_eq!(h, 3 * (7 * 4 + 2) + 2);
+    let (code, _, err) = flowlab(&["sample", run_dir.to_str().unwrap(), "--temperature=-1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("temperature must be"), "{err}");
+}

@@ -123,9 +123,16 @@ struct SampleArgs {
     /// Number of images.
     #[arg(long, short, default_value_t = 64)]
     n: usize,
-    /// Sampling temperature (0 = the mode of every latent).
-    #[arg(long, short, default_value_t = 0.7)]
-    temperature: f64,
+    /// Sampling temperature(s) (0 = the mode of every latent). Several
+    /// (`-t 0,0.5,0.7,0.85,1`) write a temperature study: one labelled row of `n` images
+    /// per temperature, all decoded from the same noise.
+    #[arg(
+        long = "temperature",
+        short,
+        value_delimiter = ',',
+        default_value = "0.7"
+    )]
+    temperatures: Vec<f64>,
     /// Random seed of the latents.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -353,6 +360,9 @@ fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
             .unwrap_or_default();
         say!("## {name} ({} runs)\n", df.height());
         say!("{}\n", compare::render(&rows, &a.by, &a.metric, a.markdown));
+        if let Some(t) = compare::importance_table(&df, t, &a.by, a.markdown)? {
+            say!("test bpd vs importance samples K (eval.importance_study):\n{t}\n");
+        }
         let curves_path = exp_dir.join("curves.parquet");
         if curves_path.is_file() {
             let curves = compare::load(&curves_path)?;
@@ -426,13 +436,29 @@ fn cmd_sample(a: SampleArgs) -> Result<ExitCode> {
         );
     }
     let (step, _) = flowlab::train::load_checkpoint(&model, None, &ckpt)?;
-    runner::save_samples(&model, a.n, a.temperature, a.seed, &a.output)?;
-    say!(
-        "{} samples at temperature {} from step {step} → {}",
-        a.n,
-        a.temperature,
-        a.output.display()
-    );
+    if let Some(bad) = a
+        .temperatures
+        .iter()
+        .find(|t| !(t.is_finite() && **t >= 0.0))
+    {
+        bail!("temperature must be a finite number ≥ 0, got {bad}");
+    }
+    if let [t] = a.temperatures[..] {
+        runner::save_samples(&model, a.n, t, a.seed, &a.output)?;
+        say!(
+            "{} samples at temperature {t} from step {step} → {}",
+            a.n,
+            a.output.display()
+        );
+    } else {
+        runner::save_temperature_grid(&model, a.n, &a.temperatures, a.seed, &a.output)?;
+        say!(
+            "{} samples per temperature at {:?} from step {step} → {}",
+            a.n,
+            a.temperatures,
+            a.output.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

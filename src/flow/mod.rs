@@ -16,6 +16,7 @@ pub mod logit;
 pub mod model;
 pub mod permute;
 pub mod sequential;
+pub mod spline;
 pub mod split;
 pub mod squeeze;
 

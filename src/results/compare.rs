@@ -194,6 +194,53 @@ pub fn render(rows: &[CompareRow], by: &[String], metric: &str, markdown: bool) 
             c
         })
         .collect();
+    table(&head, &body, markdown)
+}
+
+/// Test bpd against the number of importance samples (the `test_bpd_is<K>` columns of
+/// `eval.importance_study`), one row per group, mean ± std over finished runs.
+/// `None` when the table has no such columns.
+pub fn importance_table(
+    df: &DataFrame,
+    path: &Path,
+    by: &[String],
+    markdown: bool,
+) -> Result<Option<String>> {
+    let mut ks: Vec<(u64, String)> = df
+        .get_column_names()
+        .iter()
+        .filter_map(|c| {
+            c.strip_prefix(super::IMPORTANCE_PREFIX)
+                .and_then(|k| k.parse().ok())
+                .map(|k| (k, c.to_string()))
+        })
+        .collect();
+    if ks.is_empty() {
+        return Ok(None);
+    }
+    ks.sort();
+    let per_k: Vec<Vec<CompareRow>> = ks
+        .iter()
+        .map(|(_, c)| summarise(df, path, by, c))
+        .collect::<Result<_>>()?;
+    let mut head: Vec<String> = by.to_vec();
+    head.extend(ks.iter().map(|(k, _)| format!("K={k}")));
+    let body: Vec<Vec<String>> = (0..per_k[0].len())
+        .map(|i| {
+            let mut row = per_k[0][i].key.clone();
+            row.extend(per_k.iter().map(|rows| match (rows[i].mean, rows[i].std) {
+                (Some(m), Some(s)) => format!("{m:.4} ± {s:.4}"),
+                (Some(m), None) => format!("{m:.4}"),
+                _ => "-".into(),
+            }));
+            row
+        })
+        .collect();
+    Ok(Some(table(&head, &body, markdown)))
+}
+
+/// Aligns a header and rows for a terminal, or as a GitHub markdown table.
+fn table(head: &[String], body: &[Vec<String>], markdown: bool) -> String {
     let widths: Vec<usize> = (0..head.len())
         .map(|j| {
             std::iter::once(&head[j])
@@ -215,7 +262,7 @@ pub fn render(rows: &[CompareRow], by: &[String], metric: &str, markdown: bool) 
             padded.join("  ").trim_end().to_string()
         }
     };
-    let mut out = vec![line(&head)];
+    let mut out = vec![line(head)];
     if markdown {
         out.push(format!(
             "|{}|",

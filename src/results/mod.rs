@@ -69,6 +69,10 @@ pub struct RunRow {
     pub git_rev: Option<String>,
     /// Swept parameters (run-relative path → value), each its own column in the table.
     pub swept: Vec<(String, serde_json::Value)>,
+    /// (K, test bpd with K importance samples) of `eval.importance_study`; column
+    /// `test_bpd_is<K>` each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub importance_study: Vec<(u64, f64)>,
 }
 
 /// One row of `curves.parquet`.
@@ -201,6 +205,9 @@ fn swept_column(name: &str, vals: &[Option<&serde_json::Value>]) -> Column {
     }
 }
 
+/// Column-name prefix of the importance-sample study (`test_bpd_is16`).
+pub const IMPORTANCE_PREFIX: &str = "test_bpd_is";
+
 /// The `runs` table.
 pub fn runs_frame(records: &[RunRecord]) -> Result<DataFrame> {
     let rows: Vec<&RunRow> = records.iter().map(|r| &r.row).collect();
@@ -228,6 +235,24 @@ pub fn runs_frame(records: &[RunRecord]) -> Result<DataFrame> {
             .map(|r| r.swept.iter().find(|(n, _)| n == k).map(|(_, v)| v))
             .collect();
         cols.push(swept_column(k, &vals));
+    }
+    let mut ks: Vec<u64> = rows
+        .iter()
+        .flat_map(|r| r.importance_study.iter().map(|(k, _)| *k))
+        .collect();
+    ks.sort_unstable();
+    ks.dedup();
+    for k in ks {
+        let vals: Vec<Option<f64>> = rows
+            .iter()
+            .map(|r| {
+                r.importance_study
+                    .iter()
+                    .find(|(kk, _)| *kk == k)
+                    .map(|(_, v)| *v)
+            })
+            .collect();
+        cols.push(col(&format!("{IMPORTANCE_PREFIX}{k}"), vals));
     }
     cols.extend([
         col("seed", u(|r| r.seed)),

@@ -72,6 +72,51 @@ impl Canvas {
     }
 }
 
+/// One row of `per_row` images per entry of `rows` (label, image bytes), the label drawn
+/// in the left margin: e.g. the same latents sampled at several temperatures.
+pub fn labelled_rows(
+    rows: &[(String, Vec<u8>)],
+    per_row: usize,
+    shape: [usize; 3],
+    scale: usize,
+) -> Canvas {
+    let [c, h, w] = shape;
+    let (ch, cw) = (h * scale + 2, w * scale + 2);
+    let font = 2;
+    let margin = rows
+        .iter()
+        .map(|(l, _)| super::font::text_width(l, font))
+        .max()
+        .unwrap_or(0) as usize
+        + 6;
+    let mut canvas = Canvas::new(
+        margin + per_row * cw + 2,
+        rows.len().max(1) * ch + 2,
+        [40, 40, 40],
+    );
+    for (r, (label, images)) in rows.iter().enumerate() {
+        let y0 = 2 + r * ch;
+        let ty = y0 as i64 + (h * scale) as i64 / 2 - 5;
+        super::font::draw_text(&mut canvas, label, 3, ty, font, [230, 230, 230]);
+        for i in 0..per_row.min(images.len() / (c * h * w)) {
+            let img = &images[i * c * h * w..(i + 1) * c * h * w];
+            for y in 0..h * scale {
+                for x in 0..w * scale {
+                    let (sy, sx) = (y / scale, x / scale);
+                    let px = |k: usize| img[k * h * w + sy * w + sx];
+                    let rgb = if c >= 3 {
+                        [px(0), px(1), px(2)]
+                    } else {
+                        [px(0); 3]
+                    };
+                    canvas.set((margin + i * cw + x) as i64, (y0 + y) as i64, rgb);
+                }
+            }
+        }
+    }
+    canvas
+}
+
 /// Lays out `n` images `[C, H, W]` (bytes, C = 1 or 3) in a near-square grid with 2-px gaps.
 pub fn image_grid(images: &[u8], n: usize, shape: [usize; 3], scale: usize) -> Canvas {
     let [c, h, w] = shape;

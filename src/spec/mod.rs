@@ -615,6 +615,11 @@ fn check_sections(c: &RunConfig) -> Vec<(String, String)> {
         "must be at least 1".into(),
     );
     need(
+        e.importance_study.iter().all(|&k| k >= 1),
+        "eval.importance_study",
+        "every number of importance samples must be at least 1".into(),
+    );
+    need(
         e.n_samples >= 1,
         "eval.n_samples",
         "must be at least 1".into(),

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::types::{CouplingDefaults, DequantSpec, LayerSpec, ModelSpec};
-use crate::flow::coupling::{CouplingConfig, Partition};
+use crate::flow::coupling::{CouplingConfig, CouplingKind, Partition, DEFAULT_BINS, DEFAULT_BOUND};
 use crate::flow::invconv::InvConvKind;
 use crate::flow::permute::PermuteKind;
 use crate::flow::split::SplitPrior;
@@ -156,9 +156,28 @@ impl Planner<'_> {
                 kind,
                 scale,
                 net,
+                bins,
+                bound,
                 ..
             } => {
                 let net = net.or(self.defaults.net).unwrap_or_default();
+                let kind = kind.or(self.defaults.kind).unwrap_or_default();
+                let bins_set = bins.or(self.defaults.bins);
+                let bound_set = bound.or(self.defaults.bound);
+                if kind == CouplingKind::Spline {
+                    if bins_set.is_some_and(|k| k < 2) {
+                        self.issue(&format!("{path}.bins"), "a spline needs at least 2 bins");
+                    }
+                    if bound_set.is_some_and(|b| !(b.is_finite() && b > 0.0)) {
+                        self.issue(&format!("{path}.bound"), "must be a positive number");
+                    }
+                } else if bins.is_some() || bound.is_some() {
+                    let key = if bins.is_some() { "bins" } else { "bound" };
+                    self.issue(
+                        &format!("{path}.{key}"),
+                        format!("`{key}` only applies to `kind: spline` couplings"),
+                    );
+                }
                 if net.hidden == 0 {
                     self.issue(&format!("{path}.net.hidden"), "must be at least 1");
                 }
@@ -175,10 +194,12 @@ impl Planner<'_> {
                 let cfg = CouplingConfig {
                     partition: *mask,
                     invert: *invert != flip,
-                    kind: kind.or(self.defaults.kind).unwrap_or_default(),
+                    kind,
                     scale: scale.or(self.defaults.scale).unwrap_or_default(),
                     net,
                     cond_channels: self.cond,
+                    bins: bins_set.unwrap_or(DEFAULT_BINS),
+                    bound: bound_set.unwrap_or(DEFAULT_BOUND),
                 };
                 push(PlannedOp::Coupling(cfg), shape, out)
             }

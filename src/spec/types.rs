@@ -175,6 +175,11 @@ pub struct EvalSpec {
     /// Images per sample grid.
     #[serde(default = "d_nsamples")]
     pub n_samples: usize,
+    /// Also report test bpd with each of these numbers of importance samples (e.g.
+    /// `[1, 4, 8, 16]`): columns `test_bpd_is<K>` in runs.parquet, and
+    /// `flowlab compare --importance` tabulates them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub importance_study: Vec<usize>,
 }
 
 /// A model variant.
@@ -196,7 +201,7 @@ pub struct ModelSpec {
 }
 
 /// Model-wide coupling defaults.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CouplingDefaults {
     #[serde(default)]
@@ -205,6 +210,12 @@ pub struct CouplingDefaults {
     pub scale: Option<ScaleBound>,
     #[serde(default)]
     pub net: Option<NetConfig>,
+    /// Spline bins K (`kind: spline`; default 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bins: Option<usize>,
+    /// Spline domain half-width B (`kind: spline`; default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound: Option<f64>,
 }
 
 /// Dequantization.
@@ -247,6 +258,12 @@ pub enum LayerSpec {
         scale: Option<ScaleBound>,
         #[serde(default)]
         net: Option<NetConfig>,
+        /// Spline bins K (`kind: spline`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bins: Option<usize>,
+        /// Spline domain half-width B (`kind: spline`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bound: Option<f64>,
     },
     /// Glow's ActNorm.
     Actnorm {
