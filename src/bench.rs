@@ -8,7 +8,6 @@ use serde::Serialize;
 
 use crate::build::build_model;
 use crate::flow::coupling::{CouplingKind, Partition};
-use crate::flow::FlowCtx;
 use crate::nets::{NetArch, NetConfig};
 use crate::rng::Rng;
 use crate::spec::{ModelPlan, PlannedLayer, PlannedOp, Run};
@@ -144,7 +143,9 @@ pub fn bench_run(
     let (mut fwd, mut bwd, mut upd, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..warmup + steps {
         let t = Instant::now();
-        let loss = model.bpd(&x, &mut FlowCtx::new(i as u64))?.mean_all()?;
+        let loss = model
+            .bpd(&x, &mut model.sample_ctx(i as u64, batch, None)?)?
+            .mean_all()?;
         let f = ms_since(t, dev)?;
         let t = Instant::now();
         let grads = loss.backward()?;
@@ -170,10 +171,12 @@ pub fn bench_run(
     let mut sample = Vec::new();
     for i in 0..3 {
         let t = Instant::now();
-        model.bpd(&x, &mut FlowCtx::new(i))?.detach();
+        model
+            .bpd(&x, &mut model.sample_ctx(i, batch, None)?)?
+            .detach();
         infer.push(ms_since(t, dev)?);
         let t = Instant::now();
-        model.sample(batch, 1.0, &mut FlowCtx::new(i))?;
+        model.sample(batch, 1.0, &mut model.sample_ctx(i, batch, None)?)?;
         sample.push(ms_since(t, dev)?);
     }
     let gflop = 3.0 * flops_per_image(&run.plan) * batch as f64 / 1e9;

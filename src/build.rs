@@ -11,10 +11,12 @@ use crate::flow::split::Split;
 use crate::flow::squeeze::Squeeze;
 use crate::flow::{Flow, FlowModel, Sequential};
 use crate::params::{ParamStore, Params};
-use crate::spec::{ModelPlan, PlannedLayer, PlannedOp};
+use crate::spec::{ModelPlan, PlannedLayer, PlannedOp, TopPrior};
 use crate::Result;
 
-fn build_layer(p: &Params, l: &PlannedLayer) -> Result<Box<dyn Flow>> {
+/// Builds one layer; `classes` > 0 makes learned split priors class-conditional (the
+/// couplings carry their label classes in their config).
+fn build_layer(p: &Params, l: &PlannedLayer, classes: usize) -> Result<Box<dyn Flow>> {
     let p = p.pp(&l.name);
     let c = l.in_shape[0];
     Ok(match l.op {
@@ -23,14 +25,14 @@ fn build_layer(p: &Params, l: &PlannedLayer) -> Result<Box<dyn Flow>> {
         PlannedOp::InvConv(kind) => Box::new(InvConv1x1::new(&p, c, kind)?),
         PlannedOp::Permute(kind) => Box::new(Permute::new(&p, c, kind)?),
         PlannedOp::Squeeze => Box::new(Squeeze),
-        PlannedOp::Split(prior) => Box::new(Split::new(&p, c, prior)?),
+        PlannedOp::Split(prior) => Box::new(Split::conditional(&p, c, prior, classes)?),
     })
 }
 
-fn build_list(p: &Params, layers: &[PlannedLayer]) -> Result<Sequential> {
+fn build_list(p: &Params, layers: &[PlannedLayer], classes: usize) -> Result<Sequential> {
     let mut s = Sequential::new();
     for l in layers {
-        s.push(l.name.clone(), build_layer(p, l)?);
+        s.push(l.name.clone(), build_layer(p, l, classes)?);
     }
     Ok(s)
 }
@@ -48,11 +50,12 @@ pub fn build_model(
         None => Dequantization::uniform(plan.alpha),
         Some(noise) => Dequantization::variational(
             plan.alpha,
-            Dequantization::noise_flow(plan.alpha, build_list(&root, noise)?),
+            Dequantization::noise_flow(plan.alpha, build_list(&root, noise, 0)?),
         ),
     };
-    let flows = build_list(&root, &plan.layers)?;
-    FlowModel::new(store, dequant, flows, &plan.data_shape)
+    let flows = build_list(&root, &plan.layers, plan.classes)?;
+    FlowModel::new(store, dequant, flows, &plan.data_shape)?
+        .with_prior(plan.prior == TopPrior::Learned, plan.classes)
 }
 
 /// Trainable parameters whose names start with `prefix.` (a layer's count in `flowlab check`).

@@ -180,6 +180,7 @@ fn base_row(run: &Run, status: Status) -> RunRow {
             })
             .collect(),
         importance_study: Vec::new(),
+        class_bpd: Vec::new(),
     }
 }
 
@@ -217,9 +218,10 @@ pub fn save_samples(
     n: usize,
     temperature: f64,
     seed: u64,
+    label: Option<usize>,
     path: &Path,
 ) -> Result<()> {
-    let x = model.sample(n, temperature, &mut FlowCtx::new(seed))?;
+    let x = model.sample(n, temperature, &mut model.sample_ctx(seed, n, label)?)?;
     let s = model.data_shape();
     let scale = if s[1] <= 16 { 4 } else { 2 };
     png::image_grid(&to_bytes(&x)?, n, [s[0], s[1], s[2]], scale).save(path)
@@ -232,13 +234,14 @@ pub fn save_temperature_grid(
     n: usize,
     temperatures: &[f64],
     seed: u64,
+    label: Option<usize>,
     path: &Path,
 ) -> Result<()> {
     let s = model.data_shape();
     let rows = temperatures
         .iter()
         .map(|&t| {
-            let x = model.sample(n, t, &mut FlowCtx::new(seed))?;
+            let x = model.sample(n, t, &mut model.sample_ctx(seed, n, label)?)?;
             Ok((format!("t={t}"), to_bytes(&x)?))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -309,13 +312,15 @@ fn execute(
         1,
         derive_seed(seed, streams::VAL, 0),
     )?);
-    row.test_bpd = Some(train::eval::mean_bpd(
+    let (test_bpd, by_class) = train::eval::bpd_by_class(
         &model,
         &test_l,
         &test_l.ordered(),
         c.eval.importance_samples,
         derive_seed(seed, streams::TEST, 0),
-    )?);
+    )?;
+    row.test_bpd = Some(test_bpd);
+    row.class_bpd = by_class;
     for (i, &k) in c.eval.importance_study.iter().enumerate() {
         bar.set_message(format!("importance study: K = {k}"));
         let bpd = train::eval::mean_bpd(
@@ -328,13 +333,19 @@ fn execute(
         row.importance_study.push((k as u64, bpd));
     }
     let eval_batch: Vec<usize> = (0..c.data.eval_batch_size.min(test_l.len())).collect();
-    let (xb, _) = test_l.batch(&eval_batch)?;
+    let (xb, yb) = test_l.batch(&eval_batch)?;
     row.infer_ms_per_batch = Some(time_ms(3, || {
-        model.bpd(&xb, &mut FlowCtx::new(0)).map(|_| ())
+        let mut ctx = FlowCtx::new(0);
+        model.set_labels(&mut ctx, yb.as_ref())?;
+        model.bpd(&xb, &mut ctx).map(|_| ())
     })?);
     row.sample_ms_per_batch = Some(time_ms(3, || {
         model
-            .sample(eval_batch.len(), 1.0, &mut FlowCtx::new(0))
+            .sample(
+                eval_batch.len(),
+                1.0,
+                &mut model.sample_ctx(0, eval_batch.len(), None)?,
+            )
             .map(|_| ())
     })?);
     for &t in &c.eval.temperatures {
@@ -343,6 +354,7 @@ fn execute(
             c.eval.n_samples,
             t,
             derive_seed(seed, streams::SAMPLE, 0),
+            None,
             &dir.join(format!("samples-t{t}.png")),
         )?;
     }
@@ -352,6 +364,7 @@ fn execute(
             c.eval.n_samples.min(10),
             &c.eval.temperatures,
             derive_seed(seed, streams::SAMPLE, 1),
+            None,
             &dir.join("samples-temperatures.png"),
         )?;
     }

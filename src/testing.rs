@@ -37,6 +37,8 @@ pub struct FlowCheck {
     pub input: InputKind,
     /// Channels of a random conditioning tensor passed in the context, if any.
     pub cond_channels: Option<usize>,
+    /// Classes of one-hot labels passed in the context (sample b gets label b mod K), if any.
+    pub label_classes: Option<usize>,
     /// Std of the Gaussian perturbation added to every parameter before checking.
     pub perturb: f64,
     pub seed: u64,
@@ -50,6 +52,7 @@ impl FlowCheck {
             batch: 2,
             input: InputKind::Normal,
             cond_channels: None,
+            label_classes: None,
             perturb: 0.1,
             seed: 0,
         }
@@ -62,6 +65,12 @@ impl FlowCheck {
 
     pub fn cond(mut self, channels: usize) -> Self {
         self.cond_channels = Some(channels);
+        self
+    }
+
+    /// Passes one-hot labels over `classes` classes in the context.
+    pub fn labels(mut self, classes: usize) -> Self {
+        self.label_classes = Some(classes);
         self
     }
 
@@ -113,6 +122,17 @@ fn make_input(check: &FlowCheck, batch: usize, rng: &mut Rng, dtype: DType) -> R
         InputKind::Normal => rng.normal(&shape, 1.0, dtype, &Device::Cpu),
         InputKind::Unit => rng.uniform(&shape, 0.05, 0.95, dtype, &Device::Cpu),
     }
+}
+
+/// One-hot labels `[batch, K]` (sample b has label b mod K).
+fn make_labels(check: &FlowCheck, batch: usize, dtype: DType) -> Result<Option<Tensor>> {
+    check
+        .label_classes
+        .map(|k| {
+            let l: Vec<u32> = (0..batch).map(|b| (b % k) as u32).collect();
+            crate::flow::one_hot(&Tensor::from_vec(l, batch, &Device::Cpu)?, k, dtype)
+        })
+        .transpose()
 }
 
 fn make_cond(
@@ -204,7 +224,8 @@ pub fn round_trip(flow: &dyn Flow, check: &FlowCheck) -> Result<RoundTrip> {
     let x = make_input(check, check.batch, &mut rng, DType::F32)?;
     let cond = make_cond(check, check.batch, &mut rng, DType::F32)?;
     let zeros = Tensor::zeros(check.batch, DType::F32, &Device::Cpu)?;
-    let mut ctx = FlowCtx::new(check.seed);
+    let labels = make_labels(check, check.batch, DType::F32)?;
+    let mut ctx = FlowCtx::new(check.seed).with_labels(labels.clone());
     ctx.cond = cond.clone();
     let (z, ldj_f) = flow.forward_ctx(&x, &zeros, &mut ctx)?;
     let mut expected = vec![check.batch];
@@ -221,7 +242,9 @@ pub fn round_trip(flow: &dyn Flow, check: &FlowCheck) -> Result<RoundTrip> {
         ));
     }
     let factored = std::mem::take(&mut ctx.factored);
-    let mut ictx = FlowCtx::new(check.seed).with_latents(Latents::Given(factored));
+    let mut ictx = FlowCtx::new(check.seed)
+        .with_latents(Latents::Given(factored))
+        .with_labels(labels);
     ictx.cond = cond;
     let (x_rec, ldj_i) = flow.inverse_ctx(&z, &zeros, &mut ictx)?;
     Ok(RoundTrip {
@@ -240,6 +263,7 @@ fn run_checks(f32_flow: &dyn Flow, f64_flow: &dyn Flow, check: &FlowCheck) -> Re
     let mut rng = Rng::new(check.seed);
     let x = make_input(check, check.batch, &mut rng, DType::F64)?;
     let cond = make_cond(check, check.batch, &mut rng, DType::F64)?;
+    let labels = make_labels(check, check.batch, DType::F64)?;
     let d: usize = check.shape.iter().product();
     let eps = 1e-5;
     let mut max_logdet_err: f64 = 0.0;
@@ -260,6 +284,9 @@ fn run_checks(f32_flow: &dyn Flow, f64_flow: &dyn Flow, check: &FlowCheck) -> Re
         let mut ctx = FlowCtx::new(check.seed);
         if let Some(c) = &cond {
             ctx.cond = Some(c.get(b)?.unsqueeze(0)?.repeat((2 * d, 1, 1, 1))?);
+        }
+        if let Some(l) = &labels {
+            ctx.labels = Some(l.get(b)?.unsqueeze(0)?.repeat((2 * d, 1))?);
         }
         let (z, _) = f64_flow.forward_ctx(
             &xs,
@@ -296,6 +323,9 @@ fn run_checks(f32_flow: &dyn Flow, f64_flow: &dyn Flow, check: &FlowCheck) -> Re
         let mut ctx = FlowCtx::new(check.seed);
         if let Some(c) = &cond {
             ctx.cond = Some(c.get(b)?.unsqueeze(0)?);
+        }
+        if let Some(l) = &labels {
+            ctx.labels = Some(l.get(b)?.unsqueeze(0)?);
         }
         let (_, ldj) = f64_flow.forward_ctx(
             &x.get(b)?.unsqueeze(0)?,

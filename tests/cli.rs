@@ -247,7 +247,7 @@ fn bench_prints_one_json_object_per_variant() {
 }
 
 #[test]
-fn spline_run_with_temperature_grid_and_importance_study() {
+fn spline_and_conditional_runs_with_temperature_grid_importance_and_class_tables() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("spline.yaml");
     std::fs::write(
@@ -260,6 +260,11 @@ eval: {importance_samples: 2, n_samples: 4, temperatures: [0.0, 1.0], importance
 models:
   spline:
     coupling: {kind: spline, bins: 4, bound: 3.0, net: {hidden: 4, layers: 1}}
+    layers: [{type: repeat, times: 2, layers: [{type: coupling, mask: checkerboard}]}]
+  cond:
+    classes: 10
+    prior: learned
+    coupling: {net: {hidden: 4, layers: 1}}
     layers: [{type: repeat, times: 2, layers: [{type: coupling, mask: checkerboard}]}]
 ",
     )
@@ -278,13 +283,40 @@ models:
         table.contains("importance samples") && table.contains("K=1") && table.contains("K=3"),
         "{table}"
     );
-    let run_dir = std::fs::read_dir(out.join("splinetest/runs"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let df = flowlab::results::read_parquet(&out.join("splinetest/runs.parquet")).unwrap();
+    for c in [
+        "test_bpd_is1",
+        "test_bpd_is3",
+        "test_bpd_class0",
+        "test_bpd_class9",
+    ] {
+        assert!(df.column(c).is_ok(), "missing column {c}");
+    }
+    let run = |prefix: &str| {
+        std::fs::read_dir(out.join("splinetest/runs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+            .unwrap()
+    };
+    let (run_dir, cond_dir) = (run("spline-"), run("cond-"));
     assert!(run_dir.join("samples-temperatures.png").is_file());
+    let png3 = dir.path().join("three.png");
+    let (code, _, err) = flowlab(&[
+        "sample",
+        cond_dir.to_str().unwrap(),
+        "--label",
+        "3",
+        "-o",
+        png3.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = flowlab(&["sample", cond_dir.to_str().unwrap(), "--label", "10"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("out of range"), "{err}");
+    let (code, _, err) = flowlab(&["sample", run_dir.to_str().unwrap(), "--label", "1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("class-conditional"), "{err}");
     let png = dir.path().join("grid.png");
     let (code, msg, err) = flowlab(&[
         "sample",

@@ -291,3 +291,95 @@ fn same_seed_same_model_and_bpd() {
     assert_eq!(run(3), run(3));
     assert_ne!(run(3), run(4));
 }
+
+#[test]
+fn learned_and_class_conditional_top_priors() {
+    use candle_core::DType;
+    let text = "
+data: {dataset: mnist, downscale: 2}
+train: {steps: 1}
+models:
+  c:
+    classes: 3
+    prior: learned
+    coupling: {net: {hidden: 4, layers: 1}}
+    layers:
+      - {type: squeeze}
+      - {type: coupling, mask: channel}
+      - {type: split, prior: learned}
+      - {type: coupling, mask: checkerboard, kind: spline, bins: 4}
+";
+    let exp = flowlab::spec::Experiment::from_text(text, "t", "t", &[]).unwrap();
+    let runs = exp.runs(&[], &flowlab::data::builtin_shape).unwrap();
+    let model = flowlab::build::build_model(&runs[0].plan, 0, DType::F64, &Device::Cpu).unwrap();
+    assert_eq!(model.classes(), 3);
+    perturb_params(model.store(), 0.3, 1).unwrap();
+    let x = Rng::new(3)
+        .uniform(&[2, 1, 14, 14], 0.0, 256.0, DType::F64, &Device::Cpu)
+        .unwrap()
+        .floor()
+        .unwrap();
+    let labels = |l: &[u32]| Tensor::new(l, &Device::Cpu).unwrap();
+    let log_prob = |l: &[u32]| {
+        let mut ctx = FlowCtx::new(5);
+        model.set_labels(&mut ctx, Some(&labels(l))).unwrap();
+        model
+            .log_prob(&x, &mut ctx)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    let (a, b) = (log_prob(&[0, 1]), log_prob(&[2, 2]));
+    assert!((a[0] - b[0]).abs() > 1e-6 && (a[1] - b[1]).abs() > 1e-6);
+
+    // log p(x | y) = ldj + Σ log N(z; μ_y, e^{2 s_y}), with the tables read back by hand.
+    let mut ctx = FlowCtx::new(5);
+    model.set_labels(&mut ctx, Some(&labels(&[0, 1]))).unwrap();
+    let e = model.encode(&x, &mut ctx).unwrap();
+    let vars = model.store().named_vars();
+    let table = |n: &str| {
+        vars.iter()
+            .find(|(k, _)| k == n)
+            .unwrap()
+            .1
+            .as_tensor()
+            .to_vec2::<f64>()
+            .unwrap()
+    };
+    let (mu, ls) = (table("prior.mean"), table("prior.log_scale"));
+    let z = e.z.flatten_from(1).unwrap().to_vec2::<f64>().unwrap();
+    let ldj = e.ldj.to_vec1::<f64>().unwrap();
+    for (i, y) in [0usize, 1].iter().enumerate() {
+        let lp: f64 = (0..z[i].len())
+            .map(|j| {
+                let u = (z[i][j] - mu[*y][j]) / ls[*y][j].exp();
+                -0.5 * u * u - 0.5 * (2.0 * std::f64::consts::PI).ln() - ls[*y][j]
+            })
+            .sum();
+        assert!(
+            (ldj[i] + lp - a[i]).abs() < 1e-8,
+            "{} vs {}",
+            ldj[i] + lp,
+            a[i]
+        );
+    }
+
+    // Labels are required, sampling is per class, out-of-range labels are refused.
+    let err = model
+        .log_prob(&x, &mut FlowCtx::new(5))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("labels"), "{err}");
+    let s = |l: usize| {
+        model
+            .sample(2, 0.0, &mut model.sample_ctx(0, 2, Some(l)).unwrap())
+            .unwrap()
+    };
+    let d = (s(0) - s(2)).unwrap().abs().unwrap().sum_all().unwrap();
+    assert!(d.to_scalar::<f64>().unwrap() > 0.0);
+    assert!(model
+        .sample_ctx(0, 2, Some(3))
+        .unwrap_err()
+        .to_string()
+        .contains("out of range"));
+}

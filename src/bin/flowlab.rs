@@ -136,6 +136,10 @@ struct SampleArgs {
     /// Random seed of the latents.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Class of every sample (class-conditional models; without it they cycle through
+    /// the classes).
+    #[arg(long)]
+    label: Option<usize>,
     /// Output PNG.
     #[arg(long, short, default_value = "samples.png")]
     output: PathBuf,
@@ -329,6 +333,9 @@ fn cmd_check(a: SpecArgs) -> Result<ExitCode> {
         perturb_params(model.store(), 0.01, 1)?;
         let mut check = FlowCheck::new(&plan.data_shape);
         check.batch = 4;
+        if plan.classes > 0 {
+            check = check.labels(plan.classes);
+        }
         let rt = round_trip(model.flows(), &check)?;
         let tol_ldj = 1e-3 * rt.max_abs_ldj.max(1.0);
         let pass = rt.max_inverse_err <= 1e-3 && rt.max_ldj_sum <= tol_ldj;
@@ -444,14 +451,14 @@ fn cmd_sample(a: SampleArgs) -> Result<ExitCode> {
         bail!("temperature must be a finite number ≥ 0, got {bad}");
     }
     if let [t] = a.temperatures[..] {
-        runner::save_samples(&model, a.n, t, a.seed, &a.output)?;
+        runner::save_samples(&model, a.n, t, a.seed, a.label, &a.output)?;
         say!(
             "{} samples at temperature {t} from step {step} → {}",
             a.n,
             a.output.display()
         );
     } else {
-        runner::save_temperature_grid(&model, a.n, &a.temperatures, a.seed, &a.output)?;
+        runner::save_temperature_grid(&model, a.n, &a.temperatures, a.seed, a.label, &a.output)?;
         say!(
             "{} samples per temperature at {:?} from step {step} → {}",
             a.n,

@@ -105,6 +105,9 @@ pub struct CouplingConfig {
     /// Spline domain half-width B (`kind: spline` only).
     #[serde(default = "d_bound")]
     pub bound: f64,
+    /// Classes of the one-hot label planes appended to the network input (0: none).
+    #[serde(default)]
+    pub label_classes: usize,
 }
 
 impl CouplingConfig {
@@ -119,6 +122,7 @@ impl CouplingConfig {
             cond_channels: 0,
             bins: DEFAULT_BINS,
             bound: DEFAULT_BOUND,
+            label_classes: 0,
         }
     }
 }
@@ -149,7 +153,12 @@ impl Coupling {
             CouplingKind::Additive => c_t,
             CouplingKind::Spline => super::spline::params_per_element(cfg.bins) * c_t,
         };
-        let net = Net::new(&p.pp("net"), &cfg.net, net_in + cfg.cond_channels, net_out)?;
+        let net = Net::new(
+            &p.pp("net"),
+            &cfg.net,
+            net_in + cfg.cond_channels + cfg.label_classes,
+            net_out,
+        )?;
         let log_factor = match (cfg.kind, cfg.scale) {
             (CouplingKind::Affine, ScaleBound::Tanh) => Some(
                 p.var("scale_factor", &[1, c_t, 1, 1], Init::Zeros)?
@@ -215,8 +224,15 @@ impl Coupling {
     }
 
     fn net_input(&self, x_cond: &Tensor, ctx: &FlowCtx) -> Result<Tensor> {
+        let x_cond = if self.cfg.label_classes > 0 {
+            let (_, _, h, w) = x_cond.dims4()?;
+            let planes = super::label_planes(ctx, self.cfg.label_classes, h, w, "coupling")?;
+            Tensor::cat(&[x_cond, &planes], 1)?
+        } else {
+            x_cond.clone()
+        };
         if self.cfg.cond_channels == 0 {
-            return Ok(x_cond.clone());
+            return Ok(x_cond);
         }
         let cond = ctx.cond.as_ref().ok_or_else(|| {
             Error::Usage("this coupling is conditional but the pass carries no condition".into())
@@ -231,7 +247,7 @@ impl Coupling {
                 ),
             ));
         }
-        Ok(Tensor::cat(&[x_cond, cond], 1)?)
+        Ok(Tensor::cat(&[&x_cond, cond], 1)?)
     }
 
     /// Network output `[B, (3K−1)·C_t, H, W]` → spline parameters `[B, C_t, H, W, 3K−1]`.
@@ -400,6 +416,7 @@ mod tests {
             cond_channels: 0,
             bins: 4,
             bound: 2.0,
+            label_classes: 0,
         }
     }
 
@@ -455,6 +472,58 @@ mod tests {
         check_built(&FlowCheck::new(&[1, 4, 4]).cond(1), |p| {
             Ok(Box::new(Coupling::new(p, cfg, 1)?))
         });
+    }
+
+    #[test]
+    fn class_conditional_couplings_invert_and_depend_on_the_label() {
+        for (partition, kind) in [
+            (Partition::Checkerboard, CouplingKind::Affine),
+            (Partition::Split, CouplingKind::Spline),
+        ] {
+            let mut cfg = small(partition, false, kind, ScaleBound::Tanh);
+            cfg.label_classes = 3;
+            check_built(&FlowCheck::new(&[2, 3, 3]).labels(3), |p| {
+                Ok(Box::new(Coupling::new(p, cfg, 2)?))
+            });
+        }
+        // Same input, different labels → different outputs; no labels → a clear error.
+        let store = ParamStore::new(0, DType::F64, &Device::Cpu);
+        let mut cfg = small(
+            Partition::Checkerboard,
+            false,
+            CouplingKind::Affine,
+            ScaleBound::Tanh,
+        );
+        cfg.label_classes = 3;
+        let layer = Coupling::new(&store.root(), cfg, 1).unwrap();
+        crate::testing::perturb_params(&store, 0.5, 2).unwrap();
+        let x = crate::rng::Rng::new(0)
+            .normal(&[2, 1, 4, 4], 1.0, DType::F64, &Device::Cpu)
+            .unwrap();
+        let zeros = Tensor::zeros(2, DType::F64, &Device::Cpu).unwrap();
+        let run = |labels: &[u32]| {
+            let l = Tensor::new(labels, &Device::Cpu).unwrap();
+            let mut ctx = FlowCtx::new(0)
+                .with_labels(Some(super::super::one_hot(&l, 3, DType::F64).unwrap()));
+            layer.forward_ctx(&x, &zeros, &mut ctx).unwrap().0
+        };
+        let d = (run(&[0, 0]) - run(&[2, 1]))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d > 1e-6, "the label has no effect");
+        let err = layer
+            .forward_ctx(&x, &zeros, &mut FlowCtx::new(0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("class-conditional") && err.contains("no labels"),
+            "{err}"
+        );
     }
 
     #[test]

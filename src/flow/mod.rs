@@ -20,7 +20,7 @@ pub mod spline;
 pub mod split;
 pub mod squeeze;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::rng::Rng;
 use crate::Result;
@@ -52,6 +52,8 @@ pub struct FlowCtx {
     pub factored_logp: Option<Tensor>,
     /// Inverse passes take factored-out latents from here.
     pub latents: Latents,
+    /// One-hot class labels `[B, K]` for class-conditional layers and priors.
+    pub labels: Option<Tensor>,
 }
 
 impl FlowCtx {
@@ -68,6 +70,7 @@ impl FlowCtx {
             factored: Vec::new(),
             factored_logp: None,
             latents: Latents::Sample { temperature: 1.0 },
+            labels: None,
         }
     }
 
@@ -82,6 +85,54 @@ impl FlowCtx {
         self.latents = latents;
         self
     }
+
+    /// Sets one-hot class labels `[B, K]` (see [`one_hot`]).
+    pub fn with_labels(mut self, labels: Option<Tensor>) -> Self {
+        self.labels = labels;
+        self
+    }
+}
+
+/// Integer class labels `[B]` → one-hot `[B, classes]` in `dtype`; labels ≥ `classes` are
+/// refused.
+pub fn one_hot(labels: &Tensor, classes: usize, dtype: DType) -> Result<Tensor> {
+    let l = labels.to_dtype(DType::F64)?;
+    let max = l.max_all()?.to_scalar::<f64>()?;
+    if max >= classes as f64 {
+        return Err(crate::Error::Usage(format!(
+            "label {max} out of range for a model of {classes} classes"
+        )));
+    }
+    let ar = Tensor::arange(0u32, classes as u32, labels.device())?.to_dtype(DType::F64)?;
+    Ok(l.unsqueeze(1)?
+        .broadcast_eq(&ar.unsqueeze(0)?)?
+        .to_dtype(dtype)?)
+}
+
+/// The context's one-hot labels `[B, K]` as constant planes `[B, K, H, W]`, for layers
+/// conditioned on the class (`layer` names the asker in the error when labels are missing).
+pub(crate) fn label_planes(
+    ctx: &FlowCtx,
+    classes: usize,
+    h: usize,
+    w: usize,
+    layer: &str,
+) -> Result<Tensor> {
+    let l = ctx.labels.as_ref().ok_or_else(|| {
+        crate::Error::Usage(format!(
+            "this {layer} is class-conditional but the pass carries no labels"
+        ))
+    })?;
+    let (b, k) = l.dims2()?;
+    if k != classes {
+        return Err(crate::Error::shape(
+            layer,
+            format!("labels are one-hot over {k} classes, the layer was built for {classes}"),
+        ));
+    }
+    Ok(l.reshape((b, k, 1, 1))?
+        .broadcast_as((b, k, h, w))?
+        .contiguous()?)
 }
 
 /// A bijection on image tensors `[B, C, H, W]` with a tractable log-determinant.

@@ -1,4 +1,6 @@
-//! A flow model: dequantization + ordered layers + standard normal prior.
+//! A flow model: dequantization + ordered layers + a prior on the final latent: N(0, I),
+//! or Glow's learned top prior N(μ, diag e^{2s}) with per-element tables μ, s (one pair per
+//! class for class-conditional models, selected by the one-hot label: log p(x | y)).
 //!
 //! For integer images x `[B, C, H, W]` (values 0..=255 in a float tensor):
 //!   log p(x) ≈ ldj(dequant + layers, incl. split densities) + log N(z; 0, I),
@@ -11,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::dequant::Dequantization;
 use super::{std_normal_log_density, sum_per_sample, Flow, FlowCtx, Latents, Sequential};
-use crate::params::ParamStore;
+use crate::params::{Init, ParamStore};
 use crate::{Error, Result};
 
 /// log2(e): nats → bits.
@@ -35,6 +37,10 @@ pub struct FlowModel {
     flows: Sequential,
     data_shape: Vec<usize>,
     latent_shape: Vec<usize>,
+    /// Learned top prior: (mean, log-scale) tables `[T, D']` (T = classes, or 1).
+    top: Option<(Tensor, Tensor)>,
+    /// Classes of a class-conditional model (0: unconditional).
+    classes: usize,
 }
 
 impl FlowModel {
@@ -52,7 +58,110 @@ impl FlowModel {
             flows,
             data_shape: data_shape.to_vec(),
             latent_shape,
+            top: None,
+            classes: 0,
         })
+    }
+
+    /// Makes the model class-conditional over `classes` classes (0: unconditional) and,
+    /// with `learned`, gives it a learned top prior (zero-initialised, so N(0, I) at first;
+    /// one table per class when conditional). The couplings and splits must have been built
+    /// with the same classes.
+    pub fn with_prior(mut self, learned: bool, classes: usize) -> Result<Self> {
+        self.classes = classes;
+        if learned {
+            let d: usize = self.latent_shape.iter().product();
+            let t = classes.max(1);
+            let p = self.store.root().pp("prior");
+            let mean = p.var("mean", &[t, d], Init::Zeros)?.as_tensor().clone();
+            let log_scale = p
+                .var("log_scale", &[t, d], Init::Zeros)?
+                .as_tensor()
+                .clone();
+            self.top = Some((mean, log_scale));
+        }
+        Ok(self)
+    }
+
+    /// Classes of a class-conditional model (0: unconditional).
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Puts the one-hot labels of `labels` (`[B]` integers) into `ctx` for a conditional
+    /// model; an unconditional model ignores them. A conditional model without labels is
+    /// an error.
+    pub fn set_labels(&self, ctx: &mut FlowCtx, labels: Option<&Tensor>) -> Result<()> {
+        if self.classes == 0 {
+            return Ok(());
+        }
+        let l = labels.ok_or_else(|| {
+            Error::Usage(format!(
+                "the model is class-conditional ({} classes) but the data has no labels",
+                self.classes
+            ))
+        })?;
+        ctx.labels = Some(super::one_hot(l, self.classes, self.dtype())?);
+        Ok(())
+    }
+
+    /// A context with randomness from `seed` for `n` images: a class-conditional model's
+    /// labels are all `label`, or cycle through 0, 1, …, K−1 without one. A label for an
+    /// unconditional model, or one out of range, is an error.
+    pub fn sample_ctx(&self, seed: u64, n: usize, label: Option<usize>) -> Result<FlowCtx> {
+        let mut ctx = FlowCtx::new(seed);
+        match (self.classes, label) {
+            (0, None) => {}
+            (0, Some(_)) => {
+                return Err(Error::Usage(
+                    "--label needs a class-conditional model (`classes:` in its spec)".into(),
+                ))
+            }
+            (k, Some(l)) if l >= k => {
+                return Err(Error::Usage(format!(
+                    "label {l} out of range: the model has {k} classes (0..={})",
+                    k - 1
+                )))
+            }
+            (k, label) => {
+                let ls: Vec<u32> = (0..n).map(|i| label.unwrap_or(i % k) as u32).collect();
+                let t = Tensor::from_vec(ls, n, self.device())?;
+                self.set_labels(&mut ctx, Some(&t))?;
+            }
+        }
+        Ok(ctx)
+    }
+
+    /// (mean, log-scale) of the top prior for a batch of `b`, shaped `[B, C', H', W']`.
+    fn top_params(&self, b: usize, ctx: &FlowCtx) -> Result<Option<(Tensor, Tensor)>> {
+        let Some((mean, log_scale)) = &self.top else {
+            return Ok(None);
+        };
+        let mut shape = vec![b];
+        shape.extend(&self.latent_shape);
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            let rows = if self.classes > 0 {
+                let l = ctx.labels.as_ref().ok_or_else(|| {
+                    Error::Usage("the class-conditional prior needs labels in the pass".into())
+                })?;
+                l.matmul(t)?
+            } else {
+                t.broadcast_as((b, t.dim(1)?))?.contiguous()?
+            };
+            Ok(rows.reshape(shape.as_slice())?)
+        };
+        Ok(Some((pick(mean)?, pick(log_scale)?)))
+    }
+
+    /// Log-density `[B, …]` of the final latent under the prior, per element.
+    fn prior_log_density(&self, z: &Tensor, ctx: &FlowCtx) -> Result<Tensor> {
+        match self.top_params(z.dim(0)?, ctx)? {
+            None => std_normal_log_density(z),
+            Some((m, s)) => {
+                let u = ((z - m)? * s.neg()?.exp()?)?;
+                Ok((std_normal_log_density(&u)? - s)?)
+            }
+        }
     }
 
     /// The parameters (for the optimizer, checkpoints and counting).
@@ -131,7 +240,7 @@ impl FlowModel {
     /// Single-draw log p(x) per sample `[B]` (nats), dequantization term included.
     pub fn log_prob(&self, x: &Tensor, ctx: &mut FlowCtx) -> Result<Tensor> {
         let e = self.encode(x, ctx)?;
-        Ok((e.ldj + sum_per_sample(&std_normal_log_density(&e.z)?)?)?)
+        Ok((e.ldj + sum_per_sample(&self.prior_log_density(&e.z, ctx)?)?)?)
     }
 
     /// Single-draw bits per dimension `[B]`: −log p(x)·log2(e)/D.
@@ -168,9 +277,13 @@ impl FlowModel {
     pub fn sample(&self, n: usize, temperature: f64, ctx: &mut FlowCtx) -> Result<Tensor> {
         let mut shape = vec![n];
         shape.extend(&self.latent_shape);
-        let z = ctx
+        let eps = ctx
             .rng
             .normal(&shape, temperature, self.dtype(), self.device())?;
+        let z = match self.top_params(n, ctx)? {
+            None => eps,
+            Some((m, s)) => ((eps * s.exp()?)? + m)?,
+        };
         ctx.latents = Latents::Sample { temperature };
         self.decode(&z, ctx)
     }

@@ -36,16 +36,41 @@ pub enum SplitPrior {
 pub struct Split {
     channels: usize,
     prior: Option<Conv2d>,
+    /// Classes whose one-hot planes join the learned prior's input (0: unconditional).
+    classes: usize,
 }
 
 impl Split {
     pub fn new(p: &Params, channels: usize, prior: SplitPrior) -> Result<Self> {
+        Self::conditional(p, channels, prior, 0)
+    }
+
+    /// A split whose learned prior also sees the class label (`classes` one-hot planes);
+    /// `classes` is ignored by the standard prior.
+    pub fn conditional(
+        p: &Params,
+        channels: usize,
+        prior: SplitPrior,
+        classes: usize,
+    ) -> Result<Self> {
         Self::check(channels)?;
-        let prior = match prior {
-            SplitPrior::Standard => None,
-            SplitPrior::Learned => Some(Conv2d::zeros(&p.pp("prior"), channels / 2, channels, 3)?),
+        let (prior, classes) = match prior {
+            SplitPrior::Standard => (None, 0),
+            SplitPrior::Learned => (
+                Some(Conv2d::zeros(
+                    &p.pp("prior"),
+                    channels / 2 + classes,
+                    channels,
+                    3,
+                )?),
+                classes,
+            ),
         };
-        Ok(Self { channels, prior })
+        Ok(Self {
+            channels,
+            prior,
+            classes,
+        })
     }
 
     fn check(c: usize) -> Result<()> {
@@ -59,11 +84,18 @@ impl Split {
     }
 
     /// log-density per sample `[B]` of `out` given `keep`; and (μ, log σ) for sampling.
-    fn prior_params(&self, keep: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    fn prior_params(&self, keep: &Tensor, ctx: &FlowCtx) -> Result<Option<(Tensor, Tensor)>> {
         match &self.prior {
             None => Ok(None),
             Some(conv) => {
-                let h = conv.forward(keep)?;
+                let input = if self.classes > 0 {
+                    let (_, _, h, w) = keep.dims4()?;
+                    let planes = super::label_planes(ctx, self.classes, h, w, "split")?;
+                    Tensor::cat(&[keep, &planes], 1)?
+                } else {
+                    keep.clone()
+                };
+                let h = conv.forward(&input)?;
                 let c = self.channels / 2;
                 Ok(Some((h.narrow(1, 0, c)?, h.narrow(1, c, c)?)))
             }
@@ -106,14 +138,14 @@ impl Flow for Split {
         Self::check(c)?;
         let keep = x.narrow(1, 0, c / 2)?;
         let out = x.narrow(1, c / 2, c / 2)?;
-        let lp = Self::log_density(&out, &self.prior_params(&keep)?)?;
+        let lp = Self::log_density(&out, &self.prior_params(&keep, ctx)?)?;
         add_logp(ctx, &lp)?;
         ctx.factored.push(out);
         Ok((keep, (ldj + lp)?))
     }
 
     fn inverse_ctx(&self, z: &Tensor, ldj: &Tensor, ctx: &mut FlowCtx) -> Result<(Tensor, Tensor)> {
-        let params = self.prior_params(z)?;
+        let params = self.prior_params(z, ctx)?;
         let out = match &mut ctx.latents {
             Latents::Given(v) => {
                 let out = v.pop().ok_or_else(|| {
@@ -159,6 +191,13 @@ mod tests {
                 Ok(Box::new(Split::new(p, 4, prior)?))
             });
         }
+    }
+
+    #[test]
+    fn class_conditional_learned_prior_round_trips() {
+        check_built(&FlowCheck::new(&[4, 2, 3]).labels(2).perturb(0.2), |p| {
+            Ok(Box::new(Split::conditional(p, 4, SplitPrior::Learned, 2)?))
+        });
     }
 
     #[test]

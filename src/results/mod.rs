@@ -73,6 +73,10 @@ pub struct RunRow {
     /// `test_bpd_is<K>` each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub importance_study: Vec<(u64, f64)>,
+    /// (class, mean test bpd of that class's images), for labelled test sets; of p(x | y)
+    /// for class-conditional models. Column `test_bpd_class<k>` each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub class_bpd: Vec<(u64, f64)>,
 }
 
 /// One row of `curves.parquet`.
@@ -207,6 +211,30 @@ fn swept_column(name: &str, vals: &[Option<&serde_json::Value>]) -> Column {
 
 /// Column-name prefix of the importance-sample study (`test_bpd_is16`).
 pub const IMPORTANCE_PREFIX: &str = "test_bpd_is";
+/// Column-name prefix of the per-class test bpd (`test_bpd_class3`).
+pub const CLASS_PREFIX: &str = "test_bpd_class";
+
+/// One f64 column `<prefix><key>` per key found in any row's (key, value) list.
+fn keyed_columns(
+    rows: &[&RunRow],
+    get: fn(&RunRow) -> &Vec<(u64, f64)>,
+    prefix: &str,
+    cols: &mut Vec<Column>,
+) {
+    let mut ks: Vec<u64> = rows
+        .iter()
+        .flat_map(|r| get(r).iter().map(|(k, _)| *k))
+        .collect();
+    ks.sort_unstable();
+    ks.dedup();
+    for k in ks {
+        let vals: Vec<Option<f64>> = rows
+            .iter()
+            .map(|r| get(r).iter().find(|(kk, _)| *kk == k).map(|(_, v)| *v))
+            .collect();
+        cols.push(col(&format!("{prefix}{k}"), vals));
+    }
+}
 
 /// The `runs` table.
 pub fn runs_frame(records: &[RunRecord]) -> Result<DataFrame> {
@@ -236,24 +264,8 @@ pub fn runs_frame(records: &[RunRecord]) -> Result<DataFrame> {
             .collect();
         cols.push(swept_column(k, &vals));
     }
-    let mut ks: Vec<u64> = rows
-        .iter()
-        .flat_map(|r| r.importance_study.iter().map(|(k, _)| *k))
-        .collect();
-    ks.sort_unstable();
-    ks.dedup();
-    for k in ks {
-        let vals: Vec<Option<f64>> = rows
-            .iter()
-            .map(|r| {
-                r.importance_study
-                    .iter()
-                    .find(|(kk, _)| *kk == k)
-                    .map(|(_, v)| *v)
-            })
-            .collect();
-        cols.push(col(&format!("{IMPORTANCE_PREFIX}{k}"), vals));
-    }
+    keyed_columns(&rows, |r| &r.importance_study, IMPORTANCE_PREFIX, &mut cols);
+    keyed_columns(&rows, |r| &r.class_bpd, CLASS_PREFIX, &mut cols);
     cols.extend([
         col("seed", u(|r| r.seed)),
         col("status", s(|r| r.status.as_str().to_string())),

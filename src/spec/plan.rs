@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::types::{CouplingDefaults, DequantSpec, LayerSpec, ModelSpec};
+use super::types::{CouplingDefaults, DequantSpec, LayerSpec, ModelSpec, TopPrior};
 use crate::flow::coupling::{CouplingConfig, CouplingKind, Partition, DEFAULT_BINS, DEFAULT_BOUND};
 use crate::flow::invconv::InvConvKind;
 use crate::flow::permute::PermuteKind;
@@ -54,6 +54,9 @@ pub struct ModelPlan {
     pub dequant_noise: Option<Vec<PlannedLayer>>,
     pub layers: Vec<PlannedLayer>,
     pub latent_shape: [usize; 3],
+    /// Classes of a class-conditional model (0: unconditional).
+    pub classes: usize,
+    pub prior: TopPrior,
 }
 
 /// A problem found while planning: (key path, message).
@@ -64,6 +67,8 @@ struct Planner<'a> {
     issues: Vec<PlanIssue>,
     /// Conditioning channels given to every coupling (variational dequantization).
     cond: usize,
+    /// Classes of the label planes given to every coupling (class-conditional models).
+    classes: usize,
 }
 
 fn layer_name(l: &LayerSpec) -> Option<&str> {
@@ -200,6 +205,7 @@ impl Planner<'_> {
                     cond_channels: self.cond,
                     bins: bins_set.unwrap_or(DEFAULT_BINS),
                     bound: bound_set.unwrap_or(DEFAULT_BOUND),
+                    label_classes: self.classes,
                 };
                 push(PlannedOp::Coupling(cfg), shape, out)
             }
@@ -334,7 +340,14 @@ pub fn plan(
         defaults: &model.coupling,
         issues: Vec::new(),
         cond: 0,
+        classes: model.classes.unwrap_or(0),
     };
+    if model.classes.is_some_and(|k| k < 2) {
+        p.issue(
+            &format!("{path}.classes"),
+            "a class-conditional model needs at least 2 classes",
+        );
+    }
     if model.layers.is_empty() {
         p.issue(
             &format!("{path}.layers"),
@@ -354,6 +367,7 @@ pub fn plan(
         DequantSpec::Uniform { alpha } => (*alpha, None),
         DequantSpec::Variational { alpha, layers: dl } => {
             p.cond = data_shape[0];
+            p.classes = 0;
             if dl.is_empty() {
                 p.issue(
                     &format!("{path}.dequant.layers"),
@@ -397,6 +411,8 @@ pub fn plan(
             dequant_noise,
             layers,
             latent_shape,
+            classes: model.classes.unwrap_or(0),
+            prior: model.prior,
         }),
         _ => Err(p.issues),
     }

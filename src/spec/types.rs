@@ -177,9 +177,24 @@ pub struct EvalSpec {
     pub n_samples: usize,
     /// Also report test bpd with each of these numbers of importance samples (e.g.
     /// `[1, 4, 8, 16]`): columns `test_bpd_is<K>` in runs.parquet, and
-    /// `flowlab compare --importance` tabulates them.
+    /// `flowlab compare` tabulates them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub importance_study: Vec<usize>,
+}
+
+/// Prior of a model's final latent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TopPrior {
+    #[default]
+    Standard,
+    Learned,
+}
+
+impl TopPrior {
+    fn is_standard(&self) -> bool {
+        *self == TopPrior::Standard
+    }
 }
 
 /// A model variant.
@@ -192,6 +207,15 @@ pub struct ModelSpec {
     #[serde(default)]
     pub coupling: CouplingDefaults,
     pub layers: Vec<LayerSpec>,
+    /// Class-conditional model over this many classes: one-hot label planes join every
+    /// coupling network and every learned split prior, the learned top prior gets one
+    /// mean/scale table per class, and bpd is that of p(x | y).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<usize>,
+    /// Prior of the final latent: `standard` N(0, I), or `learned` (Glow's learned top
+    /// prior: a per-element mean and log-scale, per class if `classes` is set).
+    #[serde(default, skip_serializing_if = "TopPrior::is_standard")]
+    pub prior: TopPrior,
     /// Per-variant overrides of the top-level `data` section (merged key by key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<serde_yaml::Value>,

@@ -17,23 +17,48 @@ pub fn mean_bpd(
     importance_samples: usize,
     seed: u64,
 ) -> Result<f64> {
+    Ok(bpd_by_class(model, loader, batches, importance_samples, seed)?.0)
+}
+
+/// Like [`mean_bpd`], also returning the mean bpd per class label (sorted by label; empty
+/// for unlabelled data). For a class-conditional model these are of p(x | y).
+pub fn bpd_by_class(
+    model: &FlowModel,
+    loader: &Loader,
+    batches: &[Vec<usize>],
+    importance_samples: usize,
+    seed: u64,
+) -> Result<(f64, Vec<(u64, f64)>)> {
     let mut ctx = FlowCtx::new(seed);
     let mut total = 0.0;
     let mut n = 0usize;
+    let mut per_class: std::collections::BTreeMap<u64, (f64, usize)> = Default::default();
     for idx in batches {
-        let (x, _) = loader.batch(idx)?;
+        let (x, y) = loader.batch(idx)?;
+        model.set_labels(&mut ctx, y.as_ref())?;
         let bpd: Tensor = if importance_samples > 1 {
             model.bpd_importance(&x, importance_samples, &mut ctx)?
         } else {
             model.bpd(&x, &mut ctx)?.detach()
         };
-        total += bpd
-            .to_dtype(candle_core::DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        let v = bpd.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+        total += v.iter().sum::<f64>();
         n += idx.len();
+        if let Some(y) = y {
+            let labels = y.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+            for (b, l) in v.iter().zip(labels) {
+                let e = per_class.entry(l as u64).or_insert((0.0, 0));
+                e.0 += b;
+                e.1 += 1;
+            }
+        }
     }
-    Ok(if n == 0 { f64::NAN } else { total / n as f64 })
+    let mean = if n == 0 { f64::NAN } else { total / n as f64 };
+    let classes = per_class
+        .into_iter()
+        .map(|(k, (s, c))| (k, s / c as f64))
+        .collect();
+    Ok((mean, classes))
 }
 
 /// The first batches of `loader` covering at most `limit` images (all if `None`).

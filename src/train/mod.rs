@@ -217,8 +217,9 @@ pub fn train(
         let lr = optim::learning_rate(t.lr, step, epoch, t.warmup_steps, t.lr_decay);
 
         let started = Instant::now();
-        let (x, _) = train.batch(idx)?;
+        let (x, y) = train.batch(idx)?;
         let mut ctx = FlowCtx::new(derive_seed(seed, streams::DEQUANT, step as u64));
+        model.set_labels(&mut ctx, y.as_ref())?;
         let loss = model.bpd(&x, &mut ctx)?.mean_all()?;
         let loss_v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         if !loss_v.is_finite() {
