@@ -379,24 +379,18 @@ impl CustomOp3 for Conv2dOp {
                 w: x.dim(3)?,
             },
         )?;
-        let dw = x.apply_op2_no_bwd(
-            &gy,
-            &WeightGradOp {
-                pad: self.pad,
-                kh: w.dim(2)?,
-                kw: w.dim(3)?,
-                with_bias: false,
-            },
-        )?;
-        let db = x.apply_op2_no_bwd(
-            &gy,
-            &WeightGradOp {
-                pad: self.pad,
-                kh: w.dim(2)?,
-                kw: w.dim(3)?,
-                with_bias: true,
-            },
-        )?;
+        let param_grad = |with_bias: bool| {
+            x.apply_op2_no_bwd(
+                &gy,
+                &WeightGradOp {
+                    pad: self.pad,
+                    kh: w.dim(2)?,
+                    kw: w.dim(3)?,
+                    with_bias,
+                },
+            )
+        };
+        let (dw, db) = (param_grad(false)?, param_grad(true)?);
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }

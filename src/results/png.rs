@@ -72,6 +72,30 @@ impl Canvas {
     }
 }
 
+/// Draws one image `[C, H, W]` (C = 1: grey, else the first three channels as RGB),
+/// each pixel `scale`×`scale`, with its top-left corner at (x0, y0).
+fn blit(
+    canvas: &mut Canvas,
+    img: &[u8],
+    [c, h, w]: [usize; 3],
+    scale: usize,
+    x0: usize,
+    y0: usize,
+) {
+    for y in 0..h * scale {
+        for x in 0..w * scale {
+            let (sy, sx) = (y / scale, x / scale);
+            let px = |k: usize| img[k * h * w + sy * w + sx];
+            let rgb = if c >= 3 {
+                [px(0), px(1), px(2)]
+            } else {
+                [px(0); 3]
+            };
+            canvas.set((x0 + x) as i64, (y0 + y) as i64, rgb);
+        }
+    }
+}
+
 /// One row of `per_row` images per entry of `rows` (label, image bytes), the label drawn
 /// in the left margin: e.g. the same latents sampled at several temperatures.
 pub fn labelled_rows(
@@ -100,18 +124,7 @@ pub fn labelled_rows(
         super::font::draw_text(&mut canvas, label, 3, ty, font, [230, 230, 230]);
         for i in 0..per_row.min(images.len() / (c * h * w)) {
             let img = &images[i * c * h * w..(i + 1) * c * h * w];
-            for y in 0..h * scale {
-                for x in 0..w * scale {
-                    let (sy, sx) = (y / scale, x / scale);
-                    let px = |k: usize| img[k * h * w + sy * w + sx];
-                    let rgb = if c >= 3 {
-                        [px(0), px(1), px(2)]
-                    } else {
-                        [px(0); 3]
-                    };
-                    canvas.set((margin + i * cw + x) as i64, (y0 + y) as i64, rgb);
-                }
-            }
+            blit(&mut canvas, img, shape, scale, margin + i * cw, y0);
         }
     }
     canvas
@@ -127,18 +140,7 @@ pub fn image_grid(images: &[u8], n: usize, shape: [usize; 3], scale: usize) -> C
     for i in 0..n {
         let (gy, gx) = (i / cols, i % cols);
         let img = &images[i * c * h * w..(i + 1) * c * h * w];
-        for y in 0..h * scale {
-            for x in 0..w * scale {
-                let (sy, sx) = (y / scale, x / scale);
-                let px = |k: usize| img[k * h * w + sy * w + sx];
-                let rgb = if c >= 3 {
-                    [px(0), px(1), px(2)]
-                } else {
-                    [px(0); 3]
-                };
-                canvas.set((2 + gx * cw + x) as i64, (2 + gy * ch + y) as i64, rgb);
-            }
-        }
+        blit(&mut canvas, img, shape, scale, 2 + gx * cw, 2 + gy * ch);
     }
     canvas
 }
