@@ -1,0 +1,16 @@
+#!/bin/sh
+# The prepared GPU check: one short script for a lent GPU machine (no Rust toolchain
+# there; build the binary here with `--features cuda`, see README "CUDA", and carry it).
+#   FLOWLAB_BIN=target-cuda/release/flowlab sh bench/gpu_check.sh
+# Prints the GPU, `flowlab bench --json` lines for the experiment models on cuda:0, and
+# trains ci_small on the GPU into $OUT/results (or ./gpu-results).
+set -eu
+BIN=${FLOWLAB_BIN:-./target/release/flowlab}
+OUT_DIR=${OUT:-.}/gpu-results
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+for spec in experiments/uva_tutorial11.yaml experiments/glow_vs_realnvp.yaml \
+            experiments/spline_vs_affine.yaml experiments/ci_small.yaml; do
+  "$BIN" bench "$spec" --set device=cuda:0 --steps 5 --json
+done
+"$BIN" run experiments/ci_small.yaml --set device=cuda:0 --out "$OUT_DIR" --quiet
+"$BIN" compare "$OUT_DIR" --markdown
