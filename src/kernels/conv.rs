@@ -254,10 +254,9 @@ fn conv_input_grad<T: Real>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
 }
 
 fn conv_weight_grad<T: Real>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
-    use rayon::prelude::*;
     let (k, ohw) = (g.k(), g.out_hw());
-    let threads = rayon::current_num_threads();
-    // Each task accumulates Σ Gₙ·colsₙᵀ over a run of images into its own buffer.
+    // Each task accumulates Σ Gₙ·colsₙᵀ over a fixed group of images into its own buffer;
+    // the groups are added in order (deterministic rounding).
     let part = |range: std::ops::Range<usize>, par: gemm::Parallelism| {
         let mut dw = vec![T::ZERO; g.co * k];
         let scratch = if g.pointwise() { 0 } else { k * ohw };
@@ -282,31 +281,15 @@ fn conv_weight_grad<T: Real>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
         });
         dw
     };
-    if threads > 1 && g.b >= threads {
-        let per = g.b.div_ceil(threads);
-        (0..threads)
-            .into_par_iter()
-            .map(|t| part(t * per..((t + 1) * per).min(g.b), gemm::Parallelism::None))
-            .reduce(
-                || vec![T::ZERO; g.co * k],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        *x += y;
-                    }
-                    a
-                },
-            )
+    // Groups run in parallel when there are enough images; otherwise the GEMM gets the
+    // threads. Either way the same groups are summed in the same order.
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && g.b < threads {
+        gemm::Parallelism::Rayon(threads)
     } else {
-        let par = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        if g.b == 0 {
-            return vec![T::ZERO; g.co * k];
-        }
-        part(0..g.b, par)
-    }
+        gemm::Parallelism::None
+    };
+    super::reduce_images(g.b, g.co * k, |r| part(r, par))
 }
 
 fn bias_grad<T: Real>(gy: &[T], g: &Geom) -> Vec<T> {
@@ -525,6 +508,44 @@ mod tests {
     fn matches_candle_values_and_gradients_f32_at_tutorial_size() {
         check(&[8, 64, 14, 14], &[32, 64, 3, 3], 1, DType::F32, 1e-4);
         check(&[8, 64, 14, 14], &[64, 64, 1, 1], 0, DType::F32, 1e-4);
+    }
+
+    #[test]
+    fn gradients_are_bit_identical_for_any_thread_count() {
+        // Training must be reproducible and resumable exactly, so batch reductions may not
+        // depend on rayon's scheduling.
+        let x = randn(1, &[9, 4, 6, 5], DType::F32);
+        let w = randn(2, &[3, 4, 3, 3], DType::F32);
+        let b = randn(3, &[3], DType::F32);
+        let grads = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                super::super::with_kernels(super::super::Kernels::Fast, || {
+                    let (xv, wv) = (
+                        candle_core::Var::from_tensor(&x).unwrap(),
+                        candle_core::Var::from_tensor(&w).unwrap(),
+                    );
+                    let y = conv2d(xv.as_tensor(), wv.as_tensor(), &b, 1).unwrap();
+                    let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                    let v = |t: &Tensor| {
+                        g.get(t)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap()
+                    };
+                    (v(xv.as_tensor()), v(wv.as_tensor()))
+                })
+            })
+        };
+        let one = grads(1);
+        for t in [2, 3, 8] {
+            assert_eq!(grads(t), one, "{t} threads");
+        }
     }
 
     #[test]

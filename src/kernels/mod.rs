@@ -205,6 +205,33 @@ fn slice<'a, T>(data: &'a [T], layout: &candle_core::Layout) -> candle_core::Res
     }
 }
 
+/// Images per partial sum of a batch reduction ([`reduce_images`]). Fixed, so the rounding of
+/// a reduction does not depend on the thread count or on rayon's work stealing.
+const REDUCE_GROUP: usize = 4;
+
+/// `Σ_g f(range_g)` over fixed consecutive groups of [`REDUCE_GROUP`] of `0..n`, computed in
+/// parallel and added in group order: bit-identical results run to run, so training is
+/// reproducible and resumable exactly. `f` returns a partial sum of `len` elements.
+fn reduce_images<T: Real>(
+    n: usize,
+    len: usize,
+    f: impl Fn(std::ops::Range<usize>) -> Vec<T> + Send + Sync,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let groups = n.div_ceil(REDUCE_GROUP);
+    let parts: Vec<Vec<T>> = (0..groups)
+        .into_par_iter()
+        .map(|g| f(g * REDUCE_GROUP..((g + 1) * REDUCE_GROUP).min(n)))
+        .collect();
+    let mut total = vec![T::ZERO; len];
+    for p in parts {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}
+
 /// Runs `f(index, chunk, scratch)` over the `chunk`-sized pieces of `out`, in parallel over
 /// rayon's threads when there are at least as many pieces as threads; otherwise in order,
 /// handing the GEMM inside `f` the threads instead. `scratch` is a per-thread reused

@@ -192,35 +192,28 @@ fn affine_param_grad<T: Real>(
     (b, c, p): (usize, usize, usize),
     eps: T,
 ) -> Vec<T> {
-    use rayon::prelude::*;
-    let per_image = |n: usize| {
+    let group = |images: std::ops::Range<usize>| {
         let mut acc = vec![T::ZERO; 2 * c];
         T::with_scratch(2 * p, |s| {
-            let xn = &x[n * c * p..(n + 1) * c * p];
-            let gn = &gy[n * c * p..(n + 1) * c * p];
-            let (mean, rstd) = s.split_at_mut(p);
-            stats(xn, c, p, eps, mean, rstd);
-            for (ch, (xr, gr)) in xn.chunks(p).zip(gn.chunks(p)).enumerate() {
-                let (mut dw, mut db) = (T::ZERO, T::ZERO);
-                for i in 0..p {
-                    dw += gr[i] * (xr[i] - mean[i]) * rstd[i];
-                    db += gr[i];
+            for n in images {
+                let xn = &x[n * c * p..(n + 1) * c * p];
+                let gn = &gy[n * c * p..(n + 1) * c * p];
+                let (mean, rstd) = s.split_at_mut(p);
+                stats(xn, c, p, eps, mean, rstd);
+                for (ch, (xr, gr)) in xn.chunks(p).zip(gn.chunks(p)).enumerate() {
+                    let (mut dw, mut db) = (T::ZERO, T::ZERO);
+                    for i in 0..p {
+                        dw += gr[i] * (xr[i] - mean[i]) * rstd[i];
+                        db += gr[i];
+                    }
+                    acc[ch] += dw;
+                    acc[c + ch] += db;
                 }
-                acc[ch] = dw;
-                acc[c + ch] = db;
             }
         });
         acc
     };
-    (0..b).into_par_iter().map(per_image).reduce(
-        || vec![T::ZERO; 2 * c],
-        |mut a, b| {
-            for (x, y) in a.iter_mut().zip(b) {
-                *x += y;
-            }
-            a
-        },
-    )
+    super::reduce_images(b, 2 * c, group)
 }
 
 /// Channel LayerNorm with affine parameters: `(x, w, b) → x̂·w + b`, w and b `[1, C, 1, 1]`.
@@ -380,6 +373,48 @@ mod tests {
         ] {
             let x = (Rng::new(7).normal(&dims, 3.0, dtype, &Device::Cpu).unwrap() + 2.0).unwrap();
             super::super::check_against_reference(&[x], |t| channel_norm(&t[0], 1e-5), tol);
+        }
+    }
+
+    #[test]
+    fn parameter_gradients_are_bit_identical_for_any_thread_count() {
+        let mut rng = Rng::new(9);
+        let x = rng
+            .normal(&[11, 6, 3, 4], 2.0, DType::F32, &Device::Cpu)
+            .unwrap();
+        let w = rng
+            .normal(&[1, 6, 1, 1], 1.0, DType::F32, &Device::Cpu)
+            .unwrap();
+        let b = rng
+            .normal(&[1, 6, 1, 1], 1.0, DType::F32, &Device::Cpu)
+            .unwrap();
+        let grads = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                super::super::with_kernels(super::super::Kernels::Fast, || {
+                    let wv = candle_core::Var::from_tensor(&w).unwrap();
+                    let y = layer_norm_channels(&x, wv.as_tensor(), &b, 1e-5).unwrap();
+                    let g = (y.sqr().unwrap() * &x)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    g.get(wv.as_tensor())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+            })
+        };
+        let one = grads(1);
+        for t in [2, 3, 8] {
+            assert_eq!(grads(t), one, "{t} threads");
         }
     }
 
