@@ -5,6 +5,8 @@
 //!   the [`flow::FlowModel`] (dequantization + layers + prior) with `log_prob`, `bpd`
 //!   and `sample`;
 //! - [`nets`]: the conditioner networks used inside couplings (GatedConvNet, Glow's conv net);
+//! - [`kernels`]: fast CPU kernels (im2col + GEMM convolution, fused ConcatELU, gate and
+//!   channel LayerNorm) as candle custom ops with explicit backward passes;
 //! - [`params`]: a seeded parameter store (trainable variables + non-trainable buffers)
 //!   with readable names, saved and loaded as safetensors;
 //! - [`linalg`]: small host-side f64 linear algebra (LU, determinant, inverse, QR) that
