@@ -24,6 +24,7 @@
 
 use candle_core::{DType, Tensor, D};
 
+use super::logit::softplus;
 use crate::Result;
 
 /// Minimum bin width, bin height and derivative.
@@ -32,11 +33,6 @@ pub const MIN_BIN: f64 = 1e-3;
 /// Unconstrained parameters per transformed element.
 pub fn params_per_element(bins: usize) -> usize {
     3 * bins - 1
-}
-
-/// `ln(1 + eˣ)`, stable for large |x|.
-fn softplus(x: &Tensor) -> Result<Tensor> {
-    Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
 }
 
 /// Knot positions `[…, K + 1]` on [−B, B] and bin sizes `[…, K]` from unconstrained sizes.

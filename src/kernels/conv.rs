@@ -58,6 +58,16 @@ impl Geom {
         })
     }
 
+    /// Refuses an output gradient whose shape is not `[B, Co, H', W']` of this geometry.
+    fn check_grad(&self, gd: &[usize], what: &str) -> candle_core::Result<()> {
+        if gd != [self.b, self.co, self.oh, self.ow] {
+            return Err(candle_core::Error::Msg(format!(
+                "conv2d {what}: output gradient {gd:?} does not match geometry {self:?}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Rows of the patch matrix.
     fn k(&self) -> usize {
         self.ci * self.kh * self.kw
@@ -400,11 +410,7 @@ impl CustomOp2 for InputGradOp {
         let (gd, wd) = (l1.dims(), l2.dims());
         let x_dims = [gd[0], wd[1], self.h, self.w];
         let g = Geom::new(&x_dims, wd, self.pad)?;
-        if gd != [g.b, g.co, g.oh, g.ow] {
-            return Err(candle_core::Error::Msg(format!(
-                "conv2d input gradient: output gradient {gd:?} does not match geometry {g:?}"
-            )));
-        }
+        g.check_grad(gd, "input gradient")?;
         let out =
             crate::kernels::dispatch!("conv2d input grad", (s1, s2), |gy, w| conv_input_grad(
                 slice(gy, l1)?,
@@ -438,11 +444,7 @@ impl CustomOp2 for WeightGradOp {
         let (xd, gd) = (l1.dims(), l2.dims());
         let w_dims = [gd[1], xd[1], self.kh, self.kw];
         let g = Geom::new(xd, &w_dims, self.pad)?;
-        if gd != [g.b, g.co, g.oh, g.ow] {
-            return Err(candle_core::Error::Msg(format!(
-                "conv2d weight gradient: output gradient {gd:?} does not match geometry {g:?}"
-            )));
-        }
+        g.check_grad(gd, "weight gradient")?;
         if self.with_bias {
             let out = crate::kernels::dispatch!("conv2d bias grad", (s1, s2), |_x, gy| bias_grad(
                 slice(gy, l2)?,

@@ -9,8 +9,8 @@
 //!   followed by col2im. The GEMMs use the `gemm` crate (the one candle's matmul uses),
 //!   and images are spread over rayon's threads. 1×1 kernels skip im2col.
 //! - [`concat_elu`], [`gate`]: fused elementwise forward and backward.
-//! - [`channel_norm`]: the normalisation of a per-pixel LayerNorm over channels
-//!   (`x̂ = (x − μ)/√(σ² + ε)`), forward and backward in one pass each.
+//! - [`layer_norm_channels`]: a per-pixel LayerNorm over channels with affine weight and
+//!   bias (`x̂ = (x − μ)/√(σ² + ε)`, then `x̂·w + b`), forward and backward in one pass each.
 //!
 //! Every op falls back to the composed candle reference (module [`reference`]) on
 //! non-CPU devices, for dtypes other than f32/f64, and when [`set_kernels`] selects
@@ -44,7 +44,7 @@ use candle_core::{DType, Tensor};
 pub use alloc::tune_allocator;
 pub use conv::conv2d;
 pub use elementwise::{concat_elu, gate};
-pub use norm::{channel_norm, layer_norm_channels};
+pub use norm::layer_norm_channels;
 
 /// Which implementation the hot ops use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! `∂x = r·(G − mean_c G − x̂·mean_c(G·x̂))`.
 //! The affine weight and bias of the LayerNorm stay ordinary candle ops.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::{per_image, slice, Real};
 use crate::Result;
@@ -15,7 +15,7 @@ fn dims3(dims: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
     match dims {
         [b, c, rest @ ..] if *c > 0 => Ok((*b, *c, rest.iter().product())),
         _ => Err(candle_core::Error::Msg(format!(
-            "channel_norm kernel: expected [B, C, …] with C > 0, got {dims:?}"
+            "layer_norm_channels kernel: expected [B, C, …] with C > 0, got {dims:?}"
         ))),
     }
 }
@@ -59,11 +59,11 @@ fn norm_fwd<T: Real>(x: &[T], (b, c, p): (usize, usize, usize), eps: T) -> Vec<T
     out
 }
 
-/// `∂x` for `y = x̂·w + b` (`w = None`: `y = x̂`): the formula above with `G·w` for `G`.
+/// `∂x` for `y = x̂·w + b`: the formula above with `G·w` for `G`.
 fn norm_bwd<T: Real>(
     x: &[T],
     gy: &[T],
-    w: Option<&[T]>,
+    w: &[T],
     (b, c, p): (usize, usize, usize),
     eps: T,
 ) -> Vec<T> {
@@ -78,9 +78,8 @@ fn norm_bwd<T: Real>(
         stats(xn, c, p, eps, mean, rstd);
         mg.fill(T::ZERO);
         mgx.fill(T::ZERO);
-        let scale = |ch: usize| w.map_or(T::ONE, |w| w[ch]);
         for (ch, (xr, gr)) in xn.chunks(p).zip(gn.chunks(p)).enumerate() {
-            let wc = scale(ch);
+            let wc = w[ch];
             for i in 0..p {
                 let xh = (xr[i] - mean[i]) * rstd[i];
                 let g = gr[i] * wc;
@@ -94,7 +93,7 @@ fn norm_bwd<T: Real>(
             .zip(gn.chunks(p))
             .enumerate()
         {
-            let wc = scale(ch);
+            let wc = w[ch];
             for i in 0..p {
                 let xh = (xr[i] - mean[i]) * rstd[i];
                 dr[i] = rstd[i] * (gr[i] * wc - mg[i] * inv_c - xh * mgx[i] * inv_c);
@@ -102,69 +101,6 @@ fn norm_bwd<T: Real>(
         }
     });
     dx
-}
-
-struct ChannelNorm {
-    eps: f64,
-}
-
-impl CustomOp1 for ChannelNorm {
-    fn name(&self) -> &'static str {
-        "flowlab-channel-norm"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = dims3(l.dims())?;
-        let out = crate::kernels::dispatch!("channel_norm", (s), |x| norm_fwd(
-            slice(x, l)?,
-            d,
-            Real::from_f64(self.eps)
-        ))?;
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(
-            &gy.contiguous()?,
-            &ChannelNormGrad { eps: self.eps },
-        )?))
-    }
-}
-
-/// `(x, G) → ∂x` of the channel normalisation.
-struct ChannelNormGrad {
-    eps: f64,
-}
-
-impl CustomOp2 for ChannelNormGrad {
-    fn name(&self) -> &'static str {
-        "flowlab-channel-norm-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = dims3(l1.dims())?;
-        if l1.dims() != l2.dims() {
-            return Err(candle_core::Error::Msg(format!(
-                "channel_norm grad: x {:?} and gradient {:?} differ",
-                l1.dims(),
-                l2.dims()
-            )));
-        }
-        let out = crate::kernels::dispatch!("channel_norm grad", (s1, s2), |x, g| norm_bwd(
-            slice(x, l1)?,
-            slice(g, l2)?,
-            None,
-            d,
-            Real::from_f64(self.eps)
-        ))?;
-        Ok((out, l1.shape().clone()))
-    }
 }
 
 fn affine_fwd<T: Real>(
@@ -301,7 +237,7 @@ impl CustomOp3 for AffineInputGrad {
                 norm_bwd(
                     slice(x, l1)?,
                     slice(g, l2)?,
-                    Some(slice(w, l3)?),
+                    slice(w, l3)?,
                     d,
                     Real::from_f64(self.eps),
                 )
@@ -349,14 +285,6 @@ pub fn layer_norm_channels(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resu
     )?)
 }
 
-/// `(x − μ)/√(σ² + ε)` over the channel axis of `[B, C, H, W]`, per image and pixel.
-pub fn channel_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    if !super::use_fast(&[x]) {
-        return super::reference::channel_norm(x, eps);
-    }
-    Ok(x.contiguous()?.apply_op1(ChannelNorm { eps })?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,7 +292,8 @@ mod tests {
     use candle_core::{DType, Device};
 
     #[test]
-    fn matches_candle() {
+    fn plain_normalisation_matches_candle() {
+        // Unit weight and zero bias: the bare normalisation x̂ and its gradient.
         for (dims, dtype, tol) in [
             (vec![3, 5, 4, 3], DType::F64, 1e-10),
             (vec![2, 1, 3, 3], DType::F64, 1e-10),
@@ -372,7 +301,14 @@ mod tests {
             (vec![16, 32, 14, 14], DType::F32, 1e-4),
         ] {
             let x = (Rng::new(7).normal(&dims, 3.0, dtype, &Device::Cpu).unwrap() + 2.0).unwrap();
-            super::super::check_against_reference(&[x], |t| channel_norm(&t[0], 1e-5), tol);
+            let c = dims[1];
+            let w = Tensor::ones((1, c, 1, 1), dtype, &Device::Cpu).unwrap();
+            let b = Tensor::zeros((1, c, 1, 1), dtype, &Device::Cpu).unwrap();
+            super::super::check_against_reference(
+                &[x, w, b],
+                |t| layer_norm_channels(&t[0], &t[1], &t[2], 1e-5),
+                tol,
+            );
         }
     }
 
