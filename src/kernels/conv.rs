@@ -1,22 +1,48 @@
-//! Stride-1 zero-padded 2-D convolution with bias: im2col + GEMM forward, explicit
-//! weight/bias/input gradients.
+//! Stride-1 zero-padded 2-D convolution with bias, optionally of ConcatELU of its input:
+//! im2col + GEMM forward, explicit weight/bias/input gradients.
 //!
-//! Shapes: x `[B, Ci, H, W]`, w `[Co, Ci, kh, kw]`, b `[Co]`, y `[B, Co, H', W']` with
-//! `H' = H + 2p − kh + 1`, `W' = W + 2p − kw + 1`. With `K = Ci·kh·kw` and `colsₙ` the
-//! `[K, H'W']` patch matrix of image n:
+//! Shapes: x `[B, Cx, H, W]`, w `[Co, Ci, kh, kw]`, b `[Co]`, y `[B, Co, H', W']` with
+//! `H' = H + 2p − kh + 1`, `W' = W + 2p − kw + 1`. The convolution's input is `a = x`
+//! (`Ci = Cx`) or `a = [elu(x), elu(−x)]` (`Ci = 2Cx`, [`Pre::ConcatElu`]), computed per
+//! image into scratch memory, so the doubled activation never becomes a tensor. With
+//! `K = Ci·kh·kw` and `colsₙ` the `[K, H'W']` patch matrix of image n:
 //! - `yₙ = W·colsₙ + b` (W viewed as `[Co, K]`);
 //! - `∂W = Σₙ Gₙ·colsₙᵀ`, `∂b = Σₙ,ₚ Gₙ[:, p]`;
-//! - `∂xₙ = col2im(Wᵀ·Gₙ)`.
+//! - `∂aₙ = Wᵀ ⋆ Gₙ`: the convolution of `Gₙ` with the spatially flipped, transposed
+//!   kernel and padding `kh − 1 − p` (one im2col of `Gₙ` and a GEMM whose inner dimension
+//!   is `Co·kh·kw`); kernels it does not fit (non-square, `p ≥ kh`) use `col2im(Wᵀ·Gₙ)`;
+//! - `∂xₙ = ∂aₙ` or, through ConcatELU, `∂a₁·elu′(x) − ∂a₂·elu′(−x)`.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::{per_image, slice, Real};
+use super::elementwise::{concat_elu_grad_row, concat_elu_row};
+use super::{per_image, slice, wide, Real};
 use crate::Result;
+
+/// What the convolution applies to its input first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pre {
+    /// `a = x`.
+    Identity,
+    /// `a = [elu(x), elu(−x)]` along channels.
+    ConcatElu,
+}
+
+impl Pre {
+    /// Channels of the convolution's input for `cx` input channels.
+    fn channels(self, cx: usize) -> usize {
+        match self {
+            Pre::Identity => cx,
+            Pre::ConcatElu => 2 * cx,
+        }
+    }
+}
 
 /// Convolution geometry, derived from the input and weight shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Geom {
     b: usize,
+    /// Channels of the convolution's input `a` (after the [`Pre`] transform).
     ci: usize,
     h: usize,
     w: usize,
@@ -26,18 +52,23 @@ struct Geom {
     pad: usize,
     oh: usize,
     ow: usize,
+    pre: Pre,
 }
 
 impl Geom {
-    fn new(x: &[usize], w: &[usize], pad: usize) -> candle_core::Result<Self> {
+    /// `x`: the op's input dims `[B, Cx, H, W]`; `w`: `[Co, Ci, kh, kw]`.
+    fn new(x: &[usize], w: &[usize], pad: usize, pre: Pre) -> candle_core::Result<Self> {
         let bad = |m: String| Err(candle_core::Error::Msg(format!("conv2d kernel: {m}")));
-        let (&[b, ci, h, ww], &[co, ci2, kh, kw]) = (x, w) else {
+        let (&[b, cx, h, ww], &[co, ci2, kh, kw]) = (x, w) else {
             return bad(format!(
                 "expected 4-d input and weight, got {x:?} and {w:?}"
             ));
         };
+        let ci = pre.channels(cx);
         if ci != ci2 {
-            return bad(format!("input has {ci} channels, weight expects {ci2}"));
+            return bad(format!(
+                "input has {cx} channels ({ci} after {pre:?}), weight expects {ci2}"
+            ));
         }
         if h + 2 * pad < kh || ww + 2 * pad < kw {
             return bad(format!(
@@ -55,6 +86,7 @@ impl Geom {
             pad,
             oh: h + 2 * pad - kh + 1,
             ow: ww + 2 * pad - kw + 1,
+            pre,
         })
     }
 
@@ -73,8 +105,22 @@ impl Geom {
         self.ci * self.kh * self.kw
     }
 
+    /// Elements of one image of the op's input `x`.
     fn in_len(&self) -> usize {
+        self.act_len() / self.pre.channels(1)
+    }
+
+    /// Elements of one image of the convolution's input `a`.
+    fn act_len(&self) -> usize {
         self.ci * self.h * self.w
+    }
+
+    /// Scratch for one image's `a` (none when `a = x`).
+    fn act_scratch(&self) -> usize {
+        match self.pre {
+            Pre::Identity => 0,
+            Pre::ConcatElu => self.act_len(),
+        }
     }
 
     fn out_hw(&self) -> usize {
@@ -86,6 +132,24 @@ impl Geom {
         self.kh == 1 && self.kw == 1 && self.pad == 0
     }
 
+    /// The geometry of `∂a = Wᵀ ⋆ G` as a forward convolution of G (input `[Co, H', W']`,
+    /// kernel `[Ci, Co, kh, kw]` flipped, padding `kh − 1 − p`), where that gives back
+    /// `H × W`: square kernels with `p < kh`.
+    fn transposed(&self) -> Option<Geom> {
+        if self.kh != self.kw || self.pad >= self.kh || self.pointwise() {
+            return None;
+        }
+        let pad = self.kh - 1 - self.pad;
+        let t = Geom::new(
+            &[self.b, self.co, self.oh, self.ow],
+            &[self.ci, self.co, self.kh, self.kw],
+            pad,
+            Pre::Identity,
+        )
+        .ok()?;
+        (t.oh == self.h && t.ow == self.w).then_some(t)
+    }
+
     /// For kernel column j: the output columns `[lo, hi)` that read inside the image, and the
     /// offset `j − pad` from output to input column.
     fn col_range(&self, j: usize) -> (usize, usize, isize) {
@@ -93,6 +157,19 @@ impl Geom {
         let lo = (-off).max(0) as usize;
         let hi = ((self.w as isize - off).max(0) as usize).min(self.ow);
         (lo.min(hi), hi, off)
+    }
+
+    /// The convolution's input `a` of image `xn`: `xn` itself, or ConcatELU of it written
+    /// into `buf` (`act_scratch()` long).
+    fn activate<'a, T: Real>(&self, xn: &'a [T], buf: &'a mut [T]) -> &'a [T] {
+        match self.pre {
+            Pre::Identity => xn,
+            Pre::ConcatElu => {
+                let (pos, neg) = buf.split_at_mut(xn.len());
+                wide(|| concat_elu_row(xn, pos, neg));
+                buf
+            }
+        }
     }
 }
 
@@ -152,6 +229,22 @@ fn col2im<T: Real>(dcols: &[T], dx: &mut [T], g: &Geom) {
             }
         }
     }
+}
+
+/// `[Co, Ci, kh, kw]` → `[Ci, Co, kh, kw]` with both spatial axes reversed: the kernel of
+/// the transposed convolution.
+fn flip_transpose<T: Real>(w: &[T], g: &Geom) -> Vec<T> {
+    let (khw, mut out) = (g.kh * g.kw, vec![T::ZERO; w.len()]);
+    for co in 0..g.co {
+        for ci in 0..g.ci {
+            let src = &w[(co * g.ci + ci) * khw..(co * g.ci + ci + 1) * khw];
+            let dst = &mut out[(ci * g.co + co) * khw..(ci * g.co + co + 1) * khw];
+            for (d, &s) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = s;
+            }
+        }
+    }
+    out
 }
 
 /// A row-major matrix view for [`matmul`]: element (r, c) at `ptr[r·rs + c·cs]`.
@@ -223,43 +316,100 @@ fn matmul<T: Real>(
 fn conv_forward<T: Real>(x: &[T], w: &[T], b: &[T], g: &Geom) -> Vec<T> {
     let (k, ohw) = (g.k(), g.out_hw());
     let mut out = vec![T::ZERO; g.b * g.co * ohw];
-    let scratch = if g.pointwise() { 0 } else { k * ohw };
-    per_image(&mut out, g.co * ohw, scratch, |n, y, cols, par| {
-        for (co, row) in y.chunks_mut(ohw).enumerate() {
-            row.fill(b[co]);
-        }
-        let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
-        let rhs = if g.pointwise() {
-            xn
-        } else {
-            im2col(xn, cols, g);
-            &*cols
-        };
-        matmul(
-            y,
-            (g.co, ohw, k),
-            Mat::rows(w, k),
-            Mat::rows(rhs, ohw),
-            true,
-            par,
-        );
-    });
+    let cols_len = if g.pointwise() { 0 } else { k * ohw };
+    per_image(
+        &mut out,
+        g.co * ohw,
+        g.act_scratch() + cols_len,
+        |n, y, scratch, par| {
+            for (co, row) in y.chunks_mut(ohw).enumerate() {
+                row.fill(b[co]);
+            }
+            let (act, cols) = scratch.split_at_mut(g.act_scratch());
+            let a = g.activate(&x[n * g.in_len()..(n + 1) * g.in_len()], act);
+            let rhs = if g.pointwise() {
+                a
+            } else {
+                im2col(a, cols, g);
+                &*cols
+            };
+            matmul(
+                y,
+                (g.co, ohw, k),
+                Mat::rows(w, k),
+                Mat::rows(rhs, ohw),
+                true,
+                par,
+            );
+        },
+    );
     out
 }
 
-fn conv_input_grad<T: Real>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
-    let (k, ohw) = (g.k(), g.out_hw());
+/// `∂x`; `x` is read only through ConcatELU's derivative.
+fn conv_input_grad<T: Real>(gy: &[T], w: &[T], x: &[T], g: &Geom) -> Vec<T> {
+    let (k, ohw, hw) = (g.k(), g.out_hw(), g.h * g.w);
+    let t = g.transposed();
+    let wt = t.map(|_| flip_transpose(w, g));
+    // Per image: the patch matrix (of G for the transposed convolution, of ∂a for col2im),
+    // then ∂a when it is not ∂x itself.
+    let cols_len = match t {
+        Some(t) => t.k() * hw,
+        None if g.pointwise() => 0,
+        None => k * ohw,
+    };
     let mut dx = vec![T::ZERO; g.b * g.in_len()];
-    let scratch = if g.pointwise() { 0 } else { k * ohw };
-    per_image(&mut dx, g.in_len(), scratch, |n, dxn, dcols, par| {
-        let gn = Mat::rows(&gy[n * g.co * ohw..(n + 1) * g.co * ohw], ohw);
-        if g.pointwise() {
-            matmul(dxn, (k, ohw, g.co), Mat::transposed(w, k), gn, false, par);
-        } else {
-            matmul(dcols, (k, ohw, g.co), Mat::transposed(w, k), gn, false, par);
-            col2im(dcols, dxn, g);
-        }
-    });
+    per_image(
+        &mut dx,
+        g.in_len(),
+        cols_len + g.act_scratch(),
+        |n, dxn, scratch, par| {
+            let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
+            let (cols, act) = scratch.split_at_mut(cols_len);
+            let da: &mut [T] = match g.pre {
+                Pre::Identity => &mut *dxn,
+                Pre::ConcatElu => &mut *act,
+            };
+            match (t, &wt) {
+                (Some(t), Some(wt)) => {
+                    im2col(gn, cols, &t);
+                    matmul(
+                        da,
+                        (g.ci, hw, t.k()),
+                        Mat::rows(wt, t.k()),
+                        Mat::rows(cols, hw),
+                        false,
+                        par,
+                    );
+                }
+                _ if g.pointwise() => matmul(
+                    da,
+                    (k, ohw, g.co),
+                    Mat::transposed(w, k),
+                    Mat::rows(gn, ohw),
+                    false,
+                    par,
+                ),
+                _ => {
+                    matmul(
+                        cols,
+                        (k, ohw, g.co),
+                        Mat::transposed(w, k),
+                        Mat::rows(gn, ohw),
+                        false,
+                        par,
+                    );
+                    da.fill(T::ZERO);
+                    col2im(cols, da, g);
+                }
+            }
+            if g.pre == Pre::ConcatElu {
+                let (g1, g2) = act.split_at(g.in_len());
+                let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
+                wide(|| concat_elu_grad_row(xn, g1, g2, dxn));
+            }
+        },
+    );
     dx
 }
 
@@ -269,14 +419,15 @@ fn conv_weight_grad<T: Real>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
     // the groups are added in order (deterministic rounding).
     let part = |range: std::ops::Range<usize>, par: gemm::Parallelism| {
         let mut dw = vec![T::ZERO; g.co * k];
-        let scratch = if g.pointwise() { 0 } else { k * ohw };
-        T::with_scratch(scratch, |cols| {
+        let cols_len = if g.pointwise() { 0 } else { k * ohw };
+        T::with_scratch(g.act_scratch() + cols_len, |scratch| {
+            let (act, cols) = scratch.split_at_mut(g.act_scratch());
             for (i, n) in range.enumerate() {
-                let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
+                let a = g.activate(&x[n * g.in_len()..(n + 1) * g.in_len()], act);
                 let rhs = if g.pointwise() {
-                    xn
+                    a
                 } else {
-                    im2col(xn, cols, g);
+                    im2col(a, cols, g);
                     &*cols
                 };
                 matmul(
@@ -302,18 +453,28 @@ fn conv_weight_grad<T: Real>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
     super::reduce_images(g.b, g.co * k, |r| part(r, par))
 }
 
+/// `Σ v` over 8 interleaved partial sums (vectorisable; a fixed order, so deterministic).
+fn lane_sum<T: Real>(v: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    let mut s = T::ZERO;
+    for &x in chunks.remainder() {
+        s += x;
+    }
+    acc.iter().fold(s, |t, &a| t + a)
+}
+
 fn bias_grad<T: Real>(gy: &[T], g: &Geom) -> Vec<T> {
     let ohw = g.out_hw();
     let mut db = vec![T::ZERO; g.co];
     for n in 0..g.b {
         for (co, acc) in db.iter_mut().enumerate() {
-            let row = &gy[(n * g.co + co) * ohw..(n * g.co + co + 1) * ohw];
-            // Pairwise-ish: sum each row on its own, then add, to keep f32 error small.
-            let mut s = T::ZERO;
-            for &v in row {
-                s += v;
-            }
-            *acc += s;
+            *acc += wide(|| lane_sum(&gy[(n * g.co + co) * ohw..(n * g.co + co + 1) * ohw]));
         }
     }
     db
@@ -322,6 +483,7 @@ fn bias_grad<T: Real>(gy: &[T], g: &Geom) -> Vec<T> {
 /// Forward op: `(x, w, b) → y`.
 struct Conv2dOp {
     pad: usize,
+    pre: Pre,
 }
 
 impl CustomOp3 for Conv2dOp {
@@ -338,7 +500,7 @@ impl CustomOp3 for Conv2dOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.pad)?;
+        let g = Geom::new(l1.dims(), l2.dims(), self.pad, self.pre)?;
         if l3.dims() != [g.co] {
             return Err(candle_core::Error::Msg(format!(
                 "conv2d kernel: bias shape {:?}, expected [{}]",
@@ -364,40 +526,43 @@ impl CustomOp3 for Conv2dOp {
         gy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let gy = gy.contiguous()?;
-        let dx = gy.apply_op2_no_bwd(
-            w,
-            &InputGradOp {
-                pad: self.pad,
-                h: x.dim(2)?,
-                w: x.dim(3)?,
-            },
-        )?;
-        let param_grad = |with_bias: bool| {
-            x.apply_op2_no_bwd(
+        let grad = |what: Grad| {
+            x.apply_op3_no_bwd(
+                w,
                 &gy,
-                &WeightGradOp {
+                &GradOp {
                     pad: self.pad,
-                    kh: w.dim(2)?,
-                    kw: w.dim(3)?,
-                    with_bias,
+                    pre: self.pre,
+                    what,
                 },
             )
         };
-        let (dw, db) = (param_grad(false)?, param_grad(true)?);
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((
+            Some(grad(Grad::Input)?),
+            Some(grad(Grad::Weight)?),
+            Some(grad(Grad::Bias)?),
+        ))
     }
 }
 
-/// `(G, w) → ∂x`.
-struct InputGradOp {
-    pad: usize,
-    h: usize,
-    w: usize,
+/// Which gradient a [`GradOp`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grad {
+    Input,
+    Weight,
+    Bias,
 }
 
-impl CustomOp2 for InputGradOp {
+/// `(x, w, G) → ∂x | ∂w | ∂b`.
+struct GradOp {
+    pad: usize,
+    pre: Pre,
+    what: Grad,
+}
+
+impl CustomOp3 for GradOp {
     fn name(&self) -> &'static str {
-        "flowlab-conv2d-input-grad"
+        "flowlab-conv2d-grad"
     }
 
     fn cpu_fwd(
@@ -406,60 +571,31 @@ impl CustomOp2 for InputGradOp {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (gd, wd) = (l1.dims(), l2.dims());
-        let x_dims = [gd[0], wd[1], self.h, self.w];
-        let g = Geom::new(&x_dims, wd, self.pad)?;
-        g.check_grad(gd, "input gradient")?;
-        let out =
-            crate::kernels::dispatch!("conv2d input grad", (s1, s2), |gy, w| conv_input_grad(
-                slice(gy, l1)?,
-                slice(w, l2)?,
-                &g
-            ))?;
-        Ok((out, Shape::from(x_dims.to_vec())))
+        let g = Geom::new(l1.dims(), l2.dims(), self.pad, self.pre)?;
+        g.check_grad(l3.dims(), "gradient")?;
+        let out = crate::kernels::dispatch!("conv2d grad", (s1, s2, s3), |x, w, gy| {
+            let (x, w, gy) = (slice(x, l1)?, slice(w, l2)?, slice(gy, l3)?);
+            match self.what {
+                Grad::Input => conv_input_grad(gy, w, x, &g),
+                Grad::Weight => conv_weight_grad(x, gy, &g),
+                Grad::Bias => bias_grad(gy, &g),
+            }
+        })?;
+        let shape = match self.what {
+            Grad::Input => l1.shape().clone(),
+            Grad::Weight => l2.shape().clone(),
+            Grad::Bias => Shape::from(g.co),
+        };
+        Ok((out, shape))
     }
 }
 
-/// `(x, G) → ∂w` (or `∂b` with `with_bias`).
-struct WeightGradOp {
-    pad: usize,
-    kh: usize,
-    kw: usize,
-    with_bias: bool,
-}
-
-impl CustomOp2 for WeightGradOp {
-    fn name(&self) -> &'static str {
-        "flowlab-conv2d-weight-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (xd, gd) = (l1.dims(), l2.dims());
-        let w_dims = [gd[1], xd[1], self.kh, self.kw];
-        let g = Geom::new(xd, &w_dims, self.pad)?;
-        g.check_grad(gd, "weight gradient")?;
-        if self.with_bias {
-            let out = crate::kernels::dispatch!("conv2d bias grad", (s1, s2), |_x, gy| bias_grad(
-                slice(gy, l2)?,
-                &g
-            ))?;
-            return Ok((out, Shape::from(g.co)));
-        }
-        let out =
-            crate::kernels::dispatch!("conv2d weight grad", (s1, s2), |x, gy| conv_weight_grad(
-                slice(x, l1)?,
-                slice(gy, l2)?,
-                &g
-            ))?;
-        Ok((out, Shape::from(w_dims.to_vec())))
-    }
+fn apply(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize, pre: Pre) -> Result<Tensor> {
+    Ok(x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2dOp { pad, pre })?)
 }
 
 /// `[B, Ci, H, W] ⊛ [Co, Ci, kh, kw] + b[Co]`, stride 1, zero padding `pad` on every side.
@@ -467,8 +603,17 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize) -> Result<Tensor> 
     if !super::use_fast(&[x, w, b]) {
         return super::reference::conv2d(x, w, b, pad);
     }
-    Ok(x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2dOp { pad })?)
+    apply(x, w, b, pad, Pre::Identity)
+}
+
+/// `concat_elu(x) ⊛ w + b`: x `[B, C, H, W]`, w `[Co, 2C, kh, kw]`, b `[Co]`, stride 1,
+/// zero padding `pad`. Equal to `conv2d(concat_elu(x), w, b, pad)` without materialising
+/// the `[B, 2C, H, W]` activation (nor its gradient).
+pub fn conv2d_concat_elu(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize) -> Result<Tensor> {
+    if !super::use_fast(&[x, w, b]) {
+        return super::reference::conv2d(&super::reference::concat_elu(x)?, w, b, pad);
+    }
+    apply(x, w, b, pad, Pre::ConcatElu)
 }
 
 #[cfg(test)]
@@ -490,6 +635,17 @@ mod tests {
             randn(3, &[w[0]], dtype),
         ];
         super::super::check_against_reference(&inputs, |t| conv2d(&t[0], &t[1], &t[2], pad), tol);
+        // The same weights behind ConcatELU of half the channels (odd channel counts keep
+        // whole-plane ConcatELU halves honest).
+        if w[1] % 2 == 0 {
+            let xh = randn(4, &[x[0], x[1] / 2, x[2], x[3]], dtype);
+            let inputs = [xh, inputs[1].clone(), inputs[2].clone()];
+            super::super::check_against_reference(
+                &inputs,
+                |t| conv2d_concat_elu(&t[0], &t[1], &t[2], pad),
+                tol,
+            );
+        }
     }
 
     #[test]
@@ -504,12 +660,33 @@ mod tests {
         check(&[2, 2, 5, 6], &[3, 2, 3, 1], 0, DType::F64, 1e-12);
         check(&[4, 3, 6, 5], &[2, 3, 2, 2], 1, DType::F64, 1e-12);
         check(&[2, 2, 1, 1], &[3, 2, 3, 3], 1, DType::F64, 1e-12);
+        // ConcatELU of 3 channels into a 3×3 and a 1×1 conv; a padding the transposed
+        // input gradient cannot use (p ≥ kh), through col2im.
+        check(&[3, 6, 5, 4], &[2, 6, 3, 3], 1, DType::F64, 1e-12);
+        check(&[3, 6, 5, 4], &[4, 6, 1, 1], 0, DType::F64, 1e-12);
+        check(&[2, 2, 3, 3], &[2, 2, 1, 1], 1, DType::F64, 1e-12);
+    }
+
+    #[test]
+    fn transposed_input_gradient_geometry() {
+        // 3×3 "same": the flipped kernel with padding 1; non-square and p ≥ kh fall back.
+        let g = |w: [usize; 4], pad| Geom::new(&[2, 4, 6, 5], &w, pad, Pre::Identity).unwrap();
+        let t = g([3, 4, 3, 3], 1).transposed().unwrap();
+        assert_eq!((t.ci, t.co, t.pad, t.oh, t.ow), (3, 4, 1, 6, 5));
+        assert_eq!(g([3, 4, 5, 5], 0).transposed().unwrap().pad, 4);
+        assert!(g([3, 4, 3, 1], 0).transposed().is_none());
+        assert!(g([3, 4, 1, 1], 1).transposed().is_none());
+        assert!(
+            g([3, 4, 1, 1], 0).transposed().is_none(),
+            "1×1 needs no patches"
+        );
     }
 
     #[test]
     fn matches_candle_values_and_gradients_f32_at_tutorial_size() {
         check(&[8, 64, 14, 14], &[32, 64, 3, 3], 1, DType::F32, 1e-4);
         check(&[8, 64, 14, 14], &[64, 64, 1, 1], 0, DType::F32, 1e-4);
+        check(&[4, 64, 28, 28], &[2, 64, 3, 3], 1, DType::F32, 1e-4);
     }
 
     #[test]

@@ -26,7 +26,7 @@ fn sigmoid<T: Real>(z: T) -> T {
 
 /// `pos = elu(x)`, `neg = elu(−x)`.
 #[inline(always)]
-fn concat_elu_row<T: Real>(x: &[T], pos: &mut [T], neg: &mut [T]) {
+pub(super) fn concat_elu_row<T: Real>(x: &[T], pos: &mut [T], neg: &mut [T]) {
     for ((p, q), &v) in pos.iter_mut().zip(neg.iter_mut()).zip(x) {
         let e = exp_neg_abs(v) - T::ONE;
         let up = v > T::ZERO;
@@ -37,7 +37,7 @@ fn concat_elu_row<T: Real>(x: &[T], pos: &mut [T], neg: &mut [T]) {
 
 /// `d = g₁·elu′(x) − g₂·elu′(−x)`.
 #[inline(always)]
-fn concat_elu_grad_row<T: Real>(x: &[T], g1: &[T], g2: &[T], d: &mut [T]) {
+pub(super) fn concat_elu_grad_row<T: Real>(x: &[T], g1: &[T], g2: &[T], d: &mut [T]) {
     for (((d, &v), &a), &c) in d.iter_mut().zip(x).zip(g1).zip(g2) {
         let e = exp_neg_abs(v);
         let up = v > T::ZERO;

@@ -46,4 +46,10 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::kernels::conv2d(x, &self.weight, &self.bias, self.padding)
     }
+
+    /// Applies the convolution to ConcatELU of `x` (`[B, c_in/2, H, W]`), fused: the
+    /// doubled activation is never stored.
+    pub fn forward_concat_elu(&self, x: &Tensor) -> Result<Tensor> {
+        crate::kernels::conv2d_concat_elu(x, &self.weight, &self.bias, self.padding)
+    }
 }

@@ -67,8 +67,8 @@ impl GatedConv {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv.forward(&concat_elu(x)?)?;
-        let out = self.gate.forward(&concat_elu(&h)?)?;
+        let h = self.conv.forward_concat_elu(x)?;
+        let out = self.gate.forward_concat_elu(&h)?;
         crate::kernels::gate(x, &out)
     }
 }
@@ -111,7 +111,7 @@ impl GatedConvNet {
         for (block, norm) in &self.blocks {
             h = norm.forward(&block.forward(&h)?)?;
         }
-        self.output.forward(&concat_elu(&h)?)
+        self.output.forward_concat_elu(&h)
     }
 }
 
