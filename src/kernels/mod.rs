@@ -164,7 +164,8 @@ fn exp_f32(x: f32) -> f32 {
     // 1.5·2²³: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let r = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let r = t - ROUND;
     let f = x - r * LN2_HI - r * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * f + 1.398_199_9e-3;
@@ -173,7 +174,10 @@ fn exp_f32(x: f32) -> f32 {
     p = p * f + 1.666_666_5e-1;
     p = p * f + 0.5;
     let y = p * f * f + f + 1.0;
-    y * f32::from_bits(((r as i32 + 127) << 23) as u32)
+    // 2^r built from t's bits (t = ROUND + r exactly, so its low mantissa bits hold r):
+    // a bit cast vectorises, where a saturating `r as i32` goes lane by lane.
+    let r_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
+    y * f32::from_bits(r_bits.wrapping_add(127) << 23)
 }
 
 /// Runs `f` inside a function compiled for AVX2+FMA when the CPU has them, so the
