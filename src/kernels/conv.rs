@@ -173,9 +173,24 @@ impl Geom {
     }
 }
 
-/// Fills `cols` (`[K, H'W']`) with the zero-padded patches of one image `x` (`[Ci, H, W]`).
-fn im2col<T: Real>(x: &[T], cols: &mut [T], g: &Geom) {
-    let ohw = g.out_hw();
+/// Patch matrices larger than this are built and multiplied in bands of output rows, so
+/// each band stays in the L2 cache between im2col and the GEMM that packs it.
+const BAND_BYTES: usize = 384 << 10;
+
+/// Output-row bands `[y0, y1)` covering `0..oh`, each with at most [`BAND_BYTES`] of
+/// patch matrix (`k` rows).
+fn bands<T>(g: &Geom, k: usize) -> impl Iterator<Item = (usize, usize)> {
+    let rows = (BAND_BYTES / (k * g.ow * std::mem::size_of::<T>()).max(1)).clamp(1, g.oh.max(1));
+    let oh = g.oh;
+    (0..oh)
+        .step_by(rows)
+        .map(move |y0| (y0, (y0 + rows).min(oh)))
+}
+
+/// Fills `cols` (`[K, (y1 − y0)·W']`) with the zero-padded patches of output rows
+/// `[y0, y1)` of one image `x` (`[Ci, H, W]`).
+fn im2col<T: Real>(x: &[T], cols: &mut [T], g: &Geom, (y0, y1): (usize, usize)) {
+    let ohw = (y1 - y0) * g.ow;
     for c in 0..g.ci {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for i in 0..g.kh {
@@ -183,8 +198,8 @@ fn im2col<T: Real>(x: &[T], cols: &mut [T], g: &Geom) {
                 let row = (c * g.kh + i) * g.kw + j;
                 let dst = &mut cols[row * ohw..(row + 1) * ohw];
                 let (lo, hi, off) = g.col_range(j);
-                for y in 0..g.oh {
-                    let d = &mut dst[y * g.ow..(y + 1) * g.ow];
+                for y in y0..y1 {
+                    let d = &mut dst[(y - y0) * g.ow..(y - y0 + 1) * g.ow];
                     let sy = y as isize + i as isize - g.pad as isize;
                     if sy < 0 || sy >= g.h as isize || lo == hi {
                         d.fill(T::ZERO);
@@ -275,17 +290,19 @@ impl<T> Mat<T> {
     }
 }
 
-/// `dst (m×n, row-major) = [dst +] lhs (m×k) · rhs (k×n)`.
+/// `dst (m×n, rows `dst_rs` apart) = [dst +] lhs (m×k) · rhs (k×n)`.
+#[allow(clippy::too_many_arguments)]
 fn matmul<T: Real>(
     dst: &mut [T],
+    dst_rs: usize,
     (m, n, k): (usize, usize, usize),
     lhs: Mat<T>,
     rhs: Mat<T>,
     accumulate: bool,
     par: gemm::Parallelism,
 ) {
-    assert!(dst.len() >= m * n);
-    // SAFETY: `dst` holds m·n elements (checked above); `lhs` and `rhs` point into live
+    assert!(n <= dst_rs && (m == 0 || dst.len() >= (m - 1) * dst_rs + n));
+    // SAFETY: `dst` reaches every (row, col) < (m, n) (checked above); `lhs` and `rhs` point into live
     // slices whose extents the callers size from the same geometry (m·k and k·n elements
     // reachable through the given strides).
     unsafe {
@@ -295,7 +312,7 @@ fn matmul<T: Real>(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.ptr,
             lhs.cs,
@@ -327,20 +344,24 @@ fn conv_forward<T: Real>(x: &[T], w: &[T], b: &[T], g: &Geom) -> Vec<T> {
             }
             let (act, cols) = scratch.split_at_mut(g.act_scratch());
             let a = g.activate(&x[n * g.in_len()..(n + 1) * g.in_len()], act);
-            let rhs = if g.pointwise() {
-                a
-            } else {
-                im2col(a, cols, g);
-                &*cols
-            };
-            matmul(
-                y,
-                (g.co, ohw, k),
-                Mat::rows(w, k),
-                Mat::rows(rhs, ohw),
-                true,
-                par,
-            );
+            if g.pointwise() {
+                let (lhs, rhs) = (Mat::rows(w, k), Mat::rows(a, ohw));
+                return matmul(y, ohw, (g.co, ohw, k), lhs, rhs, true, par);
+            }
+            for (y0, y1) in bands::<T>(g, k) {
+                let len = (y1 - y0) * g.ow;
+                im2col(a, cols, g, (y0, y1));
+                let (lhs, rhs) = (Mat::rows(w, k), Mat::rows(cols, len));
+                matmul(
+                    &mut y[y0 * g.ow..],
+                    ohw,
+                    (g.co, len, k),
+                    lhs,
+                    rhs,
+                    true,
+                    par,
+                );
+            }
         },
     );
     out
@@ -372,18 +393,17 @@ fn conv_input_grad<T: Real>(gy: &[T], w: &[T], x: &[T], g: &Geom) -> Vec<T> {
             };
             match (t, &wt) {
                 (Some(t), Some(wt)) => {
-                    im2col(gn, cols, &t);
-                    matmul(
-                        da,
-                        (g.ci, hw, t.k()),
-                        Mat::rows(wt, t.k()),
-                        Mat::rows(cols, hw),
-                        false,
-                        par,
-                    );
+                    for (y0, y1) in bands::<T>(&t, t.k()) {
+                        let len = (y1 - y0) * t.ow;
+                        im2col(gn, cols, &t, (y0, y1));
+                        let (lhs, rhs) = (Mat::rows(wt, t.k()), Mat::rows(cols, len));
+                        let dst = &mut da[y0 * t.ow..];
+                        matmul(dst, hw, (g.ci, len, t.k()), lhs, rhs, false, par);
+                    }
                 }
                 _ if g.pointwise() => matmul(
                     da,
+                    ohw,
                     (k, ohw, g.co),
                     Mat::transposed(w, k),
                     Mat::rows(gn, ohw),
@@ -393,6 +413,7 @@ fn conv_input_grad<T: Real>(gy: &[T], w: &[T], x: &[T], g: &Geom) -> Vec<T> {
                 _ => {
                     matmul(
                         cols,
+                        ohw,
                         (k, ohw, g.co),
                         Mat::transposed(w, k),
                         Mat::rows(gn, ohw),
@@ -424,20 +445,19 @@ fn conv_weight_grad<T: Real>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
             let (act, cols) = scratch.split_at_mut(g.act_scratch());
             for (i, n) in range.enumerate() {
                 let a = g.activate(&x[n * g.in_len()..(n + 1) * g.in_len()], act);
-                let rhs = if g.pointwise() {
-                    a
-                } else {
-                    im2col(a, cols, g);
-                    &*cols
-                };
-                matmul(
-                    &mut dw,
-                    (g.co, k, ohw),
-                    Mat::rows(&gy[n * g.co * ohw..(n + 1) * g.co * ohw], ohw),
-                    Mat::transposed(rhs, ohw),
-                    i > 0,
-                    par,
-                );
+                let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
+                if g.pointwise() {
+                    let (lhs, rhs) = (Mat::rows(gn, ohw), Mat::transposed(a, ohw));
+                    matmul(&mut dw, k, (g.co, k, ohw), lhs, rhs, i > 0, par);
+                    continue;
+                }
+                for (b, (y0, y1)) in bands::<T>(g, k).enumerate() {
+                    let len = (y1 - y0) * g.ow;
+                    im2col(a, cols, g, (y0, y1));
+                    let lhs = Mat::rows(&gn[y0 * g.ow..], ohw);
+                    let rhs = Mat::transposed(cols, len);
+                    matmul(&mut dw, k, (g.co, k, len), lhs, rhs, i > 0 || b > 0, par);
+                }
             }
         });
         dw
