@@ -1,11 +1,16 @@
 #!/bin/sh
 # The prepared GPU check: one short script for a lent GPU machine (no Rust toolchain
-# there; build the binary here with `--features cuda`, see README "CUDA", and carry it).
-#   FLOWLAB_BIN=target-cuda/release/flowlab sh bench/gpu_check.sh
+# there; build the binary here with `sh bench/build_cuda.sh`, see README "CUDA", and carry
+# the gzipped binary, 36 MB, since the 109 MB one is over the carry limit):
+#   FLOWLAB_BIN_GZ=target-cuda/flowlab-cuda.gz sh bench/gpu_check.sh
 # Prints the GPU, `flowlab bench --json` lines for the experiment models on cuda:0, and
 # trains ci_small on the GPU into $OUT/results (or ./gpu-results).
 set -eu
 BIN=${FLOWLAB_BIN:-./target/release/flowlab}
+if [ -n "${FLOWLAB_BIN_GZ:-}" ]; then
+  BIN=/tmp/flowlab-cuda
+  gunzip -c "$FLOWLAB_BIN_GZ" > "$BIN" && chmod +x "$BIN"
+fi
 OUT_DIR=${OUT:-.}/gpu-results
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 for spec in experiments/uva_tutorial11.yaml experiments/glow_vs_realnvp.yaml \
