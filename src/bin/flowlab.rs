@@ -374,7 +374,8 @@ fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
         if curves_path.is_file() {
             let curves = compare::load(&curves_path)?;
             let plot = exp_dir.join("bpd_vs_step.png");
-            compare::plot_curves(&curves, &curves_path, &name)?.save(&plot)?;
+            let groups = compare::run_groups(&df, t, &a.by)?;
+            compare::plot_curves(&curves, &curves_path, &name, &groups)?.save(&plot)?;
             say!("plot: {}\n", plot.display());
         }
         if let Some(n) = a.expect_runs {

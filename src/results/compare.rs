@@ -296,8 +296,52 @@ const PALETTE: [[u8; 3]; 8] = [
     [127, 127, 127],
 ];
 
-/// Plots validation bpd (solid) and train bpd (light) against step, one colour per variant.
-pub fn plot_curves(curves: &DataFrame, path: &Path, title: &str) -> Result<Canvas> {
+/// Longest legend label of the curve plot, in characters.
+const LABEL_CHARS: usize = 34;
+
+/// Run id → the legend label of its `--by` group: the group's values joined by " / ",
+/// JSON punctuation dropped (`{"order":"reverse"}` → `order:reverse`), cut to
+/// [`LABEL_CHARS`] characters with a `~` (the plot font is ASCII).
+pub fn run_groups(df: &DataFrame, path: &Path, by: &[String]) -> Result<BTreeMap<String, String>> {
+    let keys: Vec<&Column> = by
+        .iter()
+        .map(|b| group_column(df, b, path))
+        .collect::<Result<_>>()?;
+    // Tables without run ids (none written by flowlab) fall back to variant colours.
+    let Ok(run) = df.column("run_id") else {
+        return Ok(BTreeMap::new());
+    };
+    Ok((0..df.height())
+        .map(|i| {
+            let label = keys
+                .iter()
+                .map(|c| {
+                    cell_text(c, i)
+                        .chars()
+                        .filter(|ch| !matches!(ch, '{' | '}' | '"' | '[' | ']'))
+                        .collect::<String>()
+                })
+                .collect::<Vec<_>>()
+                .join(" / ");
+            let label = if label.chars().count() > LABEL_CHARS {
+                let cut: String = label.chars().take(LABEL_CHARS - 1).collect();
+                format!("{cut}~")
+            } else {
+                label
+            };
+            (cell_text(run, i), label)
+        })
+        .collect())
+}
+
+/// Plots validation bpd (solid) and train bpd (light) against step, one colour per group:
+/// the run's label in `groups` (see [`run_groups`]), else its variant.
+pub fn plot_curves(
+    curves: &DataFrame,
+    path: &Path,
+    title: &str,
+    groups: &BTreeMap<String, String>,
+) -> Result<Canvas> {
     let step = numbers(column(curves, "step", path)?)?;
     let val = numbers(column(curves, "val_bpd", path)?)?;
     let train = numbers(column(curves, "train_bpd", path)?)?;
@@ -307,7 +351,11 @@ pub fn plot_curves(curves: &DataFrame, path: &Path, title: &str) -> Result<Canva
     let mut series: BTreeMap<(String, bool), Vec<(f64, f64)>> = BTreeMap::new();
     let mut run_variant: BTreeMap<String, String> = BTreeMap::new();
     for i in 0..curves.height() {
-        let (r, v) = (cell_text(run, i), cell_text(variant, i));
+        let r = cell_text(run, i);
+        let v = groups
+            .get(&r)
+            .cloned()
+            .unwrap_or_else(|| cell_text(variant, i));
         if !variants.contains(&v) {
             variants.push(v.clone());
         }
@@ -397,13 +445,20 @@ pub fn plot_curves(curves: &DataFrame, path: &Path, title: &str) -> Result<Canva
             c.set(px(p.0), py(p.1), color);
         }
     }
+    let text_w = variants
+        .iter()
+        .map(|v| text_width(v, 2))
+        .max()
+        .unwrap_or(0)
+        .max(120);
+    let lx = w - r - text_w - 26;
     for (i, v) in variants.iter().enumerate() {
         let y = t + 6 + i as i64 * 14;
         let col = PALETTE[i % PALETTE.len()];
         for dy in 0..3 {
-            c.line((w - r - 150, y + dy), (w - r - 130, y + dy), col);
+            c.line((lx, y + dy), (lx + 20, y + dy), col);
         }
-        draw_text(&mut c, v, w - r - 124, y - 3, 2, black);
+        draw_text(&mut c, v, lx + 26, y - 3, 2, black);
     }
     draw_text(
         &mut c,
@@ -469,5 +524,41 @@ mod tests {
             md.contains("| g       | affine   | 1.5000 ± 0.7071"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn plot_groups_label_runs_by_their_by_values() {
+        let df = DataFrame::new(
+            3,
+            vec![
+                Series::new("run_id".into(), ["a", "b", "c"]).into_column(),
+                Series::new("variant".into(), ["glow", "glow", "glow"]).into_column(),
+                Series::new(
+                    "model.layers[0].step[1]".into(),
+                    [
+                        r#"{"order":"reverse","type":"permute"}"#,
+                        r#"{"param":"lu","type":"invconv"}"#,
+                        r#"{"param":"lu","type":"invconv"}"#,
+                    ],
+                )
+                .into_column(),
+                Series::new(
+                    "model.coupling.kind".into(),
+                    ["additive", "affine", "affine"],
+                )
+                .into_column(),
+            ],
+        )
+        .unwrap();
+        let by = ["model.layers[0].step[1]".into(), "coupling".into()];
+        let g = run_groups(&df, Path::new("t.parquet"), &by).unwrap();
+        assert_eq!(g["b"], "param:lu,type:invconv / affine");
+        assert_eq!(g["b"], g["c"]);
+        assert!(
+            g["a"].starts_with("order:reverse,type:permute / add") && g["a"].ends_with('~'),
+            "{}",
+            g["a"]
+        );
+        assert_eq!(g["a"].chars().count(), LABEL_CHARS);
     }
 }
