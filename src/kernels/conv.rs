@@ -370,12 +370,12 @@ fn conv_forward<T: Real>(x: &[T], w: &[T], b: &[T], g: &Geom) -> Vec<T> {
 /// `∂x`; `x` is read only through ConcatELU's derivative.
 fn conv_input_grad<T: Real>(gy: &[T], w: &[T], x: &[T], g: &Geom) -> Vec<T> {
     let (k, ohw, hw) = (g.k(), g.out_hw(), g.h * g.w);
-    let t = g.transposed();
-    let wt = t.map(|_| flip_transpose(w, g));
+    // The transposed convolution's geometry and kernel, where it applies.
+    let tw = g.transposed().map(|t| (t, flip_transpose(w, g)));
     // Per image: the patch matrix (of G for the transposed convolution, of ∂a for col2im),
     // then ∂a when it is not ∂x itself.
-    let cols_len = match t {
-        Some(t) => t.k() * hw,
+    let cols_len = match &tw {
+        Some((t, _)) => t.k() * hw,
         None if g.pointwise() => 0,
         None => k * ohw,
     };
@@ -391,35 +391,24 @@ fn conv_input_grad<T: Real>(gy: &[T], w: &[T], x: &[T], g: &Geom) -> Vec<T> {
                 Pre::Identity => &mut *dxn,
                 Pre::ConcatElu => &mut *act,
             };
-            match (t, &wt) {
-                (Some(t), Some(wt)) => {
-                    for (y0, y1) in bands::<T>(&t, t.k()) {
+            // `dst = Wᵀ·Gₙ` (`[K, H'W']`): ∂a itself for 1×1, else its patch matrix.
+            let wt_g = |dst: &mut [T]| {
+                let (lhs, rhs) = (Mat::transposed(w, k), Mat::rows(gn, ohw));
+                matmul(dst, ohw, (k, ohw, g.co), lhs, rhs, false, par);
+            };
+            match &tw {
+                Some((t, wt)) => {
+                    for (y0, y1) in bands::<T>(t, t.k()) {
                         let len = (y1 - y0) * t.ow;
-                        im2col(gn, cols, &t, (y0, y1));
+                        im2col(gn, cols, t, (y0, y1));
                         let (lhs, rhs) = (Mat::rows(wt, t.k()), Mat::rows(cols, len));
                         let dst = &mut da[y0 * t.ow..];
                         matmul(dst, hw, (g.ci, len, t.k()), lhs, rhs, false, par);
                     }
                 }
-                _ if g.pointwise() => matmul(
-                    da,
-                    ohw,
-                    (k, ohw, g.co),
-                    Mat::transposed(w, k),
-                    Mat::rows(gn, ohw),
-                    false,
-                    par,
-                ),
-                _ => {
-                    matmul(
-                        cols,
-                        ohw,
-                        (k, ohw, g.co),
-                        Mat::transposed(w, k),
-                        Mat::rows(gn, ohw),
-                        false,
-                        par,
-                    );
+                None if g.pointwise() => wt_g(da),
+                None => {
+                    wt_g(cols);
                     da.fill(T::ZERO);
                     col2im(cols, da, g);
                 }
@@ -716,35 +705,23 @@ mod tests {
         let x = randn(1, &[9, 4, 6, 5], DType::F32);
         let w = randn(2, &[3, 4, 3, 3], DType::F32);
         let b = randn(3, &[3], DType::F32);
-        let grads = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
-                super::super::with_kernels(super::super::Kernels::Fast, || {
-                    let (xv, wv) = (
-                        candle_core::Var::from_tensor(&x).unwrap(),
-                        candle_core::Var::from_tensor(&w).unwrap(),
-                    );
-                    let y = conv2d(xv.as_tensor(), wv.as_tensor(), &b, 1).unwrap();
-                    let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-                    let v = |t: &Tensor| {
-                        g.get(t)
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .to_vec1::<f32>()
-                            .unwrap()
-                    };
-                    (v(xv.as_tensor()), v(wv.as_tensor()))
-                })
-            })
-        };
-        let one = grads(1);
-        for t in [2, 3, 8] {
-            assert_eq!(grads(t), one, "{t} threads");
-        }
+        super::super::assert_thread_count_invariant(|| {
+            let (xv, wv) = (
+                candle_core::Var::from_tensor(&x).unwrap(),
+                candle_core::Var::from_tensor(&w).unwrap(),
+            );
+            let y = conv2d(xv.as_tensor(), wv.as_tensor(), &b, 1).unwrap();
+            let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let v = |t: &Tensor| {
+                g.get(t)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            (v(xv.as_tensor()), v(wv.as_tensor()))
+        });
     }
 
     #[test]

@@ -5,9 +5,12 @@
 //! a direct `conv_transpose2d` loop, and every elementwise op of ConcatELU, gating and the
 //! channel LayerNorm allocates its own temporary. Here:
 //! - [`conv2d`]: stride-1 zero-padded convolution with bias. Forward is im2col + GEMM per
-//!   image; the weight gradient is `Σₙ Gₙ·colsₙᵀ`; the input gradient is `Wᵀ·Gₙ`
-//!   followed by col2im. The GEMMs use the `gemm` crate (the one candle's matmul uses),
-//!   and images are spread over rayon's threads. 1×1 kernels skip im2col.
+//!   image, in L2-sized bands of output rows; the weight gradient is `Σₙ Gₙ·colsₙᵀ`; the
+//!   input gradient is the transposed convolution of `Gₙ` (col2im of `Wᵀ·Gₙ` where that
+//!   does not fit). The GEMMs use the `gemm` crate (the one candle's matmul uses), and
+//!   images are spread over rayon's threads. 1×1 kernels skip im2col.
+//! - [`conv2d_concat_elu`]: the same convolution of ConcatELU of its input, computed per
+//!   image in scratch so the doubled activation never becomes a tensor.
 //! - [`concat_elu`], [`gate`]: fused elementwise forward and backward.
 //! - [`layer_norm_channels`]: a per-pixel LayerNorm over channels with affine weight and
 //!   bias (`x̂ = (x − μ)/√(σ² + ε)`, then `x̂·w + b`), forward and backward in one pass each.
@@ -310,6 +313,23 @@ fn with_kernels<R>(k: Kernels, f: impl FnOnce() -> R) -> R {
 
 /// Values and gradients of `f` on the fast and the reference kernels, compared.
 /// `inputs` become variables; the loss is `Σ f(inputs) · probe` with a fixed random probe.
+/// Asserts that `f`, run with the fast kernels, gives identical results on rayon pools of 1,
+/// 2, 3 and 8 threads (batch reductions must not depend on the scheduling).
+#[cfg(test)]
+fn assert_thread_count_invariant<R: PartialEq + std::fmt::Debug + Send>(f: impl Fn() -> R + Sync) {
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| with_kernels(Kernels::Fast, &f))
+    };
+    let one = run(1);
+    for t in [2, 3, 8] {
+        assert_eq!(run(t), one, "{t} threads");
+    }
+}
+
 #[cfg(test)]
 fn check_against_reference(
     inputs: &[Tensor],
