@@ -27,7 +27,7 @@ impl Dataset {
     ) -> Result<Self> {
         let name = name.into();
         let per: usize = shape.iter().product();
-        if per == 0 || images.len() % per != 0 {
+        if per == 0 || !images.len().is_multiple_of(per) {
             return Err(Error::Data(format!(
                 "{name}: {} bytes is not a whole number of {shape:?} images",
                 images.len()

@@ -74,7 +74,7 @@ impl Split {
     }
 
     fn check(c: usize) -> Result<()> {
-        if c < 2 || c % 2 != 0 {
+        if c < 2 || !c.is_multiple_of(2) {
             return Err(Error::shape(
                 "split",
                 format!("needs an even number of channels ≥ 2, got {c}"),

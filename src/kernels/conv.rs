@@ -15,8 +15,9 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::elementwise::{concat_elu_grad_row, concat_elu_row};
-use super::{per_image, slice, wide, Real};
+use super::direct::{self, Packed, Planes};
+use super::elementwise::{concat_elu_grad_row, concat_elu_row, concat_elu_split};
+use super::{per_image_out, slice, wide, Real};
 use crate::Result;
 
 /// What the convolution applies to its input first.
@@ -148,6 +149,60 @@ impl Geom {
         )
         .ok()?;
         (t.oh == self.h && t.ow == self.w).then_some(t)
+    }
+
+    /// One image's padded planes for the direct path.
+    fn planes(&self) -> Planes {
+        Planes {
+            c: self.ci,
+            h: self.h,
+            w: self.w,
+            pad: self.pad,
+            kh: self.kh,
+            kw: self.kw,
+        }
+    }
+
+    /// The planes of `∂a = Wᵀ ⋆ G` on the direct path: `G` (`[Co, H', W']`) padded by
+    /// `kh − 1 − p`, for square kernels with `p < kh` (1×1 included).
+    fn transposed_planes(&self) -> Option<Planes> {
+        (self.kh == self.kw && self.pad < self.kh).then(|| Planes {
+            c: self.co,
+            h: self.oh,
+            w: self.ow,
+            pad: self.kh - 1 - self.pad,
+            kh: self.kh,
+            kw: self.kw,
+        })
+    }
+
+    /// Whether the direct kernels take this f32 gradient (or the forward pass, `None`):
+    /// an AVX-512 CPU, at least one image per thread (they parallelise over images only)
+    /// and a spatial kernel. 1×1 convolutions are plain GEMMs, which the `gemm` crate runs
+    /// faster, and so is a transposed convolution with few taps (`Co·kh·kw < 64`, e.g. the
+    /// input gradient of a 2-channel output layer); measured by `timing::conv_op_timings`.
+    fn direct(&self, what: Option<Grad>) -> bool {
+        let taps = match what {
+            Some(Grad::Input) if self.transposed_planes().is_none() => return false,
+            Some(Grad::Input) => self.co * self.kh * self.kw >= 64,
+            _ => true,
+        };
+        taps && !self.pointwise() && direct::available() && self.b >= rayon::current_num_threads()
+    }
+
+    /// Writes the convolution's input `a` of image `xn` into the padded planes `buf`.
+    fn fill_planes(&self, p: &Planes, xn: &[f32], buf: &mut [f32]) {
+        for (i, row) in xn.chunks_exact(self.w).enumerate() {
+            buf[p.row(i / self.h, i % self.h)].copy_from_slice(row);
+        }
+        if self.pre == Pre::ConcatElu {
+            // Plane c + Cx gets elu(−x_c), then plane c elu(x_c): in place over whole
+            // planes (borders included, cleared below), so the loop runs in full vectors.
+            let span = p.row(self.ci / 2, 0).start - p.row(0, 0).start;
+            let (pos, neg) = buf.split_at_mut(span);
+            wide(|| concat_elu_split(pos, &mut neg[..span]));
+        }
+        p.clear_border(buf);
     }
 
     /// For kernel column j: the output columns `[lo, hi)` that read inside the image, and the
@@ -332,10 +387,9 @@ fn matmul<T: Real>(
 
 fn conv_forward<T: Real>(x: &[T], w: &[T], b: &[T], g: &Geom) -> Vec<T> {
     let (k, ohw) = (g.k(), g.out_hw());
-    let mut out = vec![T::ZERO; g.b * g.co * ohw];
     let cols_len = if g.pointwise() { 0 } else { k * ohw };
-    per_image(
-        &mut out,
+    let out = per_image_out(
+        g.b * g.co * ohw,
         g.co * ohw,
         g.act_scratch() + cols_len,
         |n, y, scratch, par| {
@@ -367,6 +421,138 @@ fn conv_forward<T: Real>(x: &[T], w: &[T], b: &[T], g: &Geom) -> Vec<T> {
     out
 }
 
+/// [`conv_forward`] by the direct kernels: per image, padded planes of `a`, then
+/// `W ⋆ planes` in padded-width layout, whose real columns get the bias.
+fn forward_direct(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
+    let (p, ohw) = (g.planes(), g.out_hw());
+    let (offs, wk) = (p.offsets(), Packed::new(w, g.co, g.k()));
+    let (plen, rs, wp) = (p.len(), p.out_stride(), p.wp());
+    let out = per_image_out(
+        g.b * g.co * ohw,
+        g.co * ohw,
+        plen + g.co * rs,
+        |n, y, scratch, _| {
+            let (planes, tmp) = scratch.split_at_mut(plen);
+            g.fill_planes(&p, &x[n * g.in_len()..(n + 1) * g.in_len()], planes);
+            direct::conv(planes, &p, &offs, &wk, tmp);
+            for (co, yc) in y.chunks_exact_mut(ohw).enumerate() {
+                for (r, yr) in yc.chunks_exact_mut(g.ow).enumerate() {
+                    let src = &tmp[co * rs + r * wp..co * rs + r * wp + g.ow];
+                    for (d, &s) in yr.iter_mut().zip(src) {
+                        *d = s + b[co];
+                    }
+                }
+            }
+        },
+    );
+    out
+}
+
+/// [`conv_input_grad`] by the direct kernels: `∂a` is the forward kernel run on the padded
+/// planes of `Gₙ` (`t`, from [`Geom::transposed_planes`]) with the flipped, transposed
+/// weights.
+fn input_grad_direct(gy: &[f32], w: &[f32], x: &[f32], g: &Geom, t: Planes) -> Vec<f32> {
+    let ohw = g.out_hw();
+    let wt = Packed::new(&flip_transpose(w, g), g.ci, g.co * g.kh * g.kw);
+    let offs = t.offsets();
+    let (plen, rs, wpt) = (t.len(), t.out_stride(), t.wp());
+    debug_assert_eq!((t.oh(), t.ow()), (g.h, g.w));
+    let scratch_len = plen + g.ci * rs + g.act_scratch();
+    let dx = per_image_out(
+        g.b * g.in_len(),
+        g.in_len(),
+        scratch_len,
+        |n, dxn, scratch, _| {
+            let (planes, rest) = scratch.split_at_mut(plen);
+            let (tmp, act) = rest.split_at_mut(g.ci * rs);
+            let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
+            for (i, row) in gn.chunks_exact(g.ow).enumerate() {
+                planes[t.row(i / g.oh, i % g.oh)].copy_from_slice(row);
+            }
+            t.clear_border(planes);
+            direct::conv(planes, &t, &offs, &wt, tmp);
+            // ∂a of input pixel (c, y, x) is tmp[c·rs + y·Wpt + x]; gathered into ∂x itself or,
+            // through ConcatELU, into scratch first (so elu′ runs over whole vectors).
+            let da: &mut [f32] = match g.pre {
+                Pre::Identity => &mut *dxn,
+                Pre::ConcatElu => &mut *act,
+            };
+            for (i, d) in da.chunks_exact_mut(g.w).enumerate() {
+                let s = (i / g.h) * rs + (i % g.h) * wpt;
+                d.copy_from_slice(&tmp[s..s + g.w]);
+            }
+            if g.pre == Pre::ConcatElu {
+                let (g1, g2) = act.split_at(g.in_len());
+                let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
+                wide(|| concat_elu_grad_row(xn, g1, g2, dxn));
+            }
+        },
+    );
+    dx
+}
+
+/// [`conv_weight_grad`] by the direct kernels: per image, the padded planes of `a` and
+/// `Gₙ` in padded-width layout (zero in the dropped columns), summed over fixed groups.
+fn weight_grad_direct(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
+    let (p, ohw, k) = (g.planes(), g.out_hw(), g.k());
+    let offs = p.offsets();
+    if g.co >= direct::CO_LANES {
+        // Vectorised over output channels: ∂Wᵀ (`[K][cs]`) from Gₙᵀ (`[H'W'][cs]`).
+        let cs = g.co.next_multiple_of(direct::CO_LANES);
+        let plen = p.len();
+        let dwt = super::reduce_images(g.b, k * cs, |range| {
+            let mut dwt = vec![0.0; k * cs];
+            f32::with_scratch(plen + ohw * cs, |scratch| {
+                let (planes, gt) = scratch.split_at_mut(plen);
+                // Channels past Co stay zero; the rest is rewritten per image.
+                gt.fill(0.0);
+                for n in range {
+                    g.fill_planes(&p, &x[n * g.in_len()..(n + 1) * g.in_len()], planes);
+                    let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
+                    // Sequential writes, 16-position runs of Co read streams.
+                    for i0 in (0..ohw).step_by(16) {
+                        let i1 = (i0 + 16).min(ohw);
+                        for (c, plane) in gn.chunks_exact(ohw).enumerate() {
+                            for (i, &v) in (i0..i1).zip(&plane[i0..i1]) {
+                                gt[i * cs + c] = v;
+                            }
+                        }
+                    }
+                    direct::weight_grad_t(planes, &p, &offs, gt, &mut dwt);
+                }
+            });
+            dwt
+        });
+        let mut dw = vec![0.0; g.co * k];
+        for (c, row) in dw.chunks_exact_mut(k).enumerate() {
+            for (t, d) in row.iter_mut().enumerate() {
+                *d = dwt[t * cs + c];
+            }
+        }
+        return dw;
+    }
+    let (plen, gs, wp) = (p.len(), p.grad_stride(), p.wp());
+    super::reduce_images(g.b, g.co * k, |range| {
+        let mut dw = vec![0.0; g.co * k];
+        f32::with_scratch(plen + g.co * gs, |scratch| {
+            let (planes, gz) = scratch.split_at_mut(plen);
+            // Only real output pixels are written below; the rest stays zero.
+            gz.fill(0.0);
+            for n in range {
+                g.fill_planes(&p, &x[n * g.in_len()..(n + 1) * g.in_len()], planes);
+                let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
+                for (c, plane) in gn.chunks_exact(ohw).enumerate() {
+                    for (y, row) in plane.chunks_exact(g.ow).enumerate() {
+                        gz[c * gs + y * wp..c * gs + y * wp + g.ow].copy_from_slice(row);
+                    }
+                }
+                direct::weight_grad(planes, &p, &offs, gz, &mut dw);
+            }
+        });
+        dw
+    })
+}
+
 /// `∂x`; `x` is read only through ConcatELU's derivative.
 fn conv_input_grad<T: Real>(gy: &[T], w: &[T], x: &[T], g: &Geom) -> Vec<T> {
     let (k, ohw, hw) = (g.k(), g.out_hw(), g.h * g.w);
@@ -379,9 +565,8 @@ fn conv_input_grad<T: Real>(gy: &[T], w: &[T], x: &[T], g: &Geom) -> Vec<T> {
         None if g.pointwise() => 0,
         None => k * ohw,
     };
-    let mut dx = vec![T::ZERO; g.b * g.in_len()];
-    per_image(
-        &mut dx,
+    let dx = per_image_out(
+        g.b * g.in_len(),
         g.in_len(),
         cols_len + g.act_scratch(),
         |n, dxn, scratch, par| {
@@ -517,12 +702,18 @@ impl CustomOp3 for Conv2dOp {
                 g.co
             )));
         }
-        let out = crate::kernels::dispatch!("conv2d", (s1, s2, s3), |x, w, b| conv_forward(
-            slice(x, l1)?,
-            slice(w, l2)?,
-            slice(b, l3)?,
-            &g
-        ))?;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) if g.direct(None) => {
+                let (x, w, b) = (slice(x, l1)?, slice(w, l2)?, slice(b, l3)?);
+                CpuStorage::F32(forward_direct(x, w, b, &g))
+            }
+            _ => crate::kernels::dispatch!("conv2d", (s1, s2, s3), |x, w, b| conv_forward(
+                slice(x, l1)?,
+                slice(w, l2)?,
+                slice(b, l3)?,
+                &g
+            ))?,
+        };
         Ok((out, Shape::from((g.b, g.co, g.oh, g.ow))))
     }
 
@@ -585,14 +776,30 @@ impl CustomOp3 for GradOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.pad, self.pre)?;
         g.check_grad(l3.dims(), "gradient")?;
-        let out = crate::kernels::dispatch!("conv2d grad", (s1, s2, s3), |x, w, gy| {
-            let (x, w, gy) = (slice(x, l1)?, slice(w, l2)?, slice(gy, l3)?);
-            match self.what {
-                Grad::Input => conv_input_grad(gy, w, x, &g),
-                Grad::Weight => conv_weight_grad(x, gy, &g),
-                Grad::Bias => bias_grad(gy, &g),
+        let direct = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(gy))
+                if g.direct(Some(self.what)) =>
+            {
+                let (x, w, gy) = (slice(x, l1)?, slice(w, l2)?, slice(gy, l3)?);
+                match (self.what, g.transposed_planes()) {
+                    (Grad::Input, Some(t)) => Some(input_grad_direct(gy, w, x, &g, t)),
+                    (Grad::Weight, _) => Some(weight_grad_direct(x, gy, &g)),
+                    _ => None,
+                }
             }
-        })?;
+            _ => None,
+        };
+        let out = match direct {
+            Some(v) => Ok(CpuStorage::F32(v)),
+            None => crate::kernels::dispatch!("conv2d grad", (s1, s2, s3), |x, w, gy| {
+                let (x, w, gy) = (slice(x, l1)?, slice(w, l2)?, slice(gy, l3)?);
+                match self.what {
+                    Grad::Input => conv_input_grad(gy, w, x, &g),
+                    Grad::Weight => conv_weight_grad(x, gy, &g),
+                    Grad::Bias => bias_grad(gy, &g),
+                }
+            }),
+        }?;
         let shape = match self.what {
             Grad::Input => l1.shape().clone(),
             Grad::Weight => l2.shape().clone(),
@@ -646,7 +853,7 @@ mod tests {
         super::super::check_against_reference(&inputs, |t| conv2d(&t[0], &t[1], &t[2], pad), tol);
         // The same weights behind ConcatELU of half the channels (odd channel counts keep
         // whole-plane ConcatELU halves honest).
-        if w[1] % 2 == 0 {
+        if w[1].is_multiple_of(2) {
             let xh = randn(4, &[x[0], x[1] / 2, x[2], x[3]], dtype);
             let inputs = [xh, inputs[1].clone(), inputs[2].clone()];
             super::super::check_against_reference(
@@ -674,6 +881,62 @@ mod tests {
         check(&[3, 6, 5, 4], &[2, 6, 3, 3], 1, DType::F64, 1e-12);
         check(&[3, 6, 5, 4], &[4, 6, 1, 1], 0, DType::F64, 1e-12);
         check(&[2, 2, 3, 3], &[2, 2, 1, 1], 1, DType::F64, 1e-12);
+    }
+
+    #[test]
+    fn direct_kernels_match_the_gemm_path() {
+        if !direct::available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        let vals = |n: usize, seed: u64| randn(seed, &[n], DType::F32).to_vec1::<f32>().unwrap();
+        // Odd sizes, every forward block size (Co 1..8 and 8 + remainder), Co below, at
+        // and above 16 (both weight-gradient kernels), 3×3 and other kernels, paddings 0..2,
+        // both input transforms.
+        for (b, cx, h, w, co, k, pad, pre) in [
+            (3, 3, 5, 7, 13, 3, 1, Pre::Identity),
+            (2, 4, 7, 3, 2, 3, 1, Pre::ConcatElu),
+            (2, 3, 6, 6, 17, 3, 1, Pre::ConcatElu),
+            (3, 2, 5, 5, 3, 5, 2, Pre::Identity),
+            (2, 5, 4, 9, 33, 3, 0, Pre::ConcatElu),
+            (2, 3, 6, 5, 7, 2, 1, Pre::Identity),
+            (2, 2, 1, 1, 20, 3, 1, Pre::ConcatElu),
+            (2, 1, 9, 9, 32, 3, 1, Pre::Identity),
+            (2, 8, 6, 5, 64, 3, 1, Pre::ConcatElu),
+            (2, 3, 4, 4, 16, 5, 1, Pre::Identity),
+        ] {
+            let g = Geom::new(&[b, cx, h, w], &[co, pre.channels(cx), k, k], pad, pre).unwrap();
+            let (x, wt, bias) = (vals(b * g.in_len(), 1), vals(co * g.k(), 2), vals(co, 3));
+            let gy = vals(b * co * g.out_hw(), 4);
+            let close = |a: &[f32], e: &[f32], what: &str| {
+                assert_eq!(a.len(), e.len());
+                let scale = e.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+                let err = a
+                    .iter()
+                    .zip(e)
+                    .fold(0.0f32, |m, (a, e)| m.max((a - e).abs()));
+                assert!(
+                    err <= 1e-5 * scale,
+                    "{what} {g:?}: error {err}, scale {scale}"
+                );
+            };
+            close(
+                &forward_direct(&x, &wt, &bias, &g),
+                &conv_forward(&x, &wt, &bias, &g),
+                "y",
+            );
+            let t = g.transposed_planes().unwrap();
+            close(
+                &input_grad_direct(&gy, &wt, &x, &g, t),
+                &conv_input_grad(&gy, &wt, &x, &g),
+                "∂x",
+            );
+            close(
+                &weight_grad_direct(&x, &gy, &g),
+                &conv_weight_grad(&x, &gy, &g),
+                "∂W",
+            );
+        }
     }
 
     #[test]
@@ -733,5 +996,62 @@ mod tests {
             conv2d(&x, &w, &b, 1).unwrap_err().to_string()
         });
         assert!(err.contains("channels"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    fn vals(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    fn time(what: &str, flop: f64, mut f: impl FnMut()) {
+        f();
+        let mut ts: Vec<f64> = (0..7)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        ts.sort_by(f64::total_cmp);
+        eprintln!(
+            "{what:28} {:7.2} ms {:6.1} GFLOP/s",
+            ts[3] * 1e3,
+            flop / ts[3] / 1e9
+        );
+    }
+
+    /// `cargo test --release --lib timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn conv_op_timings() {
+        for (cx, co, k, pad, pre) in [
+            (32, 32, 3, 1, Pre::ConcatElu),
+            (32, 64, 1, 0, Pre::ConcatElu),
+            (32, 2, 3, 1, Pre::ConcatElu),
+        ] {
+            let ci = pre.channels(cx);
+            let g = Geom::new(&[64, cx, 28, 28], &[co, ci, k, k], pad, pre).unwrap();
+            let x = vals(g.b * g.in_len(), 1);
+            let w = vals(co * g.k(), 2);
+            let b = vals(co, 3);
+            let gy = vals(g.b * co * g.out_hw(), 4);
+            let flop = 2.0 * (g.b * co * g.k() * g.out_hw()) as f64;
+            eprintln!("{cx}→{co} {k}×{k} {pre:?}");
+            time("fwd gemm", flop, || drop(conv_forward(&x, &w, &b, &g)));
+            time("fwd direct", flop, || drop(forward_direct(&x, &w, &b, &g)));
+            time("dx gemm", flop, || drop(conv_input_grad(&gy, &w, &x, &g)));
+            let t = g.transposed_planes().unwrap();
+            time("dx direct", flop, || {
+                drop(input_grad_direct(&gy, &w, &x, &g, t))
+            });
+            time("dw gemm", flop, || drop(conv_weight_grad(&x, &gy, &g)));
+            time("dw direct", flop, || drop(weight_grad_direct(&x, &gy, &g)));
+        }
     }
 }

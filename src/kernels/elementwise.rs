@@ -9,7 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
-use super::{per_image, slice, wide, Real};
+use super::{per_image_out, slice, wide, Real};
 use crate::Result;
 
 /// `e^(−|v|)`: the one exponential both halves of ConcatELU (and their derivatives) need.
@@ -28,6 +28,18 @@ fn sigmoid<T: Real>(z: T) -> T {
 #[inline(always)]
 pub(super) fn concat_elu_row<T: Real>(x: &[T], pos: &mut [T], neg: &mut [T]) {
     for ((p, q), &v) in pos.iter_mut().zip(neg.iter_mut()).zip(x) {
+        let e = exp_neg_abs(v) - T::ONE;
+        let up = v > T::ZERO;
+        *p = if up { v } else { e };
+        *q = if up { e } else { -v };
+    }
+}
+
+/// In place over whole buffers: `neg ← elu(−pos)`, then `pos ← elu(pos)`.
+#[inline(always)]
+pub(super) fn concat_elu_split<T: Real>(pos: &mut [T], neg: &mut [T]) {
+    for (p, q) in pos.iter_mut().zip(neg.iter_mut()) {
+        let v = *p;
         let e = exp_neg_abs(v) - T::ONE;
         let up = v > T::ZERO;
         *p = if up { v } else { e };
@@ -74,8 +86,7 @@ fn batch_split(dims: &[usize]) -> candle_core::Result<(usize, usize)> {
 }
 
 fn concat_elu_fwd<T: Real>(x: &[T], b: usize, len: usize) -> Vec<T> {
-    let mut out = vec![T::ZERO; 2 * b * len];
-    per_image(&mut out, 2 * len, 0, |n, y, _, _| {
+    let out = per_image_out(2 * b * len, 2 * len, 0, |n, y, _, _| {
         let xn = &x[n * len..(n + 1) * len];
         let (pos, neg) = y.split_at_mut(len);
         wide(|| concat_elu_row(xn, pos, neg));
@@ -84,8 +95,7 @@ fn concat_elu_fwd<T: Real>(x: &[T], b: usize, len: usize) -> Vec<T> {
 }
 
 fn concat_elu_bwd<T: Real>(x: &[T], gy: &[T], b: usize, len: usize) -> Vec<T> {
-    let mut dx = vec![T::ZERO; b * len];
-    per_image(&mut dx, len, 0, |n, d, _, _| {
+    let dx = per_image_out(b * len, len, 0, |n, d, _, _| {
         let xn = &x[n * len..(n + 1) * len];
         let (g1, g2) = gy[2 * n * len..2 * (n + 1) * len].split_at(len);
         wide(|| concat_elu_grad_row(xn, g1, g2, d));
@@ -149,8 +159,7 @@ pub fn concat_elu(x: &Tensor) -> Result<Tensor> {
 }
 
 fn gate_fwd<T: Real>(x: &[T], h: &[T], b: usize, len: usize) -> Vec<T> {
-    let mut out = vec![T::ZERO; b * len];
-    per_image(&mut out, len, 0, |n, y, _, _| {
+    let out = per_image_out(b * len, len, 0, |n, y, _, _| {
         let xn = &x[n * len..(n + 1) * len];
         let (v, g) = h[2 * n * len..2 * (n + 1) * len].split_at(len);
         wide(|| gate_row(xn, v, g, y));
@@ -159,8 +168,7 @@ fn gate_fwd<T: Real>(x: &[T], h: &[T], b: usize, len: usize) -> Vec<T> {
 }
 
 fn gate_bwd<T: Real>(h: &[T], gy: &[T], b: usize, len: usize) -> Vec<T> {
-    let mut dh = vec![T::ZERO; 2 * b * len];
-    per_image(&mut dh, 2 * len, 0, |n, d, _, _| {
+    let dh = per_image_out(2 * b * len, 2 * len, 0, |n, d, _, _| {
         let (v, g) = h[2 * n * len..2 * (n + 1) * len].split_at(len);
         let gn = &gy[n * len..(n + 1) * len];
         let (dv, dg) = d.split_at_mut(len);

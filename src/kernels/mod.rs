@@ -36,6 +36,7 @@ pub(crate) use dispatch;
 
 mod alloc;
 mod conv;
+mod direct;
 mod elementwise;
 mod norm;
 pub mod reference;
@@ -246,6 +247,47 @@ fn reduce_images<T: Real>(
 fn per_image<T: Real, F>(out: &mut [T], chunk: usize, scratch_len: usize, f: F)
 where
     F: Fn(usize, &mut [T], &mut [T], gemm::Parallelism) + Send + Sync,
+{
+    for_chunks::<T, T, F>(out, chunk, scratch_len, f)
+}
+
+/// [`per_image`] into a new `len`-element output (`len` a multiple of `chunk`). Each chunk is
+/// zeroed by the worker that fills it, in parallel and while it is cache-hot, instead of
+/// the whole buffer by one thread up front.
+fn per_image_out<T: Real, F>(len: usize, chunk: usize, scratch_len: usize, f: F) -> Vec<T>
+where
+    F: Fn(usize, &mut [T], &mut [T], gemm::Parallelism) + Send + Sync,
+{
+    if chunk == 0 || !len.is_multiple_of(chunk) {
+        let mut out = vec![T::ZERO; len];
+        per_image(&mut out, chunk, scratch_len, f);
+        return out;
+    }
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    for_chunks::<T, _, _>(
+        &mut out.spare_capacity_mut()[..len],
+        chunk,
+        scratch_len,
+        |n, o: &mut [std::mem::MaybeUninit<T>], s, par| {
+            for v in o.iter_mut() {
+                v.write(T::ZERO);
+            }
+            // SAFETY: every element of `o` was initialised just above, and
+            // `MaybeUninit<T>` has the layout of `T`.
+            let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+            f(n, o, s, par)
+        },
+    );
+    // SAFETY: `for_chunks` ran the closure on each of the `len / chunk` chunks, which
+    // initialised all `len` elements.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// The scheduling of [`per_image`] for chunks of any element type `U`.
+fn for_chunks<T: Real, U: Send, F>(out: &mut [U], chunk: usize, scratch_len: usize, f: F)
+where
+    F: Fn(usize, &mut [U], &mut [T], gemm::Parallelism) + Send + Sync,
 {
     use rayon::prelude::*;
     if chunk == 0 {

@@ -7,7 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
-use super::{per_image, slice, Real};
+use super::{per_image, per_image_out, slice, Real};
 use crate::Result;
 
 /// `[B, C, …]` → (B, C, positions per channel).
@@ -45,8 +45,7 @@ fn stats<T: Real>(x: &[T], c: usize, p: usize, eps: T, mean: &mut [T], rstd: &mu
 }
 
 fn norm_fwd<T: Real>(x: &[T], (b, c, p): (usize, usize, usize), eps: T) -> Vec<T> {
-    let mut out = vec![T::ZERO; b * c * p];
-    per_image(&mut out, c * p, 2 * p, |n, y, s, _| {
+    let out = per_image_out(b * c * p, c * p, 2 * p, |n, y, s, _| {
         let xn = &x[n * c * p..(n + 1) * c * p];
         let (mean, rstd) = s.split_at_mut(p);
         stats(xn, c, p, eps, mean, rstd);
@@ -68,8 +67,7 @@ fn norm_bwd<T: Real>(
     eps: T,
 ) -> Vec<T> {
     let inv_c = T::ONE / T::from_usize(c);
-    let mut dx = vec![T::ZERO; b * c * p];
-    per_image(&mut dx, c * p, 4 * p, |n, d, s, _| {
+    let dx = per_image_out(b * c * p, c * p, 4 * p, |n, d, s, _| {
         let xn = &x[n * c * p..(n + 1) * c * p];
         let gn = &gy[n * c * p..(n + 1) * c * p];
         let (mean, rest) = s.split_at_mut(p);

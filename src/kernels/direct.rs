@@ -1,0 +1,624 @@
+//! Direct stride-1 convolution of zero-padded planes: f32 microkernels for AVX-512 CPUs.
+//!
+//! One image's convolution input `a` (`[C, H, W]`) is written into padded planes
+//! `[C, Hp, Wp]` (`Hp = H + 2p`, `Wp = W + 2p`, zero border) followed by zeroed slack.
+//! Output pixel (y, x) gets the *padded-width* index `q = y·Wp + x`, and kernel tap
+//! `t = (c, i, j)` reads `planes[offₜ + q]` with `offₜ = c·Hp·Wp + i·Wp + j`, so
+//!
+//! - forward: `out[co][q] = Σₜ W[co][t] · planes[offₜ + q]` — a GEMM whose right-hand side
+//!   is the planes read at K shifted offsets, so neither a patch matrix (im2col) nor a
+//!   packed copy of it is ever built. Columns `x ≥ W'` of each padded-width row (and the
+//!   tail of the last tile) are computed and dropped by the caller.
+//! - weight gradient: `∂W[co][t] = Σ_q Gz[co][q] · planes[offₜ + q]`, with `Gz` the output
+//!   gradient in the same padded-width layout and zero in the dropped columns.
+//!
+//! The input gradient is the forward kernel applied to the padded output gradient with the
+//! flipped, transposed weights (see `conv.rs`). Register tiles: forward `M` output channels
+//! × `R` vectors of 16 positions (`M·R ≤ 24` accumulators, the weights broadcast from a
+//! `[K][M]` packed block); weight gradient 4 channels × 6 taps, reduced over q.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// f32 lanes per vector.
+const LANES: usize = 16;
+/// The widest forward tile, in positions (`16·R` for the largest `R`).
+const MAX_TILE: usize = 8 * LANES;
+/// Output channels per forward block.
+const BLOCK_CO: usize = 8;
+/// The weight-gradient tile: output channels × taps.
+const WG_CO: usize = 4;
+const WG_TAPS: usize = 6;
+
+/// Whether this CPU runs the microkernels (AVX-512F), checked once.
+pub(super) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The padded-plane geometry of one image for a stride-1 `kh × kw` convolution with zero
+/// padding `pad` on every side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Planes {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub pad: usize,
+    pub kh: usize,
+    pub kw: usize,
+}
+
+impl Planes {
+    /// Padded width `Wp`: the row stride of planes and of padded-width outputs.
+    pub fn wp(&self) -> usize {
+        self.w + 2 * self.pad
+    }
+
+    fn hp(&self) -> usize {
+        self.h + 2 * self.pad
+    }
+
+    fn plane(&self) -> usize {
+        self.hp() * self.wp()
+    }
+
+    /// Output rows `H' = Hp − kh + 1` (the caller checks `kh ≤ Hp`).
+    pub fn oh(&self) -> usize {
+        self.hp() + 1 - self.kh
+    }
+
+    /// Output columns `W' = Wp − kw + 1`.
+    pub fn ow(&self) -> usize {
+        self.wp() + 1 - self.kw
+    }
+
+    /// Padded-width output positions `H'·Wp`.
+    fn q(&self) -> usize {
+        self.oh() * self.wp()
+    }
+
+    /// Row stride of a padded-width output buffer: room for the last, partly dropped tile.
+    pub fn out_stride(&self) -> usize {
+        self.q().next_multiple_of(LANES) + MAX_TILE
+    }
+
+    /// Row stride of a padded-width output gradient for [`weight_grad`]: whole vectors.
+    pub fn grad_stride(&self) -> usize {
+        self.q().next_multiple_of(LANES)
+    }
+
+    /// Elements of the plane buffer: the planes and the slack the last tiles read into.
+    pub fn len(&self) -> usize {
+        self.c * self.plane() + self.kw + MAX_TILE + LANES
+    }
+
+    /// `offₜ` for the taps `t = (c, i, j)` in the weight's row-major order.
+    pub fn offsets(&self) -> Vec<usize> {
+        let (plane, wp) = (self.plane(), self.wp());
+        let mut offs = Vec::with_capacity(self.c * self.kh * self.kw);
+        for c in 0..self.c {
+            for i in 0..self.kh {
+                for j in 0..self.kw {
+                    offs.push(c * plane + i * wp + j);
+                }
+            }
+        }
+        offs
+    }
+
+    /// Zeroes the border and the slack of `buf` (the interior is the caller's, through
+    /// [`Planes::row`]).
+    pub fn clear_border(&self, buf: &mut [f32]) {
+        let (wp, p) = (self.wp(), self.pad);
+        for c in 0..self.c {
+            let plane = &mut buf[c * self.plane()..(c + 1) * self.plane()];
+            plane[..p * wp + p].fill(0.0);
+            for y in 0..self.h {
+                // The right border of row y and the left border of row y + 1 are adjacent.
+                let s = (p + y) * wp + p + self.w;
+                plane[s..s + 2 * p].fill(0.0);
+            }
+            plane[(p + self.h) * wp + p..].fill(0.0);
+        }
+        buf[self.c * self.plane()..self.len()].fill(0.0);
+    }
+
+    /// The index range of interior row `y` of plane `c` (`W` elements).
+    pub fn row(&self, c: usize, y: usize) -> std::ops::Range<usize> {
+        let s = c * self.plane() + (self.pad + y) * self.wp() + self.pad;
+        s..s + self.w
+    }
+}
+
+/// A `[Co, K]` weight matrix repacked as consecutive `[K][m]` blocks of up to
+/// [`BLOCK_CO`] output channels, so the forward tile broadcasts its `m` weights of one tap
+/// from one cache line.
+pub(super) struct Packed {
+    co: usize,
+    k: usize,
+    data: Vec<f32>,
+}
+
+impl Packed {
+    pub fn new(w: &[f32], co: usize, k: usize) -> Self {
+        assert_eq!(w.len(), co * k, "packed weights: {co}×{k} expected");
+        let mut data = Vec::with_capacity(w.len());
+        for c0 in (0..co).step_by(BLOCK_CO) {
+            let m = BLOCK_CO.min(co - c0);
+            for t in 0..k {
+                data.extend((0..m).map(|r| w[(c0 + r) * k + t]));
+            }
+        }
+        Self { co, k, data }
+    }
+}
+
+/// `out[co][q] = Σₜ W[co][t] · planes[offₜ + q]` for every q of `p`'s padded-width output
+/// (and up to one tile beyond, into the stride's room). `out` is `[Co][p.out_stride()]`.
+pub(super) fn conv(planes: &[f32], p: &Planes, offs: &[usize], w: &Packed, out: &mut [f32]) {
+    let (rs, q) = (p.out_stride(), p.q());
+    assert!(available(), "direct conv needs AVX-512F");
+    assert_eq!(offs.len(), w.k, "one offset per tap");
+    assert!(planes.len() >= p.len() && out.len() >= w.co * rs);
+    // Every read is below offs.max() + q + MAX_TILE ≤ p.len() (the slack covers the last
+    // tile); every write below (co + 1)·rs.
+    assert!(offs.iter().all(|&o| o + q + MAX_TILE <= p.len()));
+    #[cfg(target_arch = "x86_64")]
+    for c0 in (0..w.co).step_by(BLOCK_CO) {
+        let m = BLOCK_CO.min(w.co - c0);
+        let wb = w.data[c0 * w.k..(c0 + m) * w.k].as_ptr();
+        let o = out[c0 * rs..].as_mut_ptr();
+        let x = planes.as_ptr();
+        // SAFETY: AVX-512F is present (asserted); reads and writes stay inside the slices
+        // (asserted above: tiles end below q + 16·R ≤ q + MAX_TILE ≤ rs for each row).
+        unsafe {
+            match m {
+                8 => conv_block::<8, 3>(x, offs, wb, o, rs, q),
+                7 => conv_block::<7, 3>(x, offs, wb, o, rs, q),
+                6 => conv_block::<6, 4>(x, offs, wb, o, rs, q),
+                5 => conv_block::<5, 4>(x, offs, wb, o, rs, q),
+                4 => conv_block::<4, 6>(x, offs, wb, o, rs, q),
+                3 => conv_block::<3, 7>(x, offs, wb, o, rs, q),
+                2 => conv_block::<2, 8>(x, offs, wb, o, rs, q),
+                _ => conv_block::<1, 8>(x, offs, wb, o, rs, q),
+            }
+        }
+    }
+}
+
+/// `M` output rows × `R` vectors per tile, tiles `q0 = 0, 16R, …` while `q0 < q`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn conv_block<const M: usize, const R: usize>(
+    x: *const f32,
+    offs: &[usize],
+    w: *const f32,
+    out: *mut f32,
+    rs: usize,
+    q: usize,
+) {
+    let mut q0 = 0;
+    while q0 < q {
+        let mut acc = [[_mm512_setzero_ps(); R]; M];
+        let base = x.add(q0);
+        let mut wt = w;
+        for &off in offs {
+            let src = base.add(off);
+            let mut v = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                v[r] = _mm512_loadu_ps(src.add(LANES * r));
+            }
+            for m in 0..M {
+                let b = _mm512_set1_ps(*wt.add(m));
+                for r in 0..R {
+                    acc[m][r] = _mm512_fmadd_ps(b, v[r], acc[m][r]);
+                }
+            }
+            wt = wt.add(M);
+        }
+        for m in 0..M {
+            for r in 0..R {
+                _mm512_storeu_ps(out.add(m * rs + q0 + LANES * r), acc[m][r]);
+            }
+        }
+        q0 += LANES * R;
+    }
+}
+
+/// `dw[co][t] += Σ_q gz[co][q] · planes[offₜ + q]`: `gz` is `[Co][p.grad_stride()]`, zero
+/// wherever it is not a real output pixel; `dw` is `[Co][K]`.
+pub(super) fn weight_grad(planes: &[f32], p: &Planes, offs: &[usize], gz: &[f32], dw: &mut [f32]) {
+    let (gs, k) = (p.grad_stride(), offs.len());
+    assert!(available(), "direct conv needs AVX-512F");
+    assert!(planes.len() >= p.len() && gz.len().is_multiple_of(gs) && k > 0);
+    let co = gz.len() / gs;
+    assert_eq!(dw.len(), co * k);
+    assert!(offs.iter().all(|&o| o + gs <= p.len()));
+    #[cfg(target_arch = "x86_64")]
+    for c0 in (0..co).step_by(WG_CO) {
+        let rows = WG_CO.min(co - c0);
+        // Tiles at an edge repeat their last row / tap and drop the repeats.
+        let g: [*const f32; WG_CO] =
+            std::array::from_fn(|r| gz[(c0 + r.min(rows - 1)) * gs..].as_ptr());
+        for t0 in (0..k).step_by(WG_TAPS) {
+            let taps = WG_TAPS.min(k - t0);
+            let x: [*const f32; WG_TAPS] =
+                std::array::from_fn(|j| planes[offs[t0 + j.min(taps - 1)]..].as_ptr());
+            // SAFETY: AVX-512F is present; each row of `g` has gs readable elements and each
+            // tap offset + gs ≤ planes.len() (asserted above).
+            let sums = unsafe { weight_grad_tile(&g, &x, gs / LANES) };
+            for (r, row) in sums.iter().enumerate().take(rows) {
+                let d = &mut dw[(c0 + r) * k + t0..(c0 + r) * k + t0 + taps];
+                for (d, &s) in d.iter_mut().zip(row) {
+                    *d += s;
+                }
+            }
+        }
+    }
+}
+
+/// Channels per vector of the channel-vectorised weight gradient ([`weight_grad_t`]).
+pub(super) const CO_LANES: usize = LANES;
+
+/// `dwt[t][co] += Σ_{y < H', x < W'} planes[offₜ + y·Wp + x] · gt[(y·W' + x)·cs + co]`:
+/// the weight gradient, transposed, vectorised over output channels. `gt` is `Gₙᵀ`
+/// (`[H'W'][cs]`, `cs` a multiple of 16 with zero columns past Co) and `dwt` is `[K][cs]`.
+/// Each tap's scalar is broadcast against 16-channel rows of `Gₙᵀ`, so no horizontal sum
+/// is needed and every vector load is aligned to a row.
+pub(super) fn weight_grad_t(
+    planes: &[f32],
+    p: &Planes,
+    offs: &[usize],
+    gt: &[f32],
+    dwt: &mut [f32],
+) {
+    let (k, ohw, cs) = (
+        offs.len(),
+        p.oh() * p.ow(),
+        gt.len() / (p.oh() * p.ow()).max(1),
+    );
+    assert!(available(), "direct conv needs AVX-512F");
+    assert!(cs % CO_LANES == 0 && gt.len() == ohw * cs && dwt.len() == k * cs && k > 0);
+    assert!(planes.len() >= p.len() && offs.iter().all(|&o| o + p.q() <= p.len()));
+    #[cfg(target_arch = "x86_64")]
+    if p.kh == 3 && p.kw == 3 {
+        // One channel's 9 taps per tile, addressed from one base pointer.
+        let geo = (p.oh(), p.ow(), p.wp());
+        for c0 in (0..cs).step_by(2 * CO_LANES) {
+            let g = gt[c0..].as_ptr();
+            for c in 0..p.c {
+                let (x, d) = (
+                    planes[offs[9 * c]..].as_ptr(),
+                    dwt[9 * c * cs + c0..].as_mut_ptr(),
+                );
+                // SAFETY: as below; the 9 taps of channel c are offs[9c] + i·Wp + j.
+                unsafe {
+                    if cs - c0 >= 2 * CO_LANES {
+                        weight_grad_t_3x3::<2>(x, g, cs, d, geo)
+                    } else {
+                        weight_grad_t_3x3::<1>(x, g, cs, d, geo)
+                    }
+                }
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    for c0 in (0..cs).step_by(4 * CO_LANES) {
+        let cv = (cs - c0).min(4 * CO_LANES) / CO_LANES;
+        let g = gt[c0..].as_ptr();
+        // Taps at the end repeat the last one; the repeats are not stored.
+        macro_rules! run {
+            ($cv:literal, $nt:literal) => {
+                for t0 in (0..k).step_by($nt) {
+                    let taps = ($nt).min(k - t0);
+                    let x: [*const f32; $nt] =
+                        std::array::from_fn(|j| planes[offs[t0 + j.min(taps - 1)]..].as_ptr());
+                    let d = dwt[t0 * cs + c0..].as_mut_ptr();
+                    // SAFETY: AVX-512F is present; tap reads end below offₜ + q ≤
+                    // planes.len(), `gt` reads below ohw·cs, `dwt` writes below
+                    // (t0 + taps)·cs (all asserted above).
+                    unsafe {
+                        weight_grad_t_tile::<$cv, $nt>(&x, g, cs, d, taps, (p.oh(), p.ow(), p.wp()))
+                    }
+                }
+            };
+        }
+        match cv {
+            4 => run!(4, 6),
+            3 => run!(3, 8),
+            2 => run!(2, 12),
+            _ => run!(1, 24),
+        }
+    }
+}
+
+/// [`weight_grad_t`] for the 9 taps of one input channel of a 3×3 kernel (`x` at tap
+/// (0, 0)) × `CV` channel vectors; added into `d` (9 rows `cs` apart).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn weight_grad_t_3x3<const CV: usize>(
+    x: *const f32,
+    g: *const f32,
+    cs: usize,
+    d: *mut f32,
+    (oh, ow, wp): (usize, usize, usize),
+) {
+    let mut acc = [[_mm512_setzero_ps(); CV]; 9];
+    for y in 0..oh {
+        let (xr, gr) = (x.add(y * wp), g.add(y * ow * cs));
+        for xx in 0..ow {
+            let (xp, gp) = (xr.add(xx), gr.add(xx * cs));
+            let mut gv = [_mm512_setzero_ps(); CV];
+            for v in 0..CV {
+                gv[v] = _mm512_loadu_ps(gp.add(CO_LANES * v));
+            }
+            for i in 0..3 {
+                for j in 0..3 {
+                    let b = _mm512_set1_ps(*xp.add(i * wp + j));
+                    for v in 0..CV {
+                        acc[3 * i + j][v] = _mm512_fmadd_ps(b, gv[v], acc[3 * i + j][v]);
+                    }
+                }
+            }
+        }
+    }
+    for t in 0..9 {
+        for v in 0..CV {
+            let dp = d.add(t * cs + CO_LANES * v);
+            _mm512_storeu_ps(dp, _mm512_add_ps(_mm512_loadu_ps(dp), acc[t][v]));
+        }
+    }
+}
+
+/// `CV` channel vectors × `NT` taps of [`weight_grad_t`]; the first `taps` rows are added
+/// into `d` (rows `cs` apart).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn weight_grad_t_tile<const CV: usize, const NT: usize>(
+    x: &[*const f32; NT],
+    g: *const f32,
+    cs: usize,
+    d: *mut f32,
+    taps: usize,
+    (oh, ow, wp): (usize, usize, usize),
+) {
+    let mut acc = [[_mm512_setzero_ps(); CV]; NT];
+    for y in 0..oh {
+        for xx in 0..ow {
+            let (q, gp) = (y * wp + xx, g.add((y * ow + xx) * cs));
+            let mut gv = [_mm512_setzero_ps(); CV];
+            for v in 0..CV {
+                gv[v] = _mm512_loadu_ps(gp.add(CO_LANES * v));
+            }
+            for t in 0..NT {
+                let b = _mm512_set1_ps(*x[t].add(q));
+                for v in 0..CV {
+                    acc[t][v] = _mm512_fmadd_ps(b, gv[v], acc[t][v]);
+                }
+            }
+        }
+    }
+    for t in 0..taps {
+        for v in 0..CV {
+            let dp = d.add(t * cs + CO_LANES * v);
+            _mm512_storeu_ps(dp, _mm512_add_ps(_mm512_loadu_ps(dp), acc[t][v]));
+        }
+    }
+}
+
+/// `Σ_{v < nv} g[r][16v..16v+16] · x[j][16v..16v+16]` for 4 rows × 6 taps.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn weight_grad_tile(
+    g: &[*const f32; WG_CO],
+    x: &[*const f32; WG_TAPS],
+    nv: usize,
+) -> [[f32; WG_TAPS]; WG_CO] {
+    let mut acc = [[_mm512_setzero_ps(); WG_TAPS]; WG_CO];
+    for v in 0..nv {
+        let o = LANES * v;
+        let mut gv = [_mm512_setzero_ps(); WG_CO];
+        for r in 0..WG_CO {
+            gv[r] = _mm512_loadu_ps(g[r].add(o));
+        }
+        for j in 0..WG_TAPS {
+            let xv = _mm512_loadu_ps(x[j].add(o));
+            for r in 0..WG_CO {
+                acc[r][j] = _mm512_fmadd_ps(gv[r], xv, acc[r][j]);
+            }
+        }
+    }
+    let mut out = [[0.0; WG_TAPS]; WG_CO];
+    for r in 0..WG_CO {
+        for j in 0..WG_TAPS {
+            out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Straightforward stride-1 zero-padded convolution of one image, in f64.
+    fn naive(a: &[f32], w: &[f32], p: &Planes, co: usize) -> Vec<f64> {
+        let (oh, ow) = (p.oh(), p.ow());
+        let mut y = vec![0.0; co * oh * ow];
+        for o in 0..co {
+            for yy in 0..oh {
+                for xx in 0..ow {
+                    let mut s = 0.0;
+                    for c in 0..p.c {
+                        for i in 0..p.kh {
+                            for j in 0..p.kw {
+                                let (sy, sx) = (yy + i, xx + j);
+                                if sy < p.pad
+                                    || sx < p.pad
+                                    || sy >= p.pad + p.h
+                                    || sx >= p.pad + p.w
+                                {
+                                    continue;
+                                }
+                                let av = a[(c * p.h + sy - p.pad) * p.w + sx - p.pad] as f64;
+                                let wv = w[((o * p.c + c) * p.kh + i) * p.kw + j] as f64;
+                                s += av * wv;
+                            }
+                        }
+                    }
+                    y[(o * oh + yy) * ow + xx] = s;
+                }
+            }
+        }
+        y
+    }
+
+    fn fill(p: &Planes, a: &[f32]) -> Vec<f32> {
+        // Garbage everywhere first: clear_border must zero all of the border and slack.
+        let mut buf = vec![f32::NAN; p.len()];
+        p.clear_border(&mut buf);
+        for c in 0..p.c {
+            for y in 0..p.h {
+                buf[p.row(c, y)].copy_from_slice(&a[(c * p.h + y) * p.w..(c * p.h + y + 1) * p.w]);
+            }
+        }
+        buf
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn forward_and_weight_gradient_match_the_definition() {
+        if !available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        // Every forward block size (1..8 and 8 + remainder), square and non-square kernels,
+        // padding 0 / 1 / 2, images narrower than a vector and taller than a tile.
+        for (c, h, w, pad, kh, kw, co) in [
+            (3, 5, 7, 1, 3, 3, 13),
+            (2, 6, 6, 0, 1, 1, 5),
+            (4, 7, 3, 1, 3, 3, 2),
+            (2, 5, 5, 2, 5, 5, 3),
+            (2, 5, 6, 0, 3, 1, 7),
+            (3, 6, 5, 1, 2, 2, 1),
+            (64, 14, 14, 1, 3, 3, 32),
+            (5, 1, 1, 1, 3, 3, 6),
+            (2, 3, 40, 1, 3, 3, 4),
+            (3, 4, 5, 1, 3, 3, 40),
+            (2, 3, 3, 0, 1, 1, 70),
+        ] {
+            let p = Planes {
+                c,
+                h,
+                w,
+                pad,
+                kh,
+                kw,
+            };
+            let k = c * kh * kw;
+            let a = values(c * h * w, 7);
+            let wt = values(co * k, 11);
+            let planes = fill(&p, &a);
+            let offs = p.offsets();
+            let mut out = vec![f32::NAN; co * p.out_stride()];
+            conv(&planes, &p, &offs, &Packed::new(&wt, co, k), &mut out);
+            let want = naive(&a, &wt, &p, co);
+            let (oh, ow) = (p.oh(), p.ow());
+            for o in 0..co {
+                for y in 0..oh {
+                    for x in 0..ow {
+                        let got = out[o * p.out_stride() + y * p.wp() + x] as f64;
+                        let e = want[(o * oh + y) * ow + x];
+                        assert!(
+                            (got - e).abs() < 1e-4 * (1.0 + e.abs()),
+                            "{p:?} {o},{y},{x}: {got} vs {e}"
+                        );
+                    }
+                }
+            }
+            // ∂W against the definition: Σ over output pixels of g · a(shifted).
+            let g = values(co * oh * ow, 13);
+            let mut gz = vec![0.0; co * p.grad_stride()];
+            for o in 0..co {
+                for y in 0..oh {
+                    for x in 0..ow {
+                        gz[o * p.grad_stride() + y * p.wp() + x] = g[(o * oh + y) * ow + x];
+                    }
+                }
+            }
+            let mut dw = vec![0.0; co * k];
+            weight_grad(&planes, &p, &offs, &gz, &mut dw);
+            // The channel-vectorised kernel wants Gᵀ with 16-aligned rows.
+            let cs = co.next_multiple_of(CO_LANES);
+            let mut gt = vec![0.0; oh * ow * cs];
+            for o in 0..co {
+                for i in 0..oh * ow {
+                    gt[i * cs + o] = g[o * oh * ow + i];
+                }
+            }
+            let mut dwt = vec![0.0; k * cs];
+            weight_grad_t(&planes, &p, &offs, &gt, &mut dwt);
+            for o in 0..co {
+                for c in 0..p.c {
+                    for (i, j) in (0..p.kh).flat_map(|i| (0..p.kw).map(move |j| (i, j))) {
+                        // ∂W[o][c,i,j] = Σ_{y,x} g[o][y][x] · a(c, y + i − p, x + j − p).
+                        let mut e = 0.0;
+                        for y in 0..oh {
+                            for x in 0..ow {
+                                let (sy, sx) = (y + i, x + j);
+                                if sy < pad || sx < pad || sy >= pad + h || sx >= pad + w {
+                                    continue;
+                                }
+                                let av = a[(c * h + sy - pad) * w + sx - pad] as f64;
+                                e += g[(o * oh + y) * ow + x] as f64 * av;
+                            }
+                        }
+                        let t = (c * p.kh + i) * p.kw + j;
+                        for (got, how) in [(dw[o * k + t], "tile"), (dwt[t * cs + o], "ᵀ")] {
+                            let got = got as f64;
+                            assert!(
+                                (got - e).abs() < 1e-4 * (1.0 + e.abs()),
+                                "{p:?} ∂W {how} {o},{t}: {got} vs {e}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn border_clearing_leaves_the_interior() {
+        let p = Planes {
+            c: 2,
+            h: 3,
+            w: 4,
+            pad: 2,
+            kh: 5,
+            kw: 5,
+        };
+        let mut buf = vec![7.0; p.len()];
+        p.clear_border(&mut buf);
+        let interior: usize = (0..p.c)
+            .flat_map(|c| (0..p.h).map(move |y| (c, y)))
+            .map(|(c, y)| buf[p.row(c, y)].iter().filter(|&&v| v == 7.0).count())
+            .sum();
+        assert_eq!(interior, p.c * p.h * p.w);
+        assert_eq!(buf.iter().filter(|&&v| v == 7.0).count(), p.c * p.h * p.w);
+    }
+}
