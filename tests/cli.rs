@@ -244,6 +244,24 @@ fn bench_prints_one_json_object_per_variant() {
             v["step_ms"].as_f64().unwrap() > 0.0 && v["gflop_per_step"].as_f64().unwrap() > 0.0
         );
     }
+    // `--variant V` (the spelling of `--only V`) benches that variant alone.
+    let (code, out, err) = flowlab(&[
+        "bench",
+        "experiments/ci_small.yaml",
+        "--variant",
+        "glow",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let variants: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["variant"].to_string())
+        .collect();
+    assert_eq!(variants, ["\"glow\""], "{out}");
 }
 
 #[test]

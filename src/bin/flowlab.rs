@@ -72,8 +72,8 @@ struct SpecArgs {
     /// Override a spec value, Hydra-style: `--set train.steps=200` (repeatable).
     #[arg(long = "set", value_name = "PATH=VALUE")]
     set: Vec<String>,
-    /// Only these model variants (repeatable or comma-separated).
-    #[arg(long, value_delimiter = ',')]
+    /// Only these model variants (repeatable or comma-separated; `--variant` is the same).
+    #[arg(long, visible_alias = "variant", value_delimiter = ',')]
     only: Vec<String>,
 }
 

@@ -27,13 +27,15 @@ enum Pre {
     Identity,
     /// `a = [elu(x), elu(−x)]` along channels.
     ConcatElu,
+    /// `a = max(x, 0)`.
+    Relu,
 }
 
 impl Pre {
     /// Channels of the convolution's input for `cx` input channels.
     fn channels(self, cx: usize) -> usize {
         match self {
-            Pre::Identity => cx,
+            Pre::Identity | Pre::Relu => cx,
             Pre::ConcatElu => 2 * cx,
         }
     }
@@ -120,7 +122,7 @@ impl Geom {
     fn act_scratch(&self) -> usize {
         match self.pre {
             Pre::Identity => 0,
-            Pre::ConcatElu => self.act_len(),
+            Pre::ConcatElu | Pre::Relu => self.act_len(),
         }
     }
 
@@ -195,14 +197,39 @@ impl Geom {
         for (i, row) in xn.chunks_exact(self.w).enumerate() {
             buf[p.row(i / self.h, i % self.h)].copy_from_slice(row);
         }
-        if self.pre == Pre::ConcatElu {
-            // Plane c + Cx gets elu(−x_c), then plane c elu(x_c): in place over whole
-            // planes (borders included, cleared below), so the loop runs in full vectors.
-            let span = p.row(self.ci / 2, 0).start - p.row(0, 0).start;
-            let (pos, neg) = buf.split_at_mut(span);
-            wide(|| concat_elu_split(pos, &mut neg[..span]));
+        match self.pre {
+            Pre::Identity => {}
+            Pre::ConcatElu => {
+                // Plane c + Cx gets elu(−x_c), then plane c elu(x_c): in place over whole
+                // planes (borders included, cleared below), so the loop runs in full vectors.
+                let span = p.row(self.ci / 2, 0).start - p.row(0, 0).start;
+                let (pos, neg) = buf.split_at_mut(span);
+                wide(|| concat_elu_split(pos, &mut neg[..span]));
+            }
+            Pre::Relu => wide(|| relu_in_place(buf)),
         }
         p.clear_border(buf);
+    }
+
+    /// Where the input gradient's GEMM writes `∂aₙ`: `∂xₙ` itself when `a = x`, else the
+    /// activation scratch (then [`Geom::pre_grad`] turns it into `∂xₙ`).
+    fn da_target<'a, T>(&self, dxn: &'a mut [T], act: &'a mut [T]) -> &'a mut [T] {
+        match self.pre {
+            Pre::Identity => dxn,
+            Pre::ConcatElu | Pre::Relu => act,
+        }
+    }
+
+    /// `∂xₙ` from `∂aₙ` (in `act`) through the input transform's derivative at `xₙ`.
+    fn pre_grad<T: Real>(&self, xn: &[T], act: &[T], dxn: &mut [T]) {
+        match self.pre {
+            Pre::Identity => {}
+            Pre::ConcatElu => {
+                let (g1, g2) = act.split_at(xn.len());
+                wide(|| concat_elu_grad_row(xn, g1, g2, dxn));
+            }
+            Pre::Relu => wide(|| relu_grad_row(xn, &act[..xn.len()], dxn)),
+        }
     }
 
     /// For kernel column j: the output columns `[lo, hi)` that read inside the image, and the
@@ -224,7 +251,29 @@ impl Geom {
                 wide(|| concat_elu_row(xn, pos, neg));
                 buf
             }
+            Pre::Relu => {
+                let a = &mut buf[..xn.len()];
+                a.copy_from_slice(xn);
+                wide(|| relu_in_place(a));
+                a
+            }
         }
+    }
+}
+
+/// `v ← max(v, 0)`.
+#[inline(always)]
+fn relu_in_place<T: Real>(v: &mut [T]) {
+    for v in v {
+        *v = if *v > T::ZERO { *v } else { T::ZERO };
+    }
+}
+
+/// `d = g·[x > 0]`.
+#[inline(always)]
+fn relu_grad_row<T: Real>(x: &[T], g: &[T], d: &mut [T]) {
+    for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+        *d = if x > T::ZERO { g } else { T::ZERO };
     }
 }
 
@@ -473,19 +522,12 @@ fn input_grad_direct(gy: &[f32], w: &[f32], x: &[f32], g: &Geom, t: Planes) -> V
             direct::conv(planes, &t, &offs, &wt, tmp);
             // ∂a of input pixel (c, y, x) is tmp[c·rs + y·Wpt + x]; gathered into ∂x itself or,
             // through ConcatELU, into scratch first (so elu′ runs over whole vectors).
-            let da: &mut [f32] = match g.pre {
-                Pre::Identity => &mut *dxn,
-                Pre::ConcatElu => &mut *act,
-            };
+            let da = g.da_target(&mut *dxn, &mut *act);
             for (i, d) in da.chunks_exact_mut(g.w).enumerate() {
                 let s = (i / g.h) * rs + (i % g.h) * wpt;
                 d.copy_from_slice(&tmp[s..s + g.w]);
             }
-            if g.pre == Pre::ConcatElu {
-                let (g1, g2) = act.split_at(g.in_len());
-                let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
-                wide(|| concat_elu_grad_row(xn, g1, g2, dxn));
-            }
+            g.pre_grad(&x[n * g.in_len()..(n + 1) * g.in_len()], act, dxn);
         },
     );
     dx
@@ -572,10 +614,7 @@ fn conv_input_grad<T: Real>(gy: &[T], w: &[T], x: &[T], g: &Geom) -> Vec<T> {
         |n, dxn, scratch, par| {
             let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
             let (cols, act) = scratch.split_at_mut(cols_len);
-            let da: &mut [T] = match g.pre {
-                Pre::Identity => &mut *dxn,
-                Pre::ConcatElu => &mut *act,
-            };
+            let da = g.da_target(&mut *dxn, &mut *act);
             // `dst = Wᵀ·Gₙ` (`[K, H'W']`): ∂a itself for 1×1, else its patch matrix.
             let wt_g = |dst: &mut [T]| {
                 let (lhs, rhs) = (Mat::transposed(w, k), Mat::rows(gn, ohw));
@@ -598,11 +637,7 @@ fn conv_input_grad<T: Real>(gy: &[T], w: &[T], x: &[T], g: &Geom) -> Vec<T> {
                     col2im(cols, da, g);
                 }
             }
-            if g.pre == Pre::ConcatElu {
-                let (g1, g2) = act.split_at(g.in_len());
-                let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
-                wide(|| concat_elu_grad_row(xn, g1, g2, dxn));
-            }
+            g.pre_grad(&x[n * g.in_len()..(n + 1) * g.in_len()], act, dxn);
         },
     );
     dx
@@ -832,6 +867,16 @@ pub fn conv2d_concat_elu(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize) -> Resu
     apply(x, w, b, pad, Pre::ConcatElu)
 }
 
+/// `relu(x) ⊛ w + b`: x `[B, C, H, W]`, w `[Co, C, kh, kw]`, b `[Co]`, stride 1, zero
+/// padding `pad`. Equal to `conv2d(relu(x), w, b, pad)` without storing `relu(x)` (nor its
+/// gradient); the gradient passes where `x > 0`.
+pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize) -> Result<Tensor> {
+    if !super::use_fast(&[x, w, b]) {
+        return super::reference::conv2d(&x.relu()?, w, b, pad);
+    }
+    apply(x, w, b, pad, Pre::Relu)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -851,6 +896,12 @@ mod tests {
             randn(3, &[w[0]], dtype),
         ];
         super::super::check_against_reference(&inputs, |t| conv2d(&t[0], &t[1], &t[2], pad), tol);
+        // The same weights behind ReLU.
+        super::super::check_against_reference(
+            &inputs,
+            |t| conv2d_relu(&t[0], &t[1], &t[2], pad),
+            tol,
+        );
         // The same weights behind ConcatELU of half the channels (odd channel counts keep
         // whole-plane ConcatELU halves honest).
         if w[1].is_multiple_of(2) {
@@ -904,6 +955,8 @@ mod tests {
             (2, 1, 9, 9, 32, 3, 1, Pre::Identity),
             (2, 8, 6, 5, 64, 3, 1, Pre::ConcatElu),
             (2, 3, 4, 4, 16, 5, 1, Pre::Identity),
+            (3, 5, 7, 6, 19, 3, 1, Pre::Relu),
+            (2, 4, 5, 5, 3, 3, 1, Pre::Relu),
         ] {
             let g = Geom::new(&[b, cx, h, w], &[co, pre.channels(cx), k, k], pad, pre).unwrap();
             let (x, wt, bias) = (vals(b * g.in_len(), 1), vals(co * g.k(), 2), vals(co, 3));

@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use candle_core::{DType, Tensor};
 
 pub use alloc::tune_allocator;
-pub use conv::{conv2d, conv2d_concat_elu};
+pub use conv::{conv2d, conv2d_concat_elu, conv2d_relu};
 pub use elementwise::{concat_elu, gate};
 pub use norm::layer_norm_channels;
 

@@ -52,4 +52,9 @@ impl Conv2d {
     pub fn forward_concat_elu(&self, x: &Tensor) -> Result<Tensor> {
         crate::kernels::conv2d_concat_elu(x, &self.weight, &self.bias, self.padding)
     }
+
+    /// Applies the convolution to `relu(x)`, fused: the activation is never stored.
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        crate::kernels::conv2d_relu(x, &self.weight, &self.bias, self.padding)
+    }
 }

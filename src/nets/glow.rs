@@ -25,9 +25,10 @@ impl GlowConvNet {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.c1.forward(x)?.relu()?;
-        let h = self.c2.forward(&h)?.relu()?;
-        self.c3.forward(&h)
+        // The ReLUs are fused into the convolutions that consume them.
+        let h = self.c1.forward(x)?;
+        let h = self.c2.forward_relu(&h)?;
+        self.c3.forward_relu(&h)
     }
 }
 
