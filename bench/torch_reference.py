@@ -1,10 +1,22 @@
 """PyTorch eager reference for `flowlab bench`: the same architectures, timed the same way.
 
-Models (UvA DL tutorial 11 architecture, written independently for this benchmark):
-  coupling   one checkerboard affine coupling, GatedConvNet(1→32→2, 3 gated blocks)
-             (flowlab: bench/tutorial_coupling.yaml)
-  simple     uniform dequantization + logit + 8 checkerboard couplings (556,312 params)
-             (flowlab: experiments/uva_tutorial11.yaml --only simple)
+Models (the architectures of flowlab's experiment files, written independently for this
+benchmark; the parameter counts equal flowlab's):
+  coupling    one checkerboard affine coupling, GatedConvNet(1→32→2, 3 gated blocks)
+              (flowlab: bench/tutorial_coupling.yaml)
+  simple      uniform dequantization + logit + 8 checkerboard couplings (556,312 params)
+              (flowlab: experiments/uva_tutorial11.yaml --variant simple)
+  vardeq      simple with variational dequantization (4 image-conditioned couplings,
+              c_hidden 16): 628,388 params (uva_tutorial11.yaml --variant vardeq)
+  multiscale  vardeq → 2 checkerboard couplings → squeeze → 2 channel couplings (48) →
+              split → squeeze → 4 channel couplings (64): 1,711,818 params
+              (uva_tutorial11.yaml --variant multiscale)
+  realnvp     3 checkerboard, squeeze, 3 channel, split, 3 checkerboard, squeeze,
+              3 channel, split, 4 checkerboard couplings (GatedConvNet 32): 1,177,559
+              params (experiments/glow_vs_realnvp.yaml --variant realnvp)
+  glow        2 levels × 12 [ActNorm, LU 1×1 conv, affine coupling (sigmoid scale,
+              conv3×3-ReLU-conv1×1-ReLU-conv3×3 net, 192 hidden)], learned prior at the
+              split: 1,269,772 params (glow_vs_realnvp.yaml --variant glow)
 
 Timing matches flowlab bench: random pixel batches, 2 warm-up steps, then the median of
 N steps of forward (bpd loss), backward, and Adam with global-norm clipping at 1.0.
@@ -76,6 +88,11 @@ def checkerboard(h, w, invert):
     return 1 - m if invert else m
 
 
+def channel_mask(c, invert=False):
+    m = torch.cat([torch.ones(c // 2), torch.zeros(c - c // 2)]).view(1, c, 1, 1)
+    return 1 - m if invert else m
+
+
 class Coupling(nn.Module):
     def __init__(self, net, mask, c_in):
         super().__init__()
@@ -83,8 +100,10 @@ class Coupling(nn.Module):
         self.scaling_factor = nn.Parameter(torch.zeros(c_in))
         self.register_buffer("mask", mask)
 
-    def forward(self, z, ldj):
+    def forward(self, z, ldj, cond=None):
         z_in = z * self.mask
+        if cond is not None:
+            z_in = torch.cat([z_in, cond], dim=1)
         s, t = self.net(z_in).chunk(2, dim=1)
         f = self.scaling_factor.exp().view(1, -1, 1, 1)
         s = torch.tanh(s / f) * f
@@ -94,17 +113,142 @@ class Coupling(nn.Module):
         return z, ldj + s.sum(dim=[1, 2, 3])
 
 
-class Flow(nn.Module):
-    def __init__(self, couplings, alpha=1e-5):
+def std_normal_logp(z):
+    return (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(dim=[1, 2, 3])
+
+
+class Squeeze(nn.Module):
+    def forward(self, z, ldj):
+        b, c, h, w = z.shape
+        z = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        return z.reshape(b, 4 * c, h // 2, w // 2), ldj
+
+
+class Split(nn.Module):
+    """Factors out half the channels under N(0, 1), or under a learned prior conditioned on
+    the kept half (Glow: zero-initialised conv3×3 → mean, log-scale)."""
+
+    def __init__(self, c=0, learned=False):
         super().__init__()
-        self.flows = nn.ModuleList(couplings)
+        self.prior = None
+        if learned:
+            self.prior = nn.Conv2d(c // 2, 2 * (c - c // 2), 3, padding=1)
+            nn.init.zeros_(self.prior.weight)
+            nn.init.zeros_(self.prior.bias)
+
+    def forward(self, z, ldj):
+        c = z.shape[1]
+        z, z_out = z[:, : c // 2], z[:, c // 2 :]
+        if self.prior is None:
+            return z, ldj + std_normal_logp(z_out)
+        mean, logs = self.prior(z).chunk(2, dim=1)
+        logp = -0.5 * ((z_out - mean) * torch.exp(-logs)) ** 2 - logs - 0.5 * math.log(2 * math.pi)
+        return z, ldj + logp.sum(dim=[1, 2, 3])
+
+
+class ActNorm(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.logs = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, z, ldj):
+        hw = z.shape[2] * z.shape[3]
+        return (z + self.bias) * torch.exp(self.logs), ldj + hw * self.logs.sum()
+
+
+class InvConvLU(nn.Module):
+    """Glow's invertible 1×1 convolution, W = P·L·(U + diag(sign·e^{log s}))."""
+
+    def __init__(self, c):
+        super().__init__()
+        w = torch.linalg.qr(torch.randn(c, c))[0]
+        p, l, u = torch.linalg.lu(w)
+        s = torch.diag(u)
+        self.register_buffer("p", p)
+        self.register_buffer("sign_s", torch.sign(s))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(c, c), -1))
+        self.register_buffer("eye", torch.eye(c))
+        self.lower = nn.Parameter(l)
+        self.upper = nn.Parameter(torch.triu(u, 1))
+        self.log_s = nn.Parameter(torch.log(torch.abs(s)))
+
+    def forward(self, z, ldj):
+        c, hw = z.shape[1], z.shape[2] * z.shape[3]
+        lower = self.lower * self.lower_mask + self.eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
+        w = self.p @ lower @ upper
+        return F.conv2d(z, w.view(c, c, 1, 1)), ldj + hw * self.log_s.sum()
+
+
+class GlowNet(nn.Module):
+    def __init__(self, c_in, hidden, c_out):
+        super().__init__()
+        self.c1 = nn.Conv2d(c_in, hidden, 3, padding=1)
+        self.c2 = nn.Conv2d(hidden, hidden, 1)
+        self.c3 = nn.Conv2d(hidden, c_out, 3, padding=1)
+        nn.init.zeros_(self.c3.weight)
+        nn.init.zeros_(self.c3.bias)
+
+    def forward(self, x):
+        return self.c3(F.relu(self.c2(F.relu(self.c1(x)))))
+
+
+class GlowCoupling(nn.Module):
+    """Affine coupling on channel halves with a sigmoid scale, as in Glow."""
+
+    def __init__(self, c, hidden):
+        super().__init__()
+        self.net = GlowNet(c // 2, hidden, 2 * (c - c // 2))
+
+    def forward(self, z, ldj):
+        c = z.shape[1]
+        za, zb = z[:, : c // 2], z[:, c // 2 :]
+        shift, raw = self.net(za).chunk(2, dim=1)
+        scale = torch.sigmoid(raw + 2.0)
+        zb = (zb + shift) * scale
+        return torch.cat([za, zb], dim=1), ldj + torch.log(scale).sum(dim=[1, 2, 3])
+
+
+class VarDeq(nn.Module):
+    """Variational dequantization (tutorial 11): noise u ~ U(0,1) → logit → 4 couplings
+    conditioned on the image → sigmoid; z = (x + u)/256."""
+
+    def __init__(self, alpha=1e-5):
+        super().__init__()
         self.alpha = alpha
+        self.flows = nn.ModuleList(
+            Coupling(GatedConvNet(2, 16, 2), checkerboard(28, 28, i % 2 == 1), 1) for i in range(4)
+        )
+
+    def forward(self, x):
+        img = x / 255.0 * 2 - 1
+        u = torch.rand_like(x).clamp(1e-6, 1 - 1e-6)
+        ldj = torch.zeros(x.shape[0])
+        ldj = ldj + (-torch.log(u) - torch.log(1 - u)).sum(dim=[1, 2, 3])
+        u = torch.log(u) - torch.log(1 - u)
+        for f in self.flows:
+            u, ldj = f(u, ldj, cond=img)
+        ldj = ldj + (-u - 2 * F.softplus(-u)).sum(dim=[1, 2, 3])
+        u = torch.sigmoid(u)
+        return (x + u) / 256.0, -ldj
+
+
+class Flow(nn.Module):
+    def __init__(self, flows, alpha=1e-5, vardeq=False):
+        super().__init__()
+        self.flows = nn.ModuleList(flows)
+        self.alpha = alpha
+        self.vardeq = VarDeq(alpha) if vardeq else None
 
     def bpd(self, x):
         z = x.float()
-        ldj = torch.zeros(z.shape[0])
-        z = (z + torch.rand_like(z)) / 256.0
         dims = z[0].numel()
+        if self.vardeq is None:
+            ldj = torch.zeros(z.shape[0])
+            z = (z + torch.rand_like(z)) / 256.0
+        else:
+            z, ldj = self.vardeq(z)
         ldj = ldj - math.log(256.0) * dims
         z = z * (1 - self.alpha) + 0.5 * self.alpha
         ldj = ldj + math.log(1 - self.alpha) * dims
@@ -112,23 +256,52 @@ class Flow(nn.Module):
         z = torch.log(z) - torch.log(1 - z)
         for f in self.flows:
             z, ldj = f(z, ldj)
-        logp = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(dim=[1, 2, 3])
-        return -(logp + ldj) * math.log2(math.e) / dims
+        return -(std_normal_logp(z) + ldj) * math.log2(math.e) / dims
+
+
+def board(c, hw, i, hidden=32):
+    return Coupling(GatedConvNet(c, hidden), checkerboard(hw, hw, i % 2 == 1), c)
+
+
+def chan(c, i, hidden=32):
+    return Coupling(GatedConvNet(c, hidden), channel_mask(c, i % 2 == 1), c)
 
 
 def build(model):
-    n = {"coupling": 1, "simple": 8}[model]
-    return Flow(
-        [
-            Coupling(GatedConvNet(1, 32), checkerboard(28, 28, i % 2 == 1), 1)
-            for i in range(n)
-        ]
-    )
+    if model in ("coupling", "simple", "vardeq"):
+        n = 1 if model == "coupling" else 8
+        return Flow([board(1, 28, i) for i in range(n)], vardeq=model == "vardeq")
+    if model == "multiscale":
+        flows = [board(1, 28, i) for i in range(2)] + [Squeeze()]
+        flows += [chan(4, i, 48) for i in range(2)] + [Split(), Squeeze()]
+        flows += [chan(8, i, 64) for i in range(4)]
+        return Flow(flows, vardeq=True)
+    if model == "realnvp":
+        flows = [board(1, 28, i) for i in range(3)] + [Squeeze()]
+        flows += [chan(4, i) for i in range(3)] + [Split()]
+        flows += [board(2, 14, i) for i in range(3)] + [Squeeze()]
+        flows += [chan(8, i) for i in range(3)] + [Split()]
+        flows += [board(4, 7, i) for i in range(4)]
+        return Flow(flows)
+    if model == "glow":
+        flows = []
+        for level, c in enumerate([4, 8]):
+            flows.append(Squeeze())
+            for _ in range(12):
+                flows += [ActNorm(c), InvConvLU(c), GlowCoupling(c, 192)]
+            if level == 0:
+                flows.append(Split(c, learned=True))
+        return Flow(flows)
+    raise ValueError(model)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=["coupling", "simple"], default="simple")
+    ap.add_argument(
+        "--model",
+        choices=["coupling", "simple", "vardeq", "multiscale", "realnvp", "glow"],
+        default="simple",
+    )
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)

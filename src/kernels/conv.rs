@@ -179,36 +179,32 @@ impl Geom {
     }
 
     /// Whether the direct kernels take this f32 gradient (or the forward pass, `None`):
-    /// an AVX-512 CPU, at least one image per thread (they parallelise over images only)
-    /// and a spatial kernel. 1×1 convolutions are plain GEMMs, which the `gemm` crate runs
-    /// faster, and so is a transposed convolution with few taps (`Co·kh·kw < 64`, e.g. the
-    /// input gradient of a 2-channel output layer); measured by `timing::conv_op_timings`.
+    /// an AVX-512 CPU, at least one image per thread (they parallelise over images only),
+    /// a spatial kernel and enough taps. 1×1 convolutions are plain GEMMs, which the `gemm`
+    /// crate runs faster, and so are convolutions with few taps: forward and ∂W with
+    /// `K = Ci·kh·kw < 64` (a 1- or 2-channel input layer), ∂x with `Co·kh·kw < 128` (the
+    /// transposed convolution of a few-channel output layer). Measured by
+    /// `timing::conv_op_timings`.
     fn direct(&self, what: Option<Grad>) -> bool {
         let taps = match what {
             Some(Grad::Input) if self.transposed_planes().is_none() => return false,
-            Some(Grad::Input) => self.co * self.kh * self.kw >= 64,
-            _ => true,
+            Some(Grad::Input) => self.co * self.kh * self.kw >= 128,
+            _ => self.k() >= 64,
         };
         taps && !self.pointwise() && direct::available() && self.b >= rayon::current_num_threads()
     }
 
     /// Writes the convolution's input `a` of image `xn` into the padded planes `buf`.
     fn fill_planes(&self, p: &Planes, xn: &[f32], buf: &mut [f32]) {
-        for (i, row) in xn.chunks_exact(self.w).enumerate() {
-            buf[p.row(i / self.h, i % self.h)].copy_from_slice(row);
+        p.fill(buf, xn, self.pre == Pre::Relu);
+        if self.pre == Pre::ConcatElu {
+            // Plane c + Cx gets elu(−x_c), then plane c elu(x_c), in place over whole planes
+            // so the loop runs in full vectors; the zero borders stay exactly zero
+            // (elu(±0) = 0).
+            let span = self.ci / 2 * p.plane();
+            let (pos, neg) = buf.split_at_mut(span);
+            wide(|| concat_elu_split(pos, &mut neg[..span]));
         }
-        match self.pre {
-            Pre::Identity => {}
-            Pre::ConcatElu => {
-                // Plane c + Cx gets elu(−x_c), then plane c elu(x_c): in place over whole
-                // planes (borders included, cleared below), so the loop runs in full vectors.
-                let span = p.row(self.ci / 2, 0).start - p.row(0, 0).start;
-                let (pos, neg) = buf.split_at_mut(span);
-                wide(|| concat_elu_split(pos, &mut neg[..span]));
-            }
-            Pre::Relu => wide(|| relu_in_place(buf)),
-        }
-        p.clear_border(buf);
     }
 
     /// Where the input gradient's GEMM writes `∂aₙ`: `∂xₙ` itself when `a = x`, else the
@@ -484,14 +480,9 @@ fn forward_direct(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
             let (planes, tmp) = scratch.split_at_mut(plen);
             g.fill_planes(&p, &x[n * g.in_len()..(n + 1) * g.in_len()], planes);
             direct::conv(planes, &p, &offs, &wk, tmp);
-            for (co, yc) in y.chunks_exact_mut(ohw).enumerate() {
-                for (r, yr) in yc.chunks_exact_mut(g.ow).enumerate() {
-                    let src = &tmp[co * rs + r * wp..co * rs + r * wp + g.ow];
-                    for (d, &s) in yr.iter_mut().zip(src) {
-                        *d = s + b[co];
-                    }
-                }
-            }
+            // Output row i = (co, r) is padded-width row r of channel co, plus its bias.
+            let at = |i: usize| (i * g.ow, (i / g.oh) * rs + (i % g.oh) * wp, b[i / g.oh]);
+            direct::copy_rows(y, tmp, g.co * g.oh, g.ow, at, false);
         },
     );
     out
@@ -515,18 +506,13 @@ fn input_grad_direct(gy: &[f32], w: &[f32], x: &[f32], g: &Geom, t: Planes) -> V
             let (planes, rest) = scratch.split_at_mut(plen);
             let (tmp, act) = rest.split_at_mut(g.ci * rs);
             let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
-            for (i, row) in gn.chunks_exact(g.ow).enumerate() {
-                planes[t.row(i / g.oh, i % g.oh)].copy_from_slice(row);
-            }
-            t.clear_border(planes);
+            t.fill(planes, gn, false);
             direct::conv(planes, &t, &offs, &wt, tmp);
             // ∂a of input pixel (c, y, x) is tmp[c·rs + y·Wpt + x]; gathered into ∂x itself or,
             // through ConcatELU, into scratch first (so elu′ runs over whole vectors).
             let da = g.da_target(&mut *dxn, &mut *act);
-            for (i, d) in da.chunks_exact_mut(g.w).enumerate() {
-                let s = (i / g.h) * rs + (i % g.h) * wpt;
-                d.copy_from_slice(&tmp[s..s + g.w]);
-            }
+            let at = |i: usize| (i * g.w, (i / g.h) * rs + (i % g.h) * wpt, 0.0);
+            direct::copy_rows(da, tmp, g.ci * g.h, g.w, at, false);
             g.pre_grad(&x[n * g.in_len()..(n + 1) * g.in_len()], act, dxn);
         },
     );
@@ -573,23 +559,27 @@ fn weight_grad_direct(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
         }
         return dw;
     }
-    let (plen, gs, wp) = (p.len(), p.grad_stride(), p.wp());
+    // Few output channels: vectorised over positions, the whole group of images at once
+    // (one horizontal sum per tile and group).
+    let (plen, gl, wp) = (p.len(), g.co * p.grad_stride(), p.wp());
     super::reduce_images(g.b, g.co * k, |range| {
         let mut dw = vec![0.0; g.co * k];
-        f32::with_scratch(plen + g.co * gs, |scratch| {
-            let (planes, gz) = scratch.split_at_mut(plen);
+        let imgs = range.len();
+        f32::with_scratch(imgs * (plen + gl), |scratch| {
+            let (planes, gz) = scratch.split_at_mut(imgs * plen);
             // Only real output pixels are written below; the rest stays zero.
             gz.fill(0.0);
-            for n in range {
-                g.fill_planes(&p, &x[n * g.in_len()..(n + 1) * g.in_len()], planes);
+            for (i, n) in range.enumerate() {
+                let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
+                g.fill_planes(&p, xn, &mut planes[i * plen..(i + 1) * plen]);
                 let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
-                for (c, plane) in gn.chunks_exact(ohw).enumerate() {
-                    for (y, row) in plane.chunks_exact(g.ow).enumerate() {
-                        gz[c * gs + y * wp..c * gs + y * wp + g.ow].copy_from_slice(row);
-                    }
-                }
-                direct::weight_grad(planes, &p, &offs, gz, &mut dw);
+                let at = |r: usize| {
+                    let d = i * gl + (r / g.oh) * p.grad_stride() + (r % g.oh) * wp;
+                    (d, r * g.ow, 0.0)
+                };
+                direct::copy_rows(gz, gn, g.co * g.oh, g.ow, at, false);
             }
+            direct::weight_grad(planes, &p, &offs, gz, imgs, &mut dw);
         });
         dw
     })
@@ -1083,19 +1073,29 @@ mod timing {
     #[test]
     #[ignore]
     fn conv_op_timings() {
-        for (cx, co, k, pad, pre) in [
-            (32, 32, 3, 1, Pre::ConcatElu),
-            (32, 64, 1, 0, Pre::ConcatElu),
-            (32, 2, 3, 1, Pre::ConcatElu),
+        // The tutorial's gated block at 28×28, then Glow's net at 14×14 and 7×7.
+        for (cx, co, k, pad, pre, hw) in [
+            (32, 32, 3, 1, Pre::ConcatElu, 28),
+            (32, 64, 1, 0, Pre::ConcatElu, 28),
+            (32, 2, 3, 1, Pre::ConcatElu, 28),
+            (2, 192, 3, 1, Pre::Identity, 14),
+            (192, 192, 1, 0, Pre::Relu, 14),
+            (192, 4, 3, 1, Pre::Relu, 14),
+            (192, 8, 3, 1, Pre::Relu, 7),
         ] {
+            // `CONV_TIMING=192→4` times only the shapes whose label contains that text.
+            let label = format!("{cx}→{co} {k}×{k} {pre:?} at {hw}×{hw}");
+            if !label.contains(&std::env::var("CONV_TIMING").unwrap_or_default()) {
+                continue;
+            }
             let ci = pre.channels(cx);
-            let g = Geom::new(&[64, cx, 28, 28], &[co, ci, k, k], pad, pre).unwrap();
+            let g = Geom::new(&[64, cx, hw, hw], &[co, ci, k, k], pad, pre).unwrap();
             let x = vals(g.b * g.in_len(), 1);
             let w = vals(co * g.k(), 2);
             let b = vals(co, 3);
             let gy = vals(g.b * co * g.out_hw(), 4);
             let flop = 2.0 * (g.b * co * g.k() * g.out_hw()) as f64;
-            eprintln!("{cx}→{co} {k}×{k} {pre:?}");
+            eprintln!("{label}");
             time("fwd gemm", flop, || drop(conv_forward(&x, &w, &b, &g)));
             time("fwd direct", flop, || drop(forward_direct(&x, &w, &b, &g)));
             time("dx gemm", flop, || drop(conv_input_grad(&gy, &w, &x, &g)));
@@ -1105,6 +1105,11 @@ mod timing {
             });
             time("dw gemm", flop, || drop(conv_weight_grad(&x, &gy, &g)));
             time("dw direct", flop, || drop(weight_grad_direct(&x, &gy, &g)));
+            if std::env::var("CONV_TIMING_DW_ONLY").is_ok() {
+                for _ in 0..30 {
+                    drop(weight_grad_direct(&x, &gy, &g));
+                }
+            }
         }
     }
 }

@@ -28,7 +28,7 @@ const MAX_TILE: usize = 8 * LANES;
 const BLOCK_CO: usize = 8;
 /// The weight-gradient tile: output channels × taps.
 const WG_CO: usize = 4;
-const WG_TAPS: usize = 6;
+const WG_TAPS: usize = 4;
 
 /// Whether this CPU runs the microkernels (AVX-512F), checked once.
 pub(super) fn available() -> bool {
@@ -63,7 +63,8 @@ impl Planes {
         self.h + 2 * self.pad
     }
 
-    fn plane(&self) -> usize {
+    /// Elements of one plane, `Hp·Wp`.
+    pub fn plane(&self) -> usize {
         self.hp() * self.wp()
     }
 
@@ -111,27 +112,131 @@ impl Planes {
         offs
     }
 
-    /// Zeroes the border and the slack of `buf` (the interior is the caller's, through
-    /// [`Planes::row`]).
-    pub fn clear_border(&self, buf: &mut [f32]) {
-        let (wp, p) = (self.wp(), self.pad);
-        for c in 0..self.c {
-            let plane = &mut buf[c * self.plane()..(c + 1) * self.plane()];
-            plane[..p * wp + p].fill(0.0);
+    /// Writes one image `src` (`[k, H, W]`, `k ≤ C` channels; `max(·, 0)` of it when
+    /// `relu`) into the first `k` padded planes of `buf` with their zero borders, and zeroes
+    /// the slack after the last plane; planes `k..C` are left to the caller. One sequential
+    /// pass instead of a `memcpy`/`memset` call per row.
+    pub fn fill(&self, buf: &mut [f32], src: &[f32], relu: bool) {
+        let (hw, plen) = (self.h * self.w, self.len());
+        assert!(hw > 0 && src.len().is_multiple_of(hw) && src.len() / hw <= self.c);
+        assert!(buf.len() >= plen);
+        let k = src.len() / hw;
+        let (planes, slack) = buf[..plen].split_at_mut(self.c * self.plane());
+        let (p, wp, w) = (self.pad, self.wp(), self.w);
+        for (c, plane) in planes.chunks_exact_mut(self.plane()).take(k).enumerate() {
+            // The border runs: above the first row (and its left pad), between rows (right
+            // pad + next left pad), below the last row.
+            let row = |y: usize| ((p + y) * wp + p, (c * self.h + y) * w, 0.0);
+            copy_rows(plane, src, self.h, w, row, relu);
+            zero(&mut plane[..p * wp + p]);
             for y in 0..self.h {
-                // The right border of row y and the left border of row y + 1 are adjacent.
-                let s = (p + y) * wp + p + self.w;
-                plane[s..s + 2 * p].fill(0.0);
+                let s = (p + y) * wp + p + w;
+                let e = if y + 1 == self.h {
+                    plane.len()
+                } else {
+                    s + 2 * p
+                };
+                zero(&mut plane[s..e]);
             }
-            plane[(p + self.h) * wp + p..].fill(0.0);
         }
-        buf[self.c * self.plane()..self.len()].fill(0.0);
+        zero(slack);
     }
+}
 
-    /// The index range of interior row `y` of plane `c` (`W` elements).
-    pub fn row(&self, c: usize, y: usize) -> std::ops::Range<usize> {
-        let s = c * self.plane() + (self.pad + y) * self.wp() + self.pad;
-        s..s + self.w
+/// `v ← 0` by vector stores (no `memset` call for the short runs of a border).
+fn zero(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX-512F is present; the stores stay inside `v`.
+        unsafe { zero_avx512(v) };
+        return;
+    }
+    v.fill(0.0);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn zero_avx512(v: &mut [f32]) {
+    let (n, d) = (v.len(), v.as_mut_ptr());
+    let mut j = 0;
+    while j + LANES <= n {
+        _mm512_storeu_ps(d.add(j), _mm512_setzero_ps());
+        j += LANES;
+    }
+    if j < n {
+        _mm512_mask_storeu_ps(d.add(j), tail_mask(n - j), _mm512_setzero_ps());
+    }
+}
+
+/// The mask of the first `n < 16` lanes.
+#[cfg(target_arch = "x86_64")]
+fn tail_mask(n: usize) -> __mmask16 {
+    ((1u32 << n) - 1) as __mmask16
+}
+
+/// Copies `rows` rows of `w` floats: row i goes from `src[s..s + w]` to `dst[d..d + w]`,
+/// plus `a` (and through `max(·, 0)` when `relu`), with `(d, s, a) = at(i)`. One call per
+/// image, where a `copy_from_slice` per row would call `memcpy` for every short row.
+pub(super) fn copy_rows(
+    dst: &mut [f32],
+    src: &[f32],
+    rows: usize,
+    w: usize,
+    at: impl Fn(usize) -> (usize, usize, f32),
+    relu: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX-512F is present; the row slices are bounds-checked inside.
+        unsafe { copy_rows_avx512(dst, src, rows, w, &at, relu) };
+        return;
+    }
+    for i in 0..rows {
+        let (d, s, a) = at(i);
+        for (x, &y) in dst[d..d + w].iter_mut().zip(&src[s..s + w]) {
+            let v = y + a;
+            *x = match relu {
+                true if v > 0.0 => v,
+                true => 0.0,
+                false => v,
+            };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn copy_rows_avx512(
+    dst: &mut [f32],
+    src: &[f32],
+    rows: usize,
+    w: usize,
+    at: &impl Fn(usize) -> (usize, usize, f32),
+    relu: bool,
+) {
+    let zero = _mm512_setzero_ps();
+    for i in 0..rows {
+        let (d, s, a) = at(i);
+        let (dr, sr) = (dst[d..d + w].as_mut_ptr(), src[s..s + w].as_ptr());
+        let av = _mm512_set1_ps(a);
+        // max(v, 0) returns 0 for NaN, like the scalar `v > 0 ? v : 0`.
+        let f = |v: __m512| {
+            let v = _mm512_add_ps(v, av);
+            if relu {
+                _mm512_max_ps(v, zero)
+            } else {
+                v
+            }
+        };
+        let mut j = 0;
+        while j + LANES <= w {
+            _mm512_storeu_ps(dr.add(j), f(_mm512_loadu_ps(sr.add(j))));
+            j += LANES;
+        }
+        if j < w {
+            let m = tail_mask(w - j);
+            _mm512_mask_storeu_ps(dr.add(j), m, f(_mm512_maskz_loadu_ps(m, sr.add(j))));
+        }
     }
 }
 
@@ -231,15 +336,25 @@ unsafe fn conv_block<const M: usize, const R: usize>(
     }
 }
 
-/// `dw[co][t] += Σ_q gz[co][q] · planes[offₜ + q]`: `gz` is `[Co][p.grad_stride()]`, zero
-/// wherever it is not a real output pixel; `dw` is `[Co][K]`.
-pub(super) fn weight_grad(planes: &[f32], p: &Planes, offs: &[usize], gz: &[f32], dw: &mut [f32]) {
-    let (gs, k) = (p.grad_stride(), offs.len());
+/// `dw[co][t] += Σₙ Σ_q gz[n][co][q] · planes[n][offₜ + q]` over `imgs` images: `planes`
+/// holds `imgs` plane buffers of `p.len()`, `gz` as many `[Co][p.grad_stride()]` gradients,
+/// zero wherever they are not a real output pixel; `dw` is `[Co][K]`.
+pub(super) fn weight_grad(
+    planes: &[f32],
+    p: &Planes,
+    offs: &[usize],
+    gz: &[f32],
+    imgs: usize,
+    dw: &mut [f32],
+) {
+    let (gs, k, plen) = (p.grad_stride(), offs.len(), p.len());
     assert!(available(), "direct conv needs AVX-512F");
-    assert!(planes.len() >= p.len() && gz.len().is_multiple_of(gs) && k > 0);
-    let co = gz.len() / gs;
+    assert!(imgs > 0 && planes.len() >= imgs * plen && k > 0);
+    assert!(gz.len().is_multiple_of(imgs * gs));
+    let co = gz.len() / (imgs * gs);
     assert_eq!(dw.len(), co * k);
-    assert!(offs.iter().all(|&o| o + gs <= p.len()));
+    assert!(offs.iter().all(|&o| o + gs <= plen));
+    let strides = (plen, co * gs);
     #[cfg(target_arch = "x86_64")]
     for c0 in (0..co).step_by(WG_CO) {
         let rows = WG_CO.min(co - c0);
@@ -250,9 +365,10 @@ pub(super) fn weight_grad(planes: &[f32], p: &Planes, offs: &[usize], gz: &[f32]
             let taps = WG_TAPS.min(k - t0);
             let x: [*const f32; WG_TAPS] =
                 std::array::from_fn(|j| planes[offs[t0 + j.min(taps - 1)]..].as_ptr());
-            // SAFETY: AVX-512F is present; each row of `g` has gs readable elements and each
-            // tap offset + gs ≤ planes.len() (asserted above).
-            let sums = unsafe { weight_grad_tile(&g, &x, gs / LANES) };
+            // SAFETY: AVX-512F is present; for each image n < imgs, each row of `g` + n·Co·gs
+            // has gs readable elements and each tap offset + n·plen + gs ≤ planes.len()
+            // (asserted above).
+            let sums = unsafe { weight_grad_tile(&g, &x, gs / LANES, imgs, strides) };
             for (r, row) in sums.iter().enumerate().take(rows) {
                 let d = &mut dw[(c0 + r) * k + t0..(c0 + r) * k + t0 + taps];
                 for (d, &s) in d.iter_mut().zip(row) {
@@ -415,7 +531,8 @@ unsafe fn weight_grad_t_tile<const CV: usize, const NT: usize>(
     }
 }
 
-/// `Σ_{v < nv} g[r][16v..16v+16] · x[j][16v..16v+16]` for 4 rows × 6 taps.
+/// `Σₙ Σ_{v < nv} g[r][n·gstride + 16v ..][..16] · x[j][n·xstride + 16v ..][..16]` over
+/// `imgs` images, for 4 rows × 4 taps, reduced to scalars once at the end.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::needless_range_loop)]
@@ -423,7 +540,43 @@ unsafe fn weight_grad_tile(
     g: &[*const f32; WG_CO],
     x: &[*const f32; WG_TAPS],
     nv: usize,
+    imgs: usize,
+    (xstride, gstride): (usize, usize),
 ) -> [[f32; WG_TAPS]; WG_CO] {
+    let mut total = [[_mm512_setzero_ps(); WG_TAPS]; WG_CO];
+    for n in 0..imgs {
+        // One image per call keeps the accumulators in registers (a loop over images
+        // around the vector loop made LLVM keep one on the stack).
+        let part = weight_grad_tile_image(
+            &g.map(|p| p.add(n * gstride)),
+            &x.map(|p| p.add(n * xstride)),
+            nv,
+        );
+        for r in 0..WG_CO {
+            for j in 0..WG_TAPS {
+                total[r][j] = _mm512_add_ps(total[r][j], part[r][j]);
+            }
+        }
+    }
+    let mut out = [[0.0; WG_TAPS]; WG_CO];
+    for r in 0..WG_CO {
+        for j in 0..WG_TAPS {
+            out[r][j] = _mm512_reduce_add_ps(total[r][j]);
+        }
+    }
+    out
+}
+
+/// One image of [`weight_grad_tile`], as vectors of 16 partial sums.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn weight_grad_tile_image(
+    g: &[*const f32; WG_CO],
+    x: &[*const f32; WG_TAPS],
+    nv: usize,
+) -> [[__m512; WG_TAPS]; WG_CO] {
     let mut acc = [[_mm512_setzero_ps(); WG_TAPS]; WG_CO];
     for v in 0..nv {
         let o = LANES * v;
@@ -438,13 +591,7 @@ unsafe fn weight_grad_tile(
             }
         }
     }
-    let mut out = [[0.0; WG_TAPS]; WG_CO];
-    for r in 0..WG_CO {
-        for j in 0..WG_TAPS {
-            out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
-        }
-    }
-    out
+    acc
 }
 
 #[cfg(test)]
@@ -484,14 +631,9 @@ mod tests {
     }
 
     fn fill(p: &Planes, a: &[f32]) -> Vec<f32> {
-        // Garbage everywhere first: clear_border must zero all of the border and slack.
+        // Garbage everywhere first: `fill` must write all of the border and slack.
         let mut buf = vec![f32::NAN; p.len()];
-        p.clear_border(&mut buf);
-        for c in 0..p.c {
-            for y in 0..p.h {
-                buf[p.row(c, y)].copy_from_slice(&a[(c * p.h + y) * p.w..(c * p.h + y + 1) * p.w]);
-            }
-        }
+        p.fill(&mut buf, a, false);
         buf
     }
 
@@ -562,7 +704,39 @@ mod tests {
                 }
             }
             let mut dw = vec![0.0; co * k];
-            weight_grad(&planes, &p, &offs, &gz, &mut dw);
+            weight_grad(&planes, &p, &offs, &gz, 1, &mut dw);
+            // Two images at once accumulate the sum of their gradients.
+            let (a2, g2) = (values(c * h * w, 17), values(co * p.grad_stride(), 19));
+            let g2: Vec<f32> = g2
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let q = i % p.grad_stride();
+                    if q < p.q() && q % p.wp() < ow {
+                        v
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mut dw2 = vec![0.0; co * k];
+            weight_grad(&fill(&p, &a2), &p, &offs, &g2, 1, &mut dw2);
+            let mut pair = vec![0.0; co * k];
+            let both_planes = [planes.clone(), fill(&p, &a2)].concat();
+            weight_grad(
+                &both_planes,
+                &p,
+                &offs,
+                &[gz.clone(), g2].concat(),
+                2,
+                &mut pair,
+            );
+            for ((&s, &d1), &d2) in pair.iter().zip(&dw).zip(&dw2) {
+                assert!(
+                    (s - d1 - d2).abs() < 1e-4 * (1.0 + s.abs()),
+                    "{p:?} pair: {s} vs {d1} + {d2}"
+                );
+            }
             // The channel-vectorised kernel wants Gᵀ with 16-aligned rows.
             let cs = co.next_multiple_of(CO_LANES);
             let mut gt = vec![0.0; oh * ow * cs];
@@ -603,22 +777,61 @@ mod tests {
     }
 
     #[test]
-    fn border_clearing_leaves_the_interior() {
+    fn copy_rows_copies_every_length() {
+        for w in 1..50 {
+            let src = values(3 * w, 3);
+            // Rows reversed into a buffer with one guard element after each row, plus 1.5.
+            let mut dst = vec![9.0; 3 * (w + 1)];
+            copy_rows(
+                &mut dst,
+                &src,
+                3,
+                w,
+                |i| ((2 - i) * (w + 1), i * w, 1.5),
+                false,
+            );
+            for i in 0..3 {
+                let d = &dst[(2 - i) * (w + 1)..(3 - i) * (w + 1)];
+                for (a, b) in d[..w].iter().zip(&src[i * w..(i + 1) * w]) {
+                    assert_eq!(*a, b + 1.5);
+                }
+                assert_eq!(d[w], 9.0, "wrote past row {i} at width {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn fill_writes_border_interior_and_slack() {
+        // 5×4 image, padding 2; 3 planes of which the first 2 are filled from `src`.
         let p = Planes {
-            c: 2,
-            h: 3,
+            c: 3,
+            h: 5,
             w: 4,
             pad: 2,
             kh: 5,
             kw: 5,
         };
-        let mut buf = vec![7.0; p.len()];
-        p.clear_border(&mut buf);
-        let interior: usize = (0..p.c)
-            .flat_map(|c| (0..p.h).map(move |y| (c, y)))
-            .map(|(c, y)| buf[p.row(c, y)].iter().filter(|&&v| v == 7.0).count())
-            .sum();
-        assert_eq!(interior, p.c * p.h * p.w);
-        assert_eq!(buf.iter().filter(|&&v| v == 7.0).count(), p.c * p.h * p.w);
+        let src: Vec<f32> = (0..2 * 5 * 4).map(|i| i as f32 - 20.0).collect();
+        for relu in [false, true] {
+            let mut buf = vec![f32::NAN; p.len()];
+            p.fill(&mut buf, &src, relu);
+            for c in 0..3 {
+                for y in 0..p.hp() {
+                    for x in 0..p.wp() {
+                        let v = buf[c * p.plane() + y * p.wp() + x];
+                        let inside = (2..7).contains(&y) && (2..6).contains(&x);
+                        if c == 2 {
+                            assert!(v.is_nan(), "plane 2 is the caller's");
+                        } else if inside {
+                            let s = src[(c * 5 + y - 2) * 4 + x - 2];
+                            assert_eq!(v, if relu { s.max(0.0) } else { s });
+                        } else {
+                            assert_eq!(v, 0.0, "border ({c}, {y}, {x})");
+                        }
+                    }
+                }
+            }
+            assert!(buf[3 * p.plane()..].iter().all(|&v| v == 0.0), "slack");
+        }
     }
 }

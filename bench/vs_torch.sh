@@ -1,0 +1,27 @@
+#!/bin/sh
+# flowlab vs PyTorch eager, same architecture, same machine, run back to back per model
+# (this kind of VM drifts by ±10 % within minutes, so the two sides are interleaved).
+#   sh bench/vs_torch.sh [ROUNDS] [BATCH] [MODELS...]
+# Needs a release build (cargo build --release) and a Python with torch: PYTHON=/path/python.
+# Prints one JSON line per side per model per round, flowlab's first.
+set -eu
+ROUNDS=${1:-2}; BATCH=${2:-64}; shift 2 2>/dev/null || shift $#
+MODELS=${*:-coupling simple vardeq multiscale realnvp glow}
+PYTHON=${PYTHON:-python3}
+FLOWLAB=${FLOWLAB:-target/release/flowlab}
+spec() {
+  case $1 in
+    coupling) echo bench/tutorial_coupling.yaml ;;
+    simple|vardeq|multiscale) echo experiments/uva_tutorial11.yaml ;;
+    realnvp|glow) echo experiments/glow_vs_realnvp.yaml ;;
+    *) echo "unknown model $1" >&2; exit 2 ;;
+  esac
+}
+r=1
+while [ "$r" -le "$ROUNDS" ]; do
+  for m in $MODELS; do
+    "$FLOWLAB" bench "$(spec "$m")" --variant "$m" --batch "$BATCH" --steps 5 --json
+    "$PYTHON" bench/torch_reference.py --model "$m" --batch "$BATCH" --steps 5 --threads 2
+  done
+  r=$((r + 1))
+done
