@@ -1080,6 +1080,7 @@ mod timing {
             (32, 2, 3, 1, Pre::ConcatElu, 28),
             (2, 192, 3, 1, Pre::Identity, 14),
             (192, 192, 1, 0, Pre::Relu, 14),
+            (192, 192, 1, 0, Pre::Relu, 7),
             (192, 4, 3, 1, Pre::Relu, 14),
             (192, 8, 3, 1, Pre::Relu, 7),
         ] {

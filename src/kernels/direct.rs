@@ -122,13 +122,19 @@ impl Planes {
         assert!(buf.len() >= plen);
         let k = src.len() / hw;
         let (planes, slack) = buf[..plen].split_at_mut(self.c * self.plane());
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: AVX-512F is present; `fill_avx512` writes exactly the first k planes
+            // of `planes` (k·Hp·Wp ≤ its length) and reads k·H·W = src.len() elements.
+            unsafe { fill_avx512(self, planes.as_mut_ptr(), src.as_ptr(), k, relu) };
+            zero(slack);
+            return;
+        }
         let (p, wp, w) = (self.pad, self.wp(), self.w);
         for (c, plane) in planes.chunks_exact_mut(self.plane()).take(k).enumerate() {
-            // The border runs: above the first row (and its left pad), between rows (right
-            // pad + next left pad), below the last row.
             let row = |y: usize| ((p + y) * wp + p, (c * self.h + y) * w, 0.0);
             copy_rows(plane, src, self.h, w, row, relu);
-            zero(&mut plane[..p * wp + p]);
+            plane[..p * wp + p].fill(0.0);
             for y in 0..self.h {
                 let s = (p + y) * wp + p + w;
                 let e = if y + 1 == self.h {
@@ -136,10 +142,48 @@ impl Planes {
                 } else {
                     s + 2 * p
                 };
-                zero(&mut plane[s..e]);
+                plane[s..e].fill(0.0);
             }
         }
         zero(slack);
+    }
+}
+
+/// [`Planes::fill`] in one sequential pass over `k` planes at `dst`: the top border and
+/// first left pad, then per row its values and the gap to the next row's values (right
+/// pad + left pad; after the last row, the rest of the plane).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fill_avx512(p: &Planes, mut dst: *mut f32, mut src: *const f32, k: usize, relu: bool) {
+    let (pad, wp, w, h) = (p.pad, p.wp(), p.w, p.h);
+    let zero = _mm512_setzero_ps();
+    let zeros = |d: *mut f32, n: usize| {
+        let mut j = 0;
+        while j + LANES <= n {
+            _mm512_storeu_ps(d.add(j), zero);
+            j += LANES;
+        }
+        if j < n {
+            _mm512_mask_storeu_ps(d.add(j), tail_mask(n - j), zero);
+        }
+        d.add(n)
+    };
+    let act = |v: __m512| if relu { _mm512_max_ps(v, zero) } else { v };
+    for _ in 0..k {
+        dst = zeros(dst, pad * wp + pad);
+        for y in 0..h {
+            let mut j = 0;
+            while j + LANES <= w {
+                _mm512_storeu_ps(dst.add(j), act(_mm512_loadu_ps(src.add(j))));
+                j += LANES;
+            }
+            if j < w {
+                let m = tail_mask(w - j);
+                _mm512_mask_storeu_ps(dst.add(j), m, act(_mm512_maskz_loadu_ps(m, src.add(j))));
+            }
+            (dst, src) = (dst.add(w), src.add(w));
+            dst = zeros(dst, if y + 1 == h { pad * wp + pad } else { 2 * pad });
+        }
     }
 }
 
