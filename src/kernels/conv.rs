@@ -699,6 +699,32 @@ fn bias_grad<T: Real>(gy: &[T], g: &Geom) -> Vec<T> {
     db
 }
 
+/// `y = W ⋆ pre(x) + b` on f32 data, by the faster path for this geometry.
+fn forward_f32(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
+    if g.direct(None) {
+        forward_direct(x, w, b, g)
+    } else {
+        conv_forward(x, w, b, g)
+    }
+}
+
+/// `∂x` on f32 data, by the faster path for this geometry.
+fn input_grad_f32(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
+    match g.transposed_planes() {
+        Some(t) if g.direct(Some(Grad::Input)) => input_grad_direct(gy, w, x, g, t),
+        _ => conv_input_grad(gy, w, x, g),
+    }
+}
+
+/// `∂W` on f32 data, by the faster path for this geometry.
+fn weight_grad_f32(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
+    if g.direct(Some(Grad::Weight)) {
+        weight_grad_direct(x, gy, g)
+    } else {
+        conv_weight_grad(x, gy, g)
+    }
+}
+
 /// Forward op: `(x, w, b) → y`.
 struct Conv2dOp {
     pad: usize,
@@ -728,9 +754,9 @@ impl CustomOp3 for Conv2dOp {
             )));
         }
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) if g.direct(None) => {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
                 let (x, w, b) = (slice(x, l1)?, slice(w, l2)?, slice(b, l3)?);
-                CpuStorage::F32(forward_direct(x, w, b, &g))
+                CpuStorage::F32(forward_f32(x, w, b, &g))
             }
             _ => crate::kernels::dispatch!("conv2d", (s1, s2, s3), |x, w, b| conv_forward(
                 slice(x, l1)?,
@@ -801,30 +827,24 @@ impl CustomOp3 for GradOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.pad, self.pre)?;
         g.check_grad(l3.dims(), "gradient")?;
-        let direct = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(gy))
-                if g.direct(Some(self.what)) =>
-            {
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(gy)) => {
                 let (x, w, gy) = (slice(x, l1)?, slice(w, l2)?, slice(gy, l3)?);
-                match (self.what, g.transposed_planes()) {
-                    (Grad::Input, Some(t)) => Some(input_grad_direct(gy, w, x, &g, t)),
-                    (Grad::Weight, _) => Some(weight_grad_direct(x, gy, &g)),
-                    _ => None,
-                }
+                CpuStorage::F32(match self.what {
+                    Grad::Input => input_grad_f32(gy, w, x, &g),
+                    Grad::Weight => weight_grad_f32(x, gy, &g),
+                    Grad::Bias => bias_grad(gy, &g),
+                })
             }
-            _ => None,
-        };
-        let out = match direct {
-            Some(v) => Ok(CpuStorage::F32(v)),
-            None => crate::kernels::dispatch!("conv2d grad", (s1, s2, s3), |x, w, gy| {
+            _ => crate::kernels::dispatch!("conv2d grad", (s1, s2, s3), |x, w, gy| {
                 let (x, w, gy) = (slice(x, l1)?, slice(w, l2)?, slice(gy, l3)?);
                 match self.what {
                     Grad::Input => conv_input_grad(gy, w, x, &g),
                     Grad::Weight => conv_weight_grad(x, gy, &g),
                     Grad::Bias => bias_grad(gy, &g),
                 }
-            }),
-        }?;
+            })?,
+        };
         let shape = match self.what {
             Grad::Input => l1.shape().clone(),
             Grad::Weight => l2.shape().clone(),
