@@ -423,6 +423,10 @@ pub(super) fn weight_grad(
     }
 }
 
+/// The slice of `Gₙᵀ` that [`weight_grad_t`] keeps in L1 while it visits every input
+/// channel.
+const G_BLOCK_BYTES: usize = 32 << 10;
+
 /// Channels per vector of the channel-vectorised weight gradient ([`weight_grad_t`]).
 pub(super) const CO_LANES: usize = LANES;
 
@@ -448,21 +452,27 @@ pub(super) fn weight_grad_t(
     assert!(planes.len() >= p.len() && offs.iter().all(|&o| o + p.q() <= p.len()));
     #[cfg(target_arch = "x86_64")]
     if p.kh == 3 && p.kw == 3 {
-        // One channel's 9 taps per tile, addressed from one base pointer.
-        let geo = (p.oh(), p.ow(), p.wp());
+        // One channel's 9 taps per tile, addressed from one base pointer. Output rows go in
+        // blocks whose slice of Gᵀ (≤ 16 KiB) stays in L1 across all input channels.
+        let (oh, ow, wp) = (p.oh(), p.ow(), p.wp());
+        let rows = (G_BLOCK_BYTES / (ow * cs * 4).max(1)).clamp(1, oh.max(1));
         for c0 in (0..cs).step_by(2 * CO_LANES) {
-            let g = gt[c0..].as_ptr();
-            for c in 0..p.c {
-                let (x, d) = (
-                    planes[offs[9 * c]..].as_ptr(),
-                    dwt[9 * c * cs + c0..].as_mut_ptr(),
-                );
-                // SAFETY: as below; the 9 taps of channel c are offs[9c] + i·Wp + j.
-                unsafe {
-                    if cs - c0 >= 2 * CO_LANES {
-                        weight_grad_t_3x3::<2>(x, g, cs, d, geo)
-                    } else {
-                        weight_grad_t_3x3::<1>(x, g, cs, d, geo)
+            for y0 in (0..oh).step_by(rows) {
+                let y1 = (y0 + rows).min(oh);
+                let g = gt[y0 * ow * cs + c0..].as_ptr();
+                for c in 0..p.c {
+                    let (x, d) = (
+                        planes[offs[9 * c] + y0 * wp..].as_ptr(),
+                        dwt[9 * c * cs + c0..].as_mut_ptr(),
+                    );
+                    // SAFETY: as below; the 9 taps of channel c are offs[9c] + i·Wp + j, and
+                    // rows y0..y1 of them end below offs[9c] + q.
+                    unsafe {
+                        if cs - c0 >= 2 * CO_LANES {
+                            weight_grad_t_3x3::<2>(x, g, cs, d, (y1 - y0, ow, wp))
+                        } else {
+                            weight_grad_t_3x3::<1>(x, g, cs, d, (y1 - y0, ow, wp))
+                        }
                     }
                 }
             }
