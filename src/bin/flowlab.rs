@@ -162,6 +162,8 @@ macro_rules! say {
 const SPEC_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
+    // Before any thread or tensor op exists (it sets an environment variable).
+    flowlab::kernels::tune_candle_pool();
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
     tracing_subscriber::fmt()

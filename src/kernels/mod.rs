@@ -39,6 +39,7 @@ mod conv;
 mod direct;
 mod elementwise;
 mod norm;
+mod pool;
 pub mod reference;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -49,6 +50,7 @@ pub use alloc::tune_allocator;
 pub use conv::{conv2d, conv2d_concat_elu, conv2d_relu};
 pub use elementwise::{concat_elu, gate};
 pub use norm::layer_norm_channels;
+pub use pool::tune_candle_pool;
 
 /// Which implementation the hot ops use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
