@@ -1,5 +1,7 @@
-//! Stride-1 zero-padded 2-D convolution with bias, optionally of ConcatELU of its input:
-//! im2col + GEMM forward, explicit weight/bias/input gradients.
+//! Stride-1 zero-padded 2-D convolution with bias, optionally of ConcatELU or ReLU of its
+//! input, with explicit weight/bias/input gradients: the direct kernels of `direct.rs`
+//! where they measured faster (f32, AVX-512, spatial kernels with enough taps), im2col +
+//! GEMM otherwise.
 //!
 //! Shapes: x `[B, Cx, H, W]`, w `[Co, Ci, kh, kw]`, b `[Co]`, y `[B, Co, H', W']` with
 //! `H' = H + 2p − kh + 1`, `W' = W + 2p − kw + 1`. The convolution's input is `a = x`

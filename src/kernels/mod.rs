@@ -4,14 +4,19 @@
 //! Stock candle 0.11 runs a 3×3 convolution at ~9 GFLOP/s and its input gradient through
 //! a direct `conv_transpose2d` loop, and every elementwise op of ConcatELU, gating and the
 //! channel LayerNorm allocates its own temporary. Here:
-//! - [`conv2d`]: stride-1 zero-padded convolution with bias. Forward is im2col + GEMM per
-//!   image, in L2-sized bands of output rows; the weight gradient is `Σₙ Gₙ·colsₙᵀ`; the
-//!   input gradient is the transposed convolution of `Gₙ` (col2im of `Wᵀ·Gₙ` where that
-//!   does not fit). The GEMMs use the `gemm` crate (the one candle's matmul uses), and
-//!   images are spread over rayon's threads. 1×1 kernels skip im2col.
-//! - [`conv2d_concat_elu`]: the same convolution of ConcatELU of its input, computed per
-//!   image in scratch so the doubled activation never becomes a tensor.
+//! - [`conv2d`]: stride-1 zero-padded convolution with bias. On AVX-512 CPUs (f32, spatial
+//!   kernels with enough taps) it runs as a direct convolution of zero-padded planes with
+//!   register-tiled microkernels (module `direct`): forward, the input gradient as the
+//!   transposed convolution, and the weight gradient vectorised over output channels.
+//!   Elsewhere — 1×1 and few-tap kernels, f64, other CPUs — it is im2col + GEMM per image in
+//!   L2-sized bands of output rows (the `gemm` crate, the one candle's matmul uses), with
+//!   `∂W = Σₙ Gₙ·colsₙᵀ` and the input gradient as the transposed convolution of `Gₙ`
+//!   (col2im of `Wᵀ·Gₙ` where that does not fit). Images are spread over rayon's threads.
+//! - [`conv2d_concat_elu`], [`conv2d_relu`]: the same convolution of ConcatELU (or ReLU) of
+//!   its input, computed per image in scratch so the activation never becomes a tensor.
 //! - [`concat_elu`], [`gate`]: fused elementwise forward and backward.
+//! - [`tune_allocator`], [`tune_candle_pool`]: process settings for training loops (glibc's
+//!   heap keeps activations; candle's workers park instead of spinning between ops).
 //! - [`layer_norm_channels`]: a per-pixel LayerNorm over channels with affine weight and
 //!   bias (`x̂ = (x − μ)/√(σ² + ε)`, then `x̂·w + b`), forward and backward in one pass each.
 //!
