@@ -690,15 +690,19 @@ fn lane_sum<T: Real>(v: &[T]) -> T {
     acc.iter().fold(s, |t, &a| t + a)
 }
 
+/// `∂b = Σₙ,ₚ Gₙ[:, p]`, summed over the fixed image groups of
+/// [`super::reduce_images`] in parallel (deterministic for any thread count).
 fn bias_grad<T: Real>(gy: &[T], g: &Geom) -> Vec<T> {
     let ohw = g.out_hw();
-    let mut db = vec![T::ZERO; g.co];
-    for n in 0..g.b {
-        for (co, acc) in db.iter_mut().enumerate() {
-            *acc += wide(|| lane_sum(&gy[(n * g.co + co) * ohw..(n * g.co + co + 1) * ohw]));
+    super::reduce_images(g.b, g.co, |range| {
+        let mut db = vec![T::ZERO; g.co];
+        for n in range {
+            for (co, acc) in db.iter_mut().enumerate() {
+                *acc += wide(|| lane_sum(&gy[(n * g.co + co) * ohw..(n * g.co + co + 1) * ohw]));
+            }
         }
-    }
-    db
+        db
+    })
 }
 
 /// `y = W ⋆ pre(x) + b` on f32 data, by the faster path for this geometry.
@@ -1034,11 +1038,12 @@ mod tests {
         let w = randn(2, &[3, 4, 3, 3], DType::F32);
         let b = randn(3, &[3], DType::F32);
         super::super::assert_thread_count_invariant(|| {
-            let (xv, wv) = (
+            let (xv, wv, bv) = (
                 candle_core::Var::from_tensor(&x).unwrap(),
                 candle_core::Var::from_tensor(&w).unwrap(),
+                candle_core::Var::from_tensor(&b).unwrap(),
             );
-            let y = conv2d(xv.as_tensor(), wv.as_tensor(), &b, 1).unwrap();
+            let y = conv2d(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), 1).unwrap();
             let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             let v = |t: &Tensor| {
                 g.get(t)
@@ -1048,7 +1053,7 @@ mod tests {
                     .to_vec1::<f32>()
                     .unwrap()
             };
-            (v(xv.as_tensor()), v(wv.as_tensor()))
+            (v(xv.as_tensor()), v(wv.as_tensor()), v(bv.as_tensor()))
         });
     }
 
