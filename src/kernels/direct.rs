@@ -10,12 +10,15 @@
 //!   packed copy of it is ever built. Columns `x ≥ W'` of each padded-width row (and the
 //!   tail of the last tile) are computed and dropped by the caller.
 //! - weight gradient: `∂W[co][t] = Σ_q Gz[co][q] · planes[offₜ + q]`, with `Gz` the output
-//!   gradient in the same padded-width layout and zero in the dropped columns.
+//!   gradient in the same padded-width layout and zero in the dropped columns
+//!   ([`weight_grad`], vectorised over q: a 4-channel × 4-tap register tile, horizontal
+//!   sums once per tile and image group) or, for 16 and more output channels, the same sum
+//!   vectorised over output channels against `Gₙᵀ` ([`weight_grad_t`], no horizontal sums).
 //!
 //! The input gradient is the forward kernel applied to the padded output gradient with the
-//! flipped, transposed weights (see `conv.rs`). Register tiles: forward `M` output channels
+//! flipped, transposed weights (see `conv.rs`). Forward register tile: `M` output channels
 //! × `R` vectors of 16 positions (`M·R ≤ 24` accumulators, the weights broadcast from a
-//! `[K][M]` packed block); weight gradient 4 channels × 6 taps, reduced over q.
+//! `[K][M]` packed block).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
