@@ -121,34 +121,19 @@ impl Planes {
     /// pass instead of a `memcpy`/`memset` call per row.
     pub fn fill(&self, buf: &mut [f32], src: &[f32], relu: bool) {
         let (hw, plen) = (self.h * self.w, self.len());
+        assert!(available(), "direct conv needs AVX-512F");
         assert!(hw > 0 && src.len().is_multiple_of(hw) && src.len() / hw <= self.c);
         assert!(buf.len() >= plen);
         let k = src.len() / hw;
         let (planes, slack) = buf[..plen].split_at_mut(self.c * self.plane());
         #[cfg(target_arch = "x86_64")]
-        if available() {
-            // SAFETY: AVX-512F is present; `fill_avx512` writes exactly the first k planes
-            // of `planes` (k·Hp·Wp ≤ its length) and reads k·H·W = src.len() elements.
-            unsafe { fill_avx512(self, planes.as_mut_ptr(), src.as_ptr(), k, relu) };
-            zero(slack);
-            return;
+        // SAFETY: AVX-512F is present; `fill_avx512` writes exactly the first k planes of
+        // `planes` (k·Hp·Wp ≤ its length) and reads k·H·W = src.len() elements; the slack
+        // is zeroed within its own slice.
+        unsafe {
+            fill_avx512(self, planes.as_mut_ptr(), src.as_ptr(), k, relu);
+            zero_run(slack.as_mut_ptr(), slack.len());
         }
-        let (p, wp, w) = (self.pad, self.wp(), self.w);
-        for (c, plane) in planes.chunks_exact_mut(self.plane()).take(k).enumerate() {
-            let row = |y: usize| ((p + y) * wp + p, (c * self.h + y) * w, 0.0);
-            copy_rows(plane, src, self.h, w, row, relu);
-            plane[..p * wp + p].fill(0.0);
-            for y in 0..self.h {
-                let s = (p + y) * wp + p + w;
-                let e = if y + 1 == self.h {
-                    plane.len()
-                } else {
-                    s + 2 * p
-                };
-                plane[s..e].fill(0.0);
-            }
-        }
-        zero(slack);
     }
 }
 
@@ -160,58 +145,46 @@ impl Planes {
 unsafe fn fill_avx512(p: &Planes, mut dst: *mut f32, mut src: *const f32, k: usize, relu: bool) {
     let (pad, wp, w, h) = (p.pad, p.wp(), p.w, p.h);
     let zero = _mm512_setzero_ps();
-    let zeros = |d: *mut f32, n: usize| {
-        let mut j = 0;
-        while j + LANES <= n {
-            _mm512_storeu_ps(d.add(j), zero);
-            j += LANES;
-        }
-        if j < n {
-            _mm512_mask_storeu_ps(d.add(j), tail_mask(n - j), zero);
-        }
-        d.add(n)
-    };
     let act = |v: __m512| if relu { _mm512_max_ps(v, zero) } else { v };
     for _ in 0..k {
-        dst = zeros(dst, pad * wp + pad);
+        zero_run(dst, pad * wp + pad);
+        dst = dst.add(pad * wp + pad);
         for y in 0..h {
-            let mut j = 0;
-            while j + LANES <= w {
-                _mm512_storeu_ps(dst.add(j), act(_mm512_loadu_ps(src.add(j))));
-                j += LANES;
-            }
-            if j < w {
-                let m = tail_mask(w - j);
-                _mm512_mask_storeu_ps(dst.add(j), m, act(_mm512_maskz_loadu_ps(m, src.add(j))));
-            }
+            map_row(dst, src, w, act);
             (dst, src) = (dst.add(w), src.add(w));
-            dst = zeros(dst, if y + 1 == h { pad * wp + pad } else { 2 * pad });
+            let gap = if y + 1 == h { pad * wp + pad } else { 2 * pad };
+            zero_run(dst, gap);
+            dst = dst.add(gap);
         }
     }
 }
 
-/// `v ← 0` by vector stores (no `memset` call for the short runs of a border).
-fn zero(v: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: AVX-512F is present; the stores stay inside `v`.
-        unsafe { zero_avx512(v) };
-        return;
-    }
-    v.fill(0.0);
-}
-
+/// `dst[..n] ← 0` by vector stores (no `memset` call for the short runs of a border).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn zero_avx512(v: &mut [f32]) {
-    let (n, d) = (v.len(), v.as_mut_ptr());
+unsafe fn zero_run(dst: *mut f32, n: usize) {
     let mut j = 0;
     while j + LANES <= n {
-        _mm512_storeu_ps(d.add(j), _mm512_setzero_ps());
+        _mm512_storeu_ps(dst.add(j), _mm512_setzero_ps());
         j += LANES;
     }
     if j < n {
-        _mm512_mask_storeu_ps(d.add(j), tail_mask(n - j), _mm512_setzero_ps());
+        _mm512_mask_storeu_ps(dst.add(j), tail_mask(n - j), _mm512_setzero_ps());
+    }
+}
+
+/// `dst[..n] ← f(src[..n])`, 16 lanes at a time: whole vectors, then one masked vector.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn map_row(dst: *mut f32, src: *const f32, n: usize, f: impl Fn(__m512) -> __m512) {
+    let mut j = 0;
+    while j + LANES <= n {
+        _mm512_storeu_ps(dst.add(j), f(_mm512_loadu_ps(src.add(j))));
+        j += LANES;
+    }
+    if j < n {
+        let m = tail_mask(n - j);
+        _mm512_mask_storeu_ps(dst.add(j), m, f(_mm512_maskz_loadu_ps(m, src.add(j))));
     }
 }
 
@@ -232,23 +205,12 @@ pub(super) fn copy_rows(
     at: impl Fn(usize) -> (usize, usize, f32),
     relu: bool,
 ) {
+    assert!(available(), "direct conv needs AVX-512F");
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: AVX-512F is present; the row slices are bounds-checked inside.
-        unsafe { copy_rows_avx512(dst, src, rows, w, &at, relu) };
-        return;
-    }
-    for i in 0..rows {
-        let (d, s, a) = at(i);
-        for (x, &y) in dst[d..d + w].iter_mut().zip(&src[s..s + w]) {
-            let v = y + a;
-            *x = match relu {
-                true if v > 0.0 => v,
-                true => 0.0,
-                false => v,
-            };
-        }
-    }
+    // SAFETY: AVX-512F is present; the row slices are bounds-checked inside.
+    unsafe {
+        copy_rows_avx512(dst, src, rows, w, &at, relu)
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -266,24 +228,15 @@ unsafe fn copy_rows_avx512(
         let (d, s, a) = at(i);
         let (dr, sr) = (dst[d..d + w].as_mut_ptr(), src[s..s + w].as_ptr());
         let av = _mm512_set1_ps(a);
-        // max(v, 0) returns 0 for NaN, like the scalar `v > 0 ? v : 0`.
-        let f = |v: __m512| {
+        // max(v, 0) returns 0 for NaN, like the scalar `v > 0 ? v : 0` of the gemm path.
+        map_row(dr, sr, w, |v| {
             let v = _mm512_add_ps(v, av);
             if relu {
                 _mm512_max_ps(v, zero)
             } else {
                 v
             }
-        };
-        let mut j = 0;
-        while j + LANES <= w {
-            _mm512_storeu_ps(dr.add(j), f(_mm512_loadu_ps(sr.add(j))));
-            j += LANES;
-        }
-        if j < w {
-            let m = tail_mask(w - j);
-            _mm512_mask_storeu_ps(dr.add(j), m, f(_mm512_maskz_loadu_ps(m, sr.add(j))));
-        }
+        });
     }
 }
 
@@ -844,6 +797,10 @@ mod tests {
 
     #[test]
     fn copy_rows_copies_every_length() {
+        if !available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
         for w in 1..50 {
             let src = values(3 * w, 3);
             // Rows reversed into a buffer with one guard element after each row, plus 1.5.
@@ -868,6 +825,10 @@ mod tests {
 
     #[test]
     fn fill_writes_border_interior_and_slack() {
+        if !available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
         // 5×4 image, padding 2; 3 planes of which the first 2 are filled from `src`.
         let p = Planes {
             c: 3,
