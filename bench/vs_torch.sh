@@ -5,7 +5,9 @@
 # Needs a release build (cargo build --release) and a Python with torch: PYTHON=/path/python.
 # Prints one JSON line per side per model per round, flowlab's first.
 set -eu
-ROUNDS=${1:-2}; BATCH=${2:-64}; shift 2 2>/dev/null || shift $#
+ROUNDS=${1:-2}; BATCH=${2:-64}
+# The models are the arguments after the first two (all six when there are none).
+if [ $# -gt 2 ]; then shift 2; else set --; fi
 MODELS=${*:-coupling simple vardeq multiscale realnvp glow}
 PYTHON=${PYTHON:-python3}
 FLOWLAB=${FLOWLAB:-target/release/flowlab}
