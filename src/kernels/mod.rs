@@ -191,18 +191,30 @@ fn exp_f32(x: f32) -> f32 {
     y * f32::from_bits(r_bits.wrapping_add(127) << 23)
 }
 
-/// Runs `f` inside a function compiled for AVX2+FMA when the CPU has them, so the
-/// `#[inline(always)]` elementwise loops it calls vectorise 8 wide; else runs it as is.
+/// Runs `f` inside a function compiled for AVX-512F (else AVX2+FMA) when the CPU has it, so
+/// the `#[inline(always)]` elementwise loops it calls vectorise 16 (else 8) wide; else runs
+/// it as is. Each element's arithmetic is the same at every width, so the results are too.
+/// (16 wide measured 3–8 % faster per tutorial coupling step than 8 wide, in 5 of 6
+/// interleaved rounds: the exp-bearing loops of ConcatELU and the gate are compute-bound.)
 #[inline(always)]
 fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
         #[target_feature(enable = "avx2,fma")]
         unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        let has_avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        if has_avx2 && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the enabled features (checked just above).
+            return unsafe { avx512(f) };
+        }
+        if has_avx2 {
             // SAFETY: the CPU supports the enabled features (checked just above).
             return unsafe { avx2(f) };
         }

@@ -1,13 +1,17 @@
-//! Per-pixel normalisation over channels (the core of a channel LayerNorm), fused.
+//! The channel LayerNorm, fused: per-pixel normalisation over channels with an affine
+//! weight and bias per channel.
 //!
 //! For x `[B, C, …]` and each image n and position p: `μ = mean_c x`, `σ² = mean_c (x − μ)²`
-//! (biased), `x̂ = (x − μ)·r` with `r = 1/√(σ² + ε)`. Backward:
-//! `∂x = r·(G − mean_c G − x̂·mean_c(G·x̂))`.
-//! The affine weight and bias of the LayerNorm stay ordinary candle ops.
+//! (biased), `x̂ = (x − μ)·r` with `r = 1/√(σ² + ε)`, and `y = x̂·w + b`. Backward, with
+//! `g = G·w`: `∂x = r·(g − mean_c g − x̂·mean_c(g·x̂))`, `∂w_c = Σ G·x̂`, `∂b_c = Σ G`.
+//! The forward pass is one kernel; the backward pass is one more, which computes the
+//! statistics once per image and all three gradients from them.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use std::sync::Mutex;
 
-use super::{per_image, per_image_out, slice, Real};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+use super::{per_image_out, slice, wide, Real, REDUCE_GROUP};
 use crate::Result;
 
 /// `[B, C, …]` → (B, C, positions per channel).
@@ -21,6 +25,7 @@ fn dims3(dims: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
 }
 
 /// Fills `mean` and `rstd` (length p) from one image `x` (`[c, p]`).
+#[inline(always)]
 fn stats<T: Real>(x: &[T], c: usize, p: usize, eps: T, mean: &mut [T], rstd: &mut [T]) {
     let inv_c = T::ONE / T::from_usize(c);
     mean.fill(T::ZERO);
@@ -44,110 +49,136 @@ fn stats<T: Real>(x: &[T], c: usize, p: usize, eps: T, mean: &mut [T], rstd: &mu
     }
 }
 
-fn norm_fwd<T: Real>(x: &[T], (b, c, p): (usize, usize, usize), eps: T) -> Vec<T> {
-    let out = per_image_out(b * c * p, c * p, 2 * p, |n, y, s, _| {
-        let xn = &x[n * c * p..(n + 1) * c * p];
-        let (mean, rstd) = s.split_at_mut(p);
-        stats(xn, c, p, eps, mean, rstd);
-        for (yr, xr) in y.chunks_mut(p).zip(xn.chunks(p)) {
-            for (((y, &v), &m), &r) in yr.iter_mut().zip(xr).zip(mean.iter()).zip(rstd.iter()) {
-                *y = (v - m) * r;
-            }
-        }
-    });
-    out
-}
-
-/// `∂x` for `y = x̂·w + b`: the formula above with `G·w` for `G`.
-fn norm_bwd<T: Real>(
-    x: &[T],
-    gy: &[T],
-    w: &[T],
-    (b, c, p): (usize, usize, usize),
-    eps: T,
-) -> Vec<T> {
-    let inv_c = T::ONE / T::from_usize(c);
-    let dx = per_image_out(b * c * p, c * p, 4 * p, |n, d, s, _| {
-        let xn = &x[n * c * p..(n + 1) * c * p];
-        let gn = &gy[n * c * p..(n + 1) * c * p];
-        let (mean, rest) = s.split_at_mut(p);
-        let (rstd, rest) = rest.split_at_mut(p);
-        let (mg, mgx) = rest.split_at_mut(p);
-        stats(xn, c, p, eps, mean, rstd);
-        mg.fill(T::ZERO);
-        mgx.fill(T::ZERO);
-        for (ch, (xr, gr)) in xn.chunks(p).zip(gn.chunks(p)).enumerate() {
-            let wc = w[ch];
-            for i in 0..p {
-                let xh = (xr[i] - mean[i]) * rstd[i];
-                let g = gr[i] * wc;
-                mg[i] += g;
-                mgx[i] += g * xh;
-            }
-        }
-        for (ch, ((dr, xr), gr)) in d
-            .chunks_mut(p)
-            .zip(xn.chunks(p))
-            .zip(gn.chunks(p))
-            .enumerate()
-        {
-            let wc = w[ch];
-            for i in 0..p {
-                let xh = (xr[i] - mean[i]) * rstd[i];
-                dr[i] = rstd[i] * (gr[i] * wc - mg[i] * inv_c - xh * mgx[i] * inv_c);
-            }
-        }
-    });
-    dx
-}
-
-fn affine_fwd<T: Real>(
+/// `y = x̂·w + b` for `x` `[B, C, P]`, per image in one pass after its statistics.
+fn norm_fwd<T: Real>(
     x: &[T],
     w: &[T],
     bias: &[T],
     (b, c, p): (usize, usize, usize),
     eps: T,
 ) -> Vec<T> {
-    let mut y = norm_fwd(x, (b, c, p), eps);
-    per_image(&mut y, c * p, 0, |_, yn, _, _| {
-        for (ch, row) in yn.chunks_mut(p).enumerate() {
-            for v in row {
-                *v = *v * w[ch] + bias[ch];
+    per_image_out(b * c * p, c * p, 2 * p, |n, y, s, _| {
+        let xn = &x[n * c * p..(n + 1) * c * p];
+        let (mean, rstd) = s.split_at_mut(p);
+        wide(|| {
+            stats(xn, c, p, eps, mean, rstd);
+            for (ch, (yr, xr)) in y.chunks_mut(p).zip(xn.chunks(p)).enumerate() {
+                let (wc, bc) = (w[ch], bias[ch]);
+                for (((y, &v), &m), &r) in yr.iter_mut().zip(xr).zip(&*mean).zip(&*rstd) {
+                    *y = (v - m) * r * wc + bc;
+                }
             }
-        }
-    });
-    y
+        })
+    })
 }
 
-/// `[∂w; ∂b]` (`[2, C]`): `∂w_c = Σₙ,ₚ G·x̂`, `∂b_c = Σₙ,ₚ G`.
-fn affine_param_grad<T: Real>(
+/// Lanes of the partial sums of `∂w` and `∂b` over positions (summed in a fixed order, so
+/// the loops vectorise and the result does not depend on the vector width).
+const SUM_LANES: usize = 16;
+
+/// `∂x`, `∂w` and `∂b` of `y = x̂·w + b` for one image (`x`, `gy`, `dx` `[c, p]`), adding
+/// `Σ G·x̂` and `Σ G` per channel to `dw` and `db`. `s` is scratch of `4p`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn image_grads<T: Real>(
     x: &[T],
     gy: &[T],
+    w: &[T],
+    (c, p): (usize, usize),
+    eps: T,
+    s: &mut [T],
+    dx: &mut [T],
+    (dw, db): (&mut [T], &mut [T]),
+) {
+    let inv_c = T::ONE / T::from_usize(c);
+    let (mean, rest) = s.split_at_mut(p);
+    let (rstd, rest) = rest.split_at_mut(p);
+    let (mg, mgx) = rest.split_at_mut(p);
+    stats(x, c, p, eps, mean, rstd);
+    mg.fill(T::ZERO);
+    mgx.fill(T::ZERO);
+    let (main, tail) = (p - p % SUM_LANES, p % SUM_LANES);
+    for (ch, (xr, gr)) in x.chunks(p).zip(gy.chunks(p)).enumerate() {
+        let wc = w[ch];
+        let (mut sw, mut sb) = ([T::ZERO; SUM_LANES], [T::ZERO; SUM_LANES]);
+        for i0 in (0..main).step_by(SUM_LANES) {
+            for l in 0..SUM_LANES {
+                let i = i0 + l;
+                let xh = (xr[i] - mean[i]) * rstd[i];
+                let g = gr[i] * wc;
+                mg[i] += g;
+                mgx[i] += g * xh;
+                sw[l] += gr[i] * xh;
+                sb[l] += gr[i];
+            }
+        }
+        for l in 0..tail {
+            let i = main + l;
+            let xh = (xr[i] - mean[i]) * rstd[i];
+            let g = gr[i] * wc;
+            mg[i] += g;
+            mgx[i] += g * xh;
+            sw[l] += gr[i] * xh;
+            sb[l] += gr[i];
+        }
+        dw[ch] += sw.iter().fold(T::ZERO, |a, &v| a + v);
+        db[ch] += sb.iter().fold(T::ZERO, |a, &v| a + v);
+    }
+    for (ch, ((dr, xr), gr)) in dx
+        .chunks_mut(p)
+        .zip(x.chunks(p))
+        .zip(gy.chunks(p))
+        .enumerate()
+    {
+        let wc = w[ch];
+        for i in 0..p {
+            let xh = (xr[i] - mean[i]) * rstd[i];
+            dr[i] = rstd[i] * (gr[i] * wc - mg[i] * inv_c - xh * mgx[i] * inv_c);
+        }
+    }
+}
+
+/// `[∂x; ∂w; ∂b]` (`B·C·P + 2C` values) of `y = x̂·w + b`. Images run in parallel in fixed
+/// groups of [`REDUCE_GROUP`]; the groups' `∂w`, `∂b` are summed in group order, so the
+/// result is the same for any thread count.
+fn norm_grads<T: Real>(
+    x: &[T],
+    gy: &[T],
+    w: &[T],
     (b, c, p): (usize, usize, usize),
     eps: T,
 ) -> Vec<T> {
-    let group = |images: std::ops::Range<usize>| {
+    let (img, group) = (c * p, REDUCE_GROUP * c * p);
+    let groups = b.div_ceil(REDUCE_GROUP);
+    let partial: Vec<Mutex<Vec<T>>> = (0..groups).map(|_| Mutex::new(Vec::new())).collect();
+    let dx_len = b * img;
+    let fill_group = |gi: usize, dx: &mut [T], s: &mut [T]| {
         let mut acc = vec![T::ZERO; 2 * c];
-        T::with_scratch(2 * p, |s| {
-            for n in images {
-                let xn = &x[n * c * p..(n + 1) * c * p];
-                let gn = &gy[n * c * p..(n + 1) * c * p];
-                let (mean, rstd) = s.split_at_mut(p);
-                stats(xn, c, p, eps, mean, rstd);
-                for (ch, (xr, gr)) in xn.chunks(p).zip(gn.chunks(p)).enumerate() {
-                    let (mut dw, mut db) = (T::ZERO, T::ZERO);
-                    for i in 0..p {
-                        dw += gr[i] * (xr[i] - mean[i]) * rstd[i];
-                        db += gr[i];
-                    }
-                    acc[ch] += dw;
-                    acc[c + ch] += db;
-                }
-            }
-        });
-        acc
+        let (dw, db) = acc.split_at_mut(c);
+        for (j, dxn) in dx.chunks_mut(img).enumerate() {
+            let n = gi * REDUCE_GROUP + j;
+            let (xn, gn) = (&x[n * img..(n + 1) * img], &gy[n * img..(n + 1) * img]);
+            wide(|| image_grads(xn, gn, w, (c, p), eps, s, dxn, (&mut *dw, &mut *db)));
+        }
+        *partial[gi].lock().unwrap_or_else(|e| e.into_inner()) = acc;
     };
-    super::reduce_images(b, 2 * c, group)
+    let mut out = if dx_len.is_multiple_of(group) {
+        per_image_out(dx_len, group, 4 * p, |gi, dx, s, _| fill_group(gi, dx, s))
+    } else {
+        // A short last group: plain zeroed output, the same per-group work.
+        let mut out = vec![T::ZERO; dx_len];
+        super::per_image(&mut out, group, 4 * p, |gi, dx, s, _| fill_group(gi, dx, s));
+        out
+    };
+    let mut params = vec![T::ZERO; 2 * c];
+    for part in partial {
+        let part = part.into_inner().unwrap_or_else(|e| e.into_inner());
+        for (t, v) in params.iter_mut().zip(part) {
+            *t += v;
+        }
+    }
+    out.extend_from_slice(&params);
+    out
 }
 
 /// Channel LayerNorm with affine parameters: `(x, w, b) → x̂·w + b`, w and b `[1, C, 1, 1]`.
@@ -179,7 +210,7 @@ impl CustomOp3 for LayerNormChannelsOp {
             )));
         }
         let out = crate::kernels::dispatch!("layer_norm_channels", (s1, s2, s3), |x, w, b| {
-            affine_fwd(
+            norm_fwd(
                 slice(x, l1)?,
                 slice(w, l2)?,
                 slice(b, l3)?,
@@ -199,25 +230,23 @@ impl CustomOp3 for LayerNormChannelsOp {
         gy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let gy = gy.contiguous()?;
-        let eps = self.eps;
-        let dx = x.apply_op3_no_bwd(&gy, w, &AffineInputGrad { eps })?;
-        let dp = x.apply_op2_no_bwd(&gy, &AffineParamGrad { eps })?;
-        let c = w.elem_count();
-        let dw = dp.narrow(0, 0, 1)?.reshape(w.shape())?;
-        let db = dp.narrow(0, 1, 1)?.reshape(b.shape())?;
-        debug_assert_eq!(dp.dims(), [2, c]);
+        let all = x.apply_op3_no_bwd(&gy, w, &LayerNormChannelsGrad { eps: self.eps })?;
+        let (n, c) = (x.elem_count(), w.elem_count());
+        let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = all.narrow(0, n, c)?.reshape(w.shape())?;
+        let db = all.narrow(0, n + c, c)?.reshape(b.shape())?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
-/// `(x, G, w) → ∂x` of the affine channel LayerNorm.
-struct AffineInputGrad {
+/// `(x, G, w) → [∂x; ∂w; ∂b]`, flat, of the affine channel LayerNorm.
+struct LayerNormChannelsGrad {
     eps: f64,
 }
 
-impl CustomOp3 for AffineInputGrad {
+impl CustomOp3 for LayerNormChannelsGrad {
     fn name(&self) -> &'static str {
-        "flowlab-layer-norm-channels-input-grad"
+        "flowlab-layer-norm-channels-grad"
     }
 
     fn cpu_fwd(
@@ -232,7 +261,7 @@ impl CustomOp3 for AffineInputGrad {
         let d = dims3(l1.dims())?;
         let out =
             crate::kernels::dispatch!("layer_norm_channels grad", (s1, s2, s3), |x, g, w| {
-                norm_bwd(
+                norm_grads(
                     slice(x, l1)?,
                     slice(g, l2)?,
                     slice(w, l3)?,
@@ -240,32 +269,7 @@ impl CustomOp3 for AffineInputGrad {
                     Real::from_f64(self.eps),
                 )
             })?;
-        Ok((out, l1.shape().clone()))
-    }
-}
-
-/// `(x, G) → [∂w; ∂b]` (`[2, C]`) of the affine channel LayerNorm.
-struct AffineParamGrad {
-    eps: f64,
-}
-
-impl CustomOp2 for AffineParamGrad {
-    fn name(&self) -> &'static str {
-        "flowlab-layer-norm-channels-param-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = dims3(l1.dims())?;
-        let out = crate::kernels::dispatch!("layer_norm_channels param grad", (s1, s2), |x, g| {
-            affine_param_grad(slice(x, l1)?, slice(g, l2)?, d, Real::from_f64(self.eps))
-        })?;
-        Ok((out, Shape::from((2, d.1))))
+        Ok((out, Shape::from(d.0 * d.1 * d.2 + 2 * d.1)))
     }
 }
 
