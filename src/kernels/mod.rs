@@ -191,11 +191,32 @@ fn exp_f32(x: f32) -> f32 {
     y * f32::from_bits(r_bits.wrapping_add(127) << 23)
 }
 
+/// The widest vector extension the elementwise code is compiled for on this CPU: 2 for
+/// AVX-512F (with AVX2 and FMA), 1 for AVX2+FMA, 0 for neither (checked once by std).
+#[inline(always)]
+fn wide_level() -> u8 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let has_avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        if has_avx2 && std::arch::is_x86_feature_detected!("avx512f") {
+            return 2;
+        }
+        if has_avx2 {
+            return 1;
+        }
+    }
+    0
+}
+
 /// Runs `f` inside a function compiled for AVX-512F (else AVX2+FMA) when the CPU has it, so
 /// the `#[inline(always)]` elementwise loops it calls vectorise 16 (else 8) wide; else runs
 /// it as is. Each element's arithmetic is the same at every width, so the results are too.
 /// (16 wide measured 3–8 % faster per tutorial coupling step than 8 wide, in 5 of 6
 /// interleaved rounds: the exp-bearing loops of ConcatELU and the gate are compute-bound.)
+///
+/// This works only where LLVM inlines the closure into the feature-enabled function, which
+/// it does for a single short loop. Larger bodies go in a [`wide_fn!`] instead.
 #[inline(always)]
 fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -208,19 +229,54 @@ fn wide<R>(f: impl FnOnce() -> R) -> R {
         unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        let has_avx2 = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
-        if has_avx2 && std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the enabled features (checked just above).
-            return unsafe { avx512(f) };
-        }
-        if has_avx2 {
-            // SAFETY: the CPU supports the enabled features (checked just above).
-            return unsafe { avx2(f) };
+        match wide_level() {
+            // SAFETY: the CPU supports the enabled features (checked by `wide_level`).
+            2 => return unsafe { avx512(f) },
+            // SAFETY: as above.
+            1 => return unsafe { avx2(f) },
+            _ => {}
         }
     }
     f()
 }
+
+/// Defines `fn name<T: Real>(args) -> R` whose body is compiled three times (for AVX-512F,
+/// for AVX2+FMA, and plain) and runs in the widest the CPU has, like [`wide`]. The body is an
+/// `#[inline(always)]` function, so it is always compiled inside the feature-enabled
+/// function; a closure handed to [`wide`] is not once it is larger than a short loop (then
+/// it runs as SSE code). Arguments are plain identifiers.
+macro_rules! wide_fn {
+    ($(#[$m:meta])* fn $name:ident<T: Real>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        fn $name<T: Real>($($a: $t),*) $(-> $r)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body<T: Real>($($a: $t),*) $(-> $r)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512<T: Real>($($a: $t),*) $(-> $r)? {
+                    body($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2<T: Real>($($a: $t),*) $(-> $r)? {
+                    body($($a),*)
+                }
+                match super::wide_level() {
+                    // SAFETY: the CPU supports the enabled features (checked by `wide_level`).
+                    2 => return unsafe { avx512($($a),*) },
+                    // SAFETY: as above.
+                    1 => return unsafe { avx2($($a),*) },
+                    _ => {}
+                }
+            }
+            body($($a),*)
+        }
+    };
+}
+pub(crate) use wide_fn;
 
 /// The contiguous slice a layout describes (the public entry points make inputs contiguous).
 fn slice<'a, T>(data: &'a [T], layout: &candle_core::Layout) -> candle_core::Result<&'a [T]> {

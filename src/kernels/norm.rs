@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::{per_image_out, slice, wide, Real, REDUCE_GROUP};
+use super::{per_image_out, slice, wide_fn, Real, REDUCE_GROUP};
 use crate::Result;
 
 /// `[B, C, …]` → (B, C, positions per channel).
@@ -60,82 +60,116 @@ fn norm_fwd<T: Real>(
     per_image_out(b * c * p, c * p, 2 * p, |n, y, s, _| {
         let xn = &x[n * c * p..(n + 1) * c * p];
         let (mean, rstd) = s.split_at_mut(p);
-        wide(|| {
-            stats(xn, c, p, eps, mean, rstd);
-            for (ch, (yr, xr)) in y.chunks_mut(p).zip(xn.chunks(p)).enumerate() {
-                let (wc, bc) = (w[ch], bias[ch]);
-                for (((y, &v), &m), &r) in yr.iter_mut().zip(xr).zip(&*mean).zip(&*rstd) {
-                    *y = (v - m) * r * wc + bc;
-                }
-            }
-        })
+        image_fwd(xn, w, bias, c, p, eps, mean, rstd, y);
     })
+}
+
+wide_fn! {
+    /// `y = x̂·w + b` for one image (`x`, `y` `[c, p]`), with `mean`, `rstd` (length p) as
+    /// scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn image_fwd<T: Real>(
+        x: &[T],
+        w: &[T],
+        bias: &[T],
+        c: usize,
+        p: usize,
+        eps: T,
+        mean: &mut [T],
+        rstd: &mut [T],
+        y: &mut [T],
+    ) {
+        stats(x, c, p, eps, mean, rstd);
+        for (ch, (yr, xr)) in y.chunks_mut(p).zip(x.chunks(p)).enumerate() {
+            let (wc, bc) = (w[ch], bias[ch]);
+            for (((y, &v), &m), &r) in yr.iter_mut().zip(xr).zip(&*mean).zip(&*rstd) {
+                *y = (v - m) * r * wc + bc;
+            }
+        }
+    }
 }
 
 /// Lanes of the partial sums of `∂w` and `∂b` over positions (summed in a fixed order, so
 /// the loops vectorise and the result does not depend on the vector width).
 const SUM_LANES: usize = 16;
 
-/// `∂x`, `∂w` and `∂b` of `y = x̂·w + b` for one image (`x`, `gy`, `dx` `[c, p]`), adding
-/// `Σ G·x̂` and `Σ G` per channel to `dw` and `db`. `s` is scratch of `4p`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn image_grads<T: Real>(
-    x: &[T],
-    gy: &[T],
-    w: &[T],
-    (c, p): (usize, usize),
-    eps: T,
-    s: &mut [T],
-    dx: &mut [T],
-    (dw, db): (&mut [T], &mut [T]),
-) {
-    let inv_c = T::ONE / T::from_usize(c);
-    let (mean, rest) = s.split_at_mut(p);
-    let (rstd, rest) = rest.split_at_mut(p);
-    let (mg, mgx) = rest.split_at_mut(p);
-    stats(x, c, p, eps, mean, rstd);
-    mg.fill(T::ZERO);
-    mgx.fill(T::ZERO);
-    let (main, tail) = (p - p % SUM_LANES, p % SUM_LANES);
-    for (ch, (xr, gr)) in x.chunks(p).zip(gy.chunks(p)).enumerate() {
-        let wc = w[ch];
-        let (mut sw, mut sb) = ([T::ZERO; SUM_LANES], [T::ZERO; SUM_LANES]);
-        for i0 in (0..main).step_by(SUM_LANES) {
-            for l in 0..SUM_LANES {
-                let i = i0 + l;
+wide_fn! {
+    /// `∂x`, `∂w` and `∂b` of `y = x̂·w + b` for one image (`x`, `gy`, `dx` `[c, p]`),
+    /// adding `Σ G·x̂` and `Σ G` per channel to `dw` and `db`. `s` is scratch of `4p`.
+    #[allow(clippy::too_many_arguments)]
+    fn image_grads<T: Real>(
+        x: &[T],
+        gy: &[T],
+        w: &[T],
+        c: usize,
+        p: usize,
+        eps: T,
+        s: &mut [T],
+        dx: &mut [T],
+        dw: &mut [T],
+        db: &mut [T],
+    ) {
+        let inv_c = T::ONE / T::from_usize(c);
+        let (mean, rest) = s.split_at_mut(p);
+        let (rstd, rest) = rest.split_at_mut(p);
+        let (mg, mgx) = rest.split_at_mut(p);
+        stats(x, c, p, eps, mean, rstd);
+        mg.fill(T::ZERO);
+        mgx.fill(T::ZERO);
+        for (ch, (xr, gr)) in x.chunks(p).zip(gy.chunks(p)).enumerate() {
+            let (sw, sb) = sums_row(xr, gr, mean, rstd, w[ch], mg, mgx);
+            dw[ch] += sw;
+            db[ch] += sb;
+        }
+        for (ch, ((dr, xr), gr)) in dx.chunks_mut(p).zip(x.chunks(p)).zip(gy.chunks(p)).enumerate()
+        {
+            let wc = w[ch];
+            let (dr, xr, gr) = (&mut dr[..p], &xr[..p], &gr[..p]);
+            let (mean, rstd, mg, mgx) = (&mean[..p], &rstd[..p], &mg[..p], &mgx[..p]);
+            for i in 0..p {
                 let xh = (xr[i] - mean[i]) * rstd[i];
-                let g = gr[i] * wc;
-                mg[i] += g;
-                mgx[i] += g * xh;
-                sw[l] += gr[i] * xh;
-                sb[l] += gr[i];
+                dr[i] = rstd[i] * (gr[i] * wc - mg[i] * inv_c - xh * mgx[i] * inv_c);
             }
         }
-        for l in 0..tail {
-            let i = main + l;
-            let xh = (xr[i] - mean[i]) * rstd[i];
-            let g = gr[i] * wc;
-            mg[i] += g;
-            mgx[i] += g * xh;
-            sw[l] += gr[i] * xh;
-            sb[l] += gr[i];
-        }
-        dw[ch] += sw.iter().fold(T::ZERO, |a, &v| a + v);
-        db[ch] += sb.iter().fold(T::ZERO, |a, &v| a + v);
     }
-    for (ch, ((dr, xr), gr)) in dx
-        .chunks_mut(p)
-        .zip(x.chunks(p))
-        .zip(gy.chunks(p))
-        .enumerate()
-    {
-        let wc = w[ch];
-        for i in 0..p {
-            let xh = (xr[i] - mean[i]) * rstd[i];
-            dr[i] = rstd[i] * (gr[i] * wc - mg[i] * inv_c - xh * mgx[i] * inv_c);
+}
+
+/// Along one channel row: `mg += G·w`, `mgx += G·w·x̂`, and returns `(Σ G·x̂, Σ G)`, summed in
+/// [`SUM_LANES`] fixed lanes.
+#[inline(always)]
+fn sums_row<T: Real>(
+    x: &[T],
+    g: &[T],
+    mean: &[T],
+    rstd: &[T],
+    w: T,
+    mg: &mut [T],
+    mgx: &mut [T],
+) -> (T, T) {
+    let (mut sw, mut sb) = ([T::ZERO; SUM_LANES], [T::ZERO; SUM_LANES]);
+    let n = x.len();
+    let (x, g, mean, rstd) = (&x[..n], &g[..n], &mean[..n], &rstd[..n]);
+    let (mg, mgx) = (&mut mg[..n], &mut mgx[..n]);
+    // Lane l of the sums takes positions l, l + 16, …: whole blocks of 16, then the tail.
+    let mut lane = |l: usize, i: usize| {
+        let xh = (x[i] - mean[i]) * rstd[i];
+        let gw = g[i] * w;
+        mg[i] += gw;
+        mgx[i] += gw * xh;
+        sw[l] += g[i] * xh;
+        sb[l] += g[i];
+    };
+    let main = n - n % SUM_LANES;
+    for i0 in (0..main).step_by(SUM_LANES) {
+        for l in 0..SUM_LANES {
+            lane(l, i0 + l);
         }
     }
+    for i in main..n {
+        lane(i - main, i);
+    }
+    let sum = |v: [T; SUM_LANES]| v.iter().fold(T::ZERO, |a, &b| a + b);
+    (sum(sw), sum(sb))
 }
 
 /// `[∂x; ∂w; ∂b]` (`B·C·P + 2C` values) of `y = x̂·w + b`. Images run in parallel in fixed
@@ -158,7 +192,7 @@ fn norm_grads<T: Real>(
         for (j, dxn) in dx.chunks_mut(img).enumerate() {
             let n = gi * REDUCE_GROUP + j;
             let (xn, gn) = (&x[n * img..(n + 1) * img], &gy[n * img..(n + 1) * img]);
-            wide(|| image_grads(xn, gn, w, (c, p), eps, s, dxn, (&mut *dw, &mut *db)));
+            image_grads(xn, gn, w, c, p, eps, s, dxn, dw, db);
         }
         *partial[gi].lock().unwrap_or_else(|e| e.into_inner()) = acc;
     };
