@@ -296,10 +296,12 @@ pub(super) fn conv(planes: &[f32], p: &Planes, offs: &[usize], w: &Packed, out: 
     }
 }
 
-/// `M` output rows × `R` vectors per tile, tiles `q0 = 0, 16R, …` while `q0 < q`.
+/// `M` output rows × `R` vectors per tile, tiles `q0 = 0, 16R, …` while `q0 < q`; the last
+/// tile is cut to the vectors that reach `q` (on a 7×7 map, q = 63: 64 positions instead of
+/// 96). Every output is the same sum in the same order whatever its tile, so the cut
+/// changes no bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::needless_range_loop)]
 unsafe fn conv_block<const M: usize, const R: usize>(
     x: *const f32,
     offs: &[usize],
@@ -308,31 +310,59 @@ unsafe fn conv_block<const M: usize, const R: usize>(
     rs: usize,
     q: usize,
 ) {
-    let mut q0 = 0;
-    while q0 < q {
-        let mut acc = [[_mm512_setzero_ps(); R]; M];
-        let base = x.add(q0);
-        let mut wt = w;
-        for &off in offs {
-            let src = base.add(off);
-            let mut v = [_mm512_setzero_ps(); R];
-            for r in 0..R {
-                v[r] = _mm512_loadu_ps(src.add(LANES * r));
-            }
-            for m in 0..M {
-                let b = _mm512_set1_ps(*wt.add(m));
-                for r in 0..R {
-                    acc[m][r] = _mm512_fmadd_ps(b, v[r], acc[m][r]);
-                }
-            }
-            wt = wt.add(M);
+    let full = q / (LANES * R);
+    for i in 0..full {
+        conv_tile::<M, R>(x, offs, w, out, rs, i * LANES * R);
+    }
+    let q0 = full * LANES * R;
+    // The rest, `q − q0 < 16R` positions, in whole vectors: R' < R of them.
+    match (q - q0).div_ceil(LANES) {
+        0 => {}
+        1 => conv_tile::<M, 1>(x, offs, w, out, rs, q0),
+        2 => conv_tile::<M, 2>(x, offs, w, out, rs, q0),
+        3 => conv_tile::<M, 3>(x, offs, w, out, rs, q0),
+        4 => conv_tile::<M, 4>(x, offs, w, out, rs, q0),
+        5 => conv_tile::<M, 5>(x, offs, w, out, rs, q0),
+        6 => conv_tile::<M, 6>(x, offs, w, out, rs, q0),
+        _ => conv_tile::<M, 7>(x, offs, w, out, rs, q0),
+    }
+}
+
+/// One forward tile: `out[m·rs + q0 + i] = Σₜ w[t·M + m] · x[offₜ + q0 + i]` for `m < M`,
+/// `i < 16R`, in `M·R` register accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(clippy::needless_range_loop)]
+unsafe fn conv_tile<const M: usize, const R: usize>(
+    x: *const f32,
+    offs: &[usize],
+    w: *const f32,
+    out: *mut f32,
+    rs: usize,
+    q0: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); R]; M];
+    let base = x.add(q0);
+    let mut wt = w;
+    for &off in offs {
+        let src = base.add(off);
+        let mut v = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            v[r] = _mm512_loadu_ps(src.add(LANES * r));
         }
         for m in 0..M {
+            let b = _mm512_set1_ps(*wt.add(m));
             for r in 0..R {
-                _mm512_storeu_ps(out.add(m * rs + q0 + LANES * r), acc[m][r]);
+                acc[m][r] = _mm512_fmadd_ps(b, v[r], acc[m][r]);
             }
         }
-        q0 += LANES * R;
+        wt = wt.add(M);
+    }
+    for m in 0..M {
+        for r in 0..R {
+            _mm512_storeu_ps(out.add(m * rs + q0 + LANES * r), acc[m][r]);
+        }
     }
 }
 
