@@ -244,7 +244,7 @@ fn wide<R>(f: impl FnOnce() -> R) -> R {
 /// for AVX2+FMA, and plain) and runs in the widest the CPU has, like [`wide`]. The body is an
 /// `#[inline(always)]` function, so it is always compiled inside the feature-enabled
 /// function; a closure handed to [`wide`] is not once it is larger than a short loop (then
-/// it runs as SSE code). Arguments are plain identifiers.
+/// it runs as SSE code). Arguments are plain identifiers; for use inside `kernels`.
 macro_rules! wide_fn {
     ($(#[$m:meta])* fn $name:ident<T: Real>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
@@ -264,7 +264,7 @@ macro_rules! wide_fn {
                 unsafe fn avx2<T: Real>($($a: $t),*) $(-> $r)? {
                     body($($a),*)
                 }
-                match super::wide_level() {
+                match $crate::kernels::wide_level() {
                     // SAFETY: the CPU supports the enabled features (checked by `wide_level`).
                     2 => return unsafe { avx512($($a),*) },
                     // SAFETY: as above.
