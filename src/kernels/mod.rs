@@ -20,7 +20,7 @@
 //! - [`layer_norm_channels`]: a per-pixel LayerNorm over channels with affine weight and
 //!   bias (`x̂ = (x − μ)/√(σ² + ε)`, then `x̂·w + b`), forward and backward in one pass each.
 //!
-//! Every op falls back to the composed candle reference (module [`reference`]) on
+//! Every op falls back to the composed candle reference (module [`reference`](mod@reference)) on
 //! non-CPU devices, for dtypes other than f32/f64, and when [`set_kernels`] selects
 //! [`Kernels::Candle`] (`flowlab bench --kernels candle` measures that side by side).
 //! The tests compare values and gradients against the reference on several shapes.

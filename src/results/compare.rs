@@ -296,12 +296,12 @@ const PALETTE: [[u8; 3]; 8] = [
     [127, 127, 127],
 ];
 
-/// Longest legend label of the curve plot, in characters.
+/// Longest legend label of the curve plot, in characters (the 34 in [`run_groups`]).
 const LABEL_CHARS: usize = 34;
 
 /// Run id → the legend label of its `--by` group: the group's values joined by " / ",
 /// JSON punctuation dropped (`{"order":"reverse"}` → `order:reverse`), cut to
-/// [`LABEL_CHARS`] characters with a `~` (the plot font is ASCII).
+/// 34 characters with a `~` (the plot font is ASCII).
 pub fn run_groups(df: &DataFrame, path: &Path, by: &[String]) -> Result<BTreeMap<String, String>> {
     let keys: Vec<&Column> = by
         .iter()
