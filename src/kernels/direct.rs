@@ -315,7 +315,7 @@ unsafe fn conv_block<const M: usize, const R: usize>(
         conv_tile::<M, R>(x, offs, w, out, rs, i * LANES * R);
     }
     let q0 = full * LANES * R;
-    // The rest, `q − q0 < 16R` positions, in whole vectors: R' < R of them.
+    // The rest, `q − q0 < 16R` positions, in whole vectors: R' ≤ R of them.
     match (q - q0).div_ceil(LANES) {
         0 => {}
         1 => conv_tile::<M, 1>(x, offs, w, out, rs, q0),

@@ -306,6 +306,12 @@ fn reduce_images<T: Real>(
         .into_par_iter()
         .map(|g| f(g * REDUCE_GROUP..((g + 1) * REDUCE_GROUP).min(n)))
         .collect();
+    sum_in_order(len, parts)
+}
+
+/// `Σ parts`, elementwise over `len` values, added in the parts' order (so a batch reduction
+/// over fixed groups gives the same bits for any thread count).
+fn sum_in_order<T: Real>(len: usize, parts: impl IntoIterator<Item = Vec<T>>) -> Vec<T> {
     let mut total = vec![T::ZERO; len];
     for p in parts {
         for (t, v) in total.iter_mut().zip(p) {

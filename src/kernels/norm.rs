@@ -196,21 +196,12 @@ fn norm_grads<T: Real>(
         }
         *partial[gi].lock().unwrap_or_else(|e| e.into_inner()) = acc;
     };
-    let mut out = if dx_len.is_multiple_of(group) {
-        per_image_out(dx_len, group, 4 * p, |gi, dx, s, _| fill_group(gi, dx, s))
-    } else {
-        // A short last group: plain zeroed output, the same per-group work.
-        let mut out = vec![T::ZERO; dx_len];
-        super::per_image(&mut out, group, 4 * p, |gi, dx, s, _| fill_group(gi, dx, s));
-        out
-    };
-    let mut params = vec![T::ZERO; 2 * c];
-    for part in partial {
-        let part = part.into_inner().unwrap_or_else(|e| e.into_inner());
-        for (t, v) in params.iter_mut().zip(part) {
-            *t += v;
-        }
-    }
+    // per_image_out takes a short last group as it is.
+    let mut out = per_image_out(dx_len, group, 4 * p, |gi, dx, s, _| fill_group(gi, dx, s));
+    let parts = partial
+        .into_iter()
+        .map(|part| part.into_inner().unwrap_or_else(|e| e.into_inner()));
+    let params = super::sum_in_order(2 * c, parts);
     out.extend_from_slice(&params);
     out
 }
