@@ -258,8 +258,16 @@ impl CustomOp3 for LayerNormChannelsOp {
         let all = x.apply_op3_no_bwd(&gy, w, &LayerNormChannelsGrad { eps: self.eps })?;
         let (n, c) = (x.elem_count(), w.elem_count());
         let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = all.narrow(0, n, c)?.reshape(w.shape())?;
-        let db = all.narrow(0, n + c, c)?.reshape(b.shape())?;
+        // ∂w and ∂b get their own storage: as views they would keep the whole buffer (∂x
+        // included) alive in the gradient store until the optimizer step.
+        let dw = all
+            .narrow(0, n, c)?
+            .force_contiguous()?
+            .reshape(w.shape())?;
+        let db = all
+            .narrow(0, n + c, c)?
+            .force_contiguous()?
+            .reshape(b.shape())?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
