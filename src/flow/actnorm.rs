@@ -89,9 +89,11 @@ impl Flow for ActNorm {
         if !self.is_initialized()? {
             self.data_init(x)?;
         }
-        let z = x
-            .broadcast_add(self.bias.as_tensor())?
-            .broadcast_mul(&self.log_scale.as_tensor().exp()?)?;
+        let z = crate::kernels::channel_affine(
+            x,
+            self.bias.as_tensor(),
+            &self.log_scale.as_tensor().exp()?,
+        )?;
         Ok((z, ldj.broadcast_add(&self.logdet(h, w)?)?))
     }
 

@@ -39,6 +39,7 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
+mod affine;
 mod alloc;
 mod conv;
 mod direct;
@@ -51,6 +52,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{DType, Tensor};
 
+pub use affine::channel_affine;
 pub use alloc::tune_allocator;
 pub use conv::{conv2d, conv2d_concat_elu, conv2d_relu};
 pub use elementwise::{concat_elu, gate};
@@ -310,16 +312,36 @@ fn reduce_images<T: Real>(
 }
 
 /// `Σ parts`, elementwise over `len` values, added in the parts' order (so a batch reduction
-/// over fixed groups gives the same bits for any thread count).
+/// over fixed groups gives the same bits for any thread count). Long sums run in parallel
+/// over slices of the output; each element is still added in the parts' order.
 fn sum_in_order<T: Real>(len: usize, parts: impl IntoIterator<Item = Vec<T>>) -> Vec<T> {
+    use rayon::prelude::*;
+    let parts: Vec<Vec<T>> = parts.into_iter().collect();
+    debug_assert!(parts.iter().all(|p| p.len() == len));
     let mut total = vec![T::ZERO; len];
-    for p in parts {
-        for (t, v) in total.iter_mut().zip(p) {
-            *t += v;
+    let add_slice = |i: usize, t: &mut [T]| {
+        for p in &parts {
+            for (t, &v) in t.iter_mut().zip(&p[i * SUM_SLICE..]) {
+                *t += v;
+            }
         }
+    };
+    if len >= 2 * SUM_SLICE && rayon::current_num_threads() > 1 {
+        total
+            .par_chunks_mut(SUM_SLICE)
+            .enumerate()
+            .for_each(|(i, t)| add_slice(i, t));
+    } else {
+        total
+            .chunks_mut(SUM_SLICE)
+            .enumerate()
+            .for_each(|(i, t)| add_slice(i, t));
     }
     total
 }
+
+/// Elements per task of [`sum_in_order`]: 16 KiB of f32 output.
+const SUM_SLICE: usize = 4096;
 
 /// Runs `f(index, chunk, scratch)` over the `chunk`-sized pieces of `out`, in parallel over
 /// rayon's threads when there are at least as many pieces as threads; otherwise in order,
@@ -493,5 +515,41 @@ fn check_against_reference(
         assert_eq!(a.dims(), b.dims());
         let e = rel_err(a, b);
         assert!(e < tol, "gradient of input {i}: error {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sum_in_order_adds_each_element_in_part_order_on_any_pool() {
+        // Long enough for the parallel slices (and a short last slice), with values whose
+        // sum depends on the order of the additions in f32.
+        let len = 3 * super::SUM_SLICE + 17;
+        let parts: Vec<Vec<f32>> = (0..7)
+            .map(|k| {
+                (0..len)
+                    .map(|i| {
+                        ((i * 31 + k * 17) % 101) as f32 * 1e-3
+                            + if k % 2 == 0 { 1e4 } else { -1e4 }
+                    })
+                    .collect()
+            })
+            .collect();
+        let want: Vec<f32> = (0..len)
+            .map(|i| parts.iter().fold(0.0f32, |a, p| a + p[i]))
+            .collect();
+        for threads in [1, 2, 3] {
+            let got = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| super::sum_in_order(len, parts.clone()));
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{threads} threads"
+            );
+        }
     }
 }
