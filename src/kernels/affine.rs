@@ -9,25 +9,13 @@
 //! The sums are deterministic: each row adds in 16 fixed lanes, images are summed in fixed
 //! groups, and the groups in order, so the result is the same for any thread count.
 
-use std::sync::Mutex;
-
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::{per_image_out, slice, wide, Real, REDUCE_GROUP};
+use super::{
+    dims3, for_each_lane, per_image_out, per_image_with_sums, slice, split_grads, sum_lanes, wide,
+    Real, SUM_LANES,
+};
 use crate::Result;
-
-/// Lanes of the per-row sums.
-const LANES: usize = 16;
-
-/// `[B, C, …]` → (B, C, positions per channel).
-fn dims3(dims: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
-    match dims {
-        [b, c, rest @ ..] if *c > 0 => Ok((*b, *c, rest.iter().product())),
-        _ => Err(candle_core::Error::Msg(format!(
-            "channel_affine kernel: expected [B, C, …] with C > 0, got {dims:?}"
-        ))),
-    }
-}
 
 fn check_params(what: &str, c: usize, l: &[&Layout]) -> candle_core::Result<()> {
     for l in l {
@@ -50,27 +38,16 @@ fn affine_row<T: Real>(x: &[T], b: T, s: T, z: &mut [T]) {
 }
 
 /// `∂x = G·s` for one channel row, and that row's `(Σ G, Σ G·(x + b))`, each summed in
-/// [`LANES`] fixed lanes (element i goes to lane i mod 16), then across lanes in order.
+/// [`SUM_LANES`] fixed lanes.
 #[inline(always)]
 fn grad_row<T: Real>(x: &[T], g: &[T], b: T, s: T, dx: &mut [T]) -> (T, T) {
-    let (mut sg, mut sgx) = ([T::ZERO; LANES], [T::ZERO; LANES]);
-    let mut lane = |l: usize, i: usize| {
+    let (mut sg, mut sgx) = ([T::ZERO; SUM_LANES], [T::ZERO; SUM_LANES]);
+    for_each_lane(x.len(), |l, i| {
         dx[i] = g[i] * s;
         sg[l] += g[i];
         sgx[l] += g[i] * (x[i] + b);
-    };
-    let n = x.len();
-    let main = n - n % LANES;
-    for i0 in (0..main).step_by(LANES) {
-        for l in 0..LANES {
-            lane(l, i0 + l);
-        }
-    }
-    for i in main..n {
-        lane(i - main, i);
-    }
-    let sum = |v: [T; LANES]| v.iter().fold(T::ZERO, |a, &b| a + b);
-    (sum(sg), sum(sgx))
+    });
+    (sum_lanes(sg), sum_lanes(sgx))
 }
 
 fn affine_fwd<T: Real>(x: &[T], b: &[T], s: &[T], (n, c, p): (usize, usize, usize)) -> Vec<T> {
@@ -84,35 +61,22 @@ fn affine_fwd<T: Real>(x: &[T], b: &[T], s: &[T], (n, c, p): (usize, usize, usiz
     })
 }
 
-/// `[∂x; Σ G; Σ G·(x + b)]` (`B·C·P + 2C` values). Images run in parallel in fixed groups of
-/// [`REDUCE_GROUP`], whose sums are added in group order.
+/// `[∂x; Σ G; Σ G·(x + b)]` (`B·C·P + 2C` values), the sums independent of the thread count
+/// ([`per_image_with_sums`]).
 fn affine_grads<T: Real>(x: &[T], gy: &[T], bs: &[T], (n, c, p): (usize, usize, usize)) -> Vec<T> {
     let (b, s) = bs.split_at(c);
     let img = c * p;
-    let groups = n.div_ceil(REDUCE_GROUP);
-    let partial: Vec<Mutex<Vec<T>>> = (0..groups).map(|_| Mutex::new(Vec::new())).collect();
-    let mut out = per_image_out(n * img, REDUCE_GROUP * img, 0, |gi, dx, _, _| {
-        let mut acc = vec![T::ZERO; 2 * c];
-        for (j, dxn) in dx.chunks_mut(img).enumerate() {
-            let i = gi * REDUCE_GROUP + j;
-            let (xn, gn) = (&x[i * img..(i + 1) * img], &gy[i * img..(i + 1) * img]);
-            wide(|| {
-                for ch in 0..c {
-                    let r = ch * p..(ch + 1) * p;
-                    let (sg, sgx) =
-                        grad_row(&xn[r.clone()], &gn[r.clone()], b[ch], s[ch], &mut dxn[r]);
-                    acc[ch] += sg;
-                    acc[c + ch] += sgx;
-                }
-            });
-        }
-        *partial[gi].lock().unwrap_or_else(|e| e.into_inner()) = acc;
-    });
-    let parts = partial
-        .into_iter()
-        .map(|part| part.into_inner().unwrap_or_else(|e| e.into_inner()));
-    out.extend_from_slice(&super::sum_in_order(2 * c, parts));
-    out
+    per_image_with_sums(n, img, 0, 2 * c, |i, dxn, _, sums| {
+        let (xn, gn) = (&x[i * img..(i + 1) * img], &gy[i * img..(i + 1) * img]);
+        wide(|| {
+            for ch in 0..c {
+                let r = ch * p..(ch + 1) * p;
+                let (sg, sgx) = grad_row(&xn[r.clone()], &gn[r.clone()], b[ch], s[ch], &mut dxn[r]);
+                sums[ch] += sg;
+                sums[c + ch] += sgx;
+            }
+        });
+    })
 }
 
 /// `(x, b, s) → (x + b)·s`, b and s with C elements.
@@ -132,7 +96,7 @@ impl CustomOp3 for ChannelAffine {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = dims3(l1.dims())?;
+        let d = dims3("channel_affine", l1.dims())?;
         check_params("channel_affine", d.1, &[l2, l3])?;
         let out = crate::kernels::dispatch!("channel_affine", (s1, s2, s3), |x, b, s| {
             affine_fwd(slice(x, l1)?, slice(b, l2)?, slice(s, l3)?, d)
@@ -151,18 +115,7 @@ impl CustomOp3 for ChannelAffine {
         let gz = gz.contiguous()?;
         let bs = Tensor::cat(&[b.flatten_all()?, s.flatten_all()?], 0)?;
         let all = x.apply_op3_no_bwd(&gz, &bs, &ChannelAffineGrad)?;
-        let (n, c) = (x.elem_count(), b.elem_count());
-        let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
-        // The sums get their own storage, so that they do not keep ∂x alive in the gradient
-        // store until the optimizer step.
-        let sum_g = all
-            .narrow(0, n, c)?
-            .force_contiguous()?
-            .reshape(b.shape())?;
-        let ds = all
-            .narrow(0, n + c, c)?
-            .force_contiguous()?
-            .reshape(s.shape())?;
+        let (dx, sum_g, ds) = split_grads(&all, x, b, s)?;
         let db = (sum_g * s.reshape(b.shape())?)?;
         Ok((Some(dx), Some(db), Some(ds)))
     }
@@ -185,7 +138,7 @@ impl CustomOp3 for ChannelAffineGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = dims3(l1.dims())?;
+        let d = dims3("channel_affine", l1.dims())?;
         if l2.dims() != l1.dims() || l3.shape().elem_count() != 2 * d.1 {
             return Err(candle_core::Error::Msg(format!(
                 "channel_affine grad kernel: G {:?} / [b; s] {:?} do not fit x {:?}",
@@ -213,15 +166,9 @@ pub fn channel_affine(x: &Tensor, b: &Tensor, s: &Tensor) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::randn;
     use super::*;
-    use crate::rng::Rng;
-    use candle_core::{DType, Device};
-
-    fn randn(seed: u64, dims: &[usize], dtype: DType) -> Tensor {
-        Rng::new(seed)
-            .normal(dims, 1.5, dtype, &Device::Cpu)
-            .unwrap()
-    }
+    use candle_core::DType;
 
     #[test]
     fn matches_candle_values_and_gradients() {
@@ -238,9 +185,9 @@ mod tests {
             let c = dims[1];
             super::super::check_against_reference(
                 &[
-                    randn(1, &dims, dtype),
-                    randn(2, &[1, c, 1, 1], dtype),
-                    randn(3, &[1, c, 1, 1], dtype),
+                    randn(1, &dims, 1.5, dtype),
+                    randn(2, &[1, c, 1, 1], 1.5, dtype),
+                    randn(3, &[1, c, 1, 1], 1.5, dtype),
                 ],
                 |t| channel_affine(&t[0], &t[1], &t[2]),
                 tol,
@@ -250,10 +197,10 @@ mod tests {
 
     #[test]
     fn gradients_do_not_depend_on_the_thread_count() {
-        let x = randn(4, &[11, 3, 9, 5], DType::F32);
-        let b = randn(5, &[1, 3, 1, 1], DType::F32);
-        let s = randn(6, &[1, 3, 1, 1], DType::F32);
-        let probe = randn(7, &[11, 3, 9, 5], DType::F32);
+        let x = randn(4, &[11, 3, 9, 5], 1.5, DType::F32);
+        let b = randn(5, &[1, 3, 1, 1], 1.5, DType::F32);
+        let s = randn(6, &[1, 3, 1, 1], 1.5, DType::F32);
+        let probe = randn(7, &[11, 3, 9, 5], 1.5, DType::F32);
         super::super::assert_thread_count_invariant(|| {
             let (bv, sv) = (
                 candle_core::Var::from_tensor(&b).unwrap(),
@@ -278,8 +225,8 @@ mod tests {
 
     #[test]
     fn refuses_parameters_of_the_wrong_size() {
-        let x = randn(1, &[2, 3, 4, 4], DType::F32);
-        let b = randn(2, &[1, 2, 1, 1], DType::F32);
+        let x = randn(1, &[2, 3, 4, 4], 1.5, DType::F32);
+        let b = randn(2, &[1, 2, 1, 1], 1.5, DType::F32);
         let err = super::super::with_kernels(super::super::Kernels::Fast, || {
             channel_affine(&x, &b, &b).unwrap_err().to_string()
         });

@@ -895,21 +895,15 @@ pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize) -> Result<Ten
 
 #[cfg(test)]
 mod tests {
+    use super::super::randn;
     use super::*;
-    use crate::rng::Rng;
-    use candle_core::{DType, Device};
-
-    fn randn(seed: u64, dims: &[usize], dtype: DType) -> Tensor {
-        Rng::new(seed)
-            .normal(dims, 1.0, dtype, &Device::Cpu)
-            .unwrap()
-    }
+    use candle_core::DType;
 
     fn check(x: &[usize], w: &[usize], pad: usize, dtype: DType, tol: f64) {
         let inputs = [
-            randn(1, x, dtype),
-            randn(2, w, dtype),
-            randn(3, &[w[0]], dtype),
+            randn(1, x, 1.0, dtype),
+            randn(2, w, 1.0, dtype),
+            randn(3, &[w[0]], 1.0, dtype),
         ];
         super::super::check_against_reference(&inputs, |t| conv2d(&t[0], &t[1], &t[2], pad), tol);
         // The same weights behind ReLU.
@@ -921,7 +915,7 @@ mod tests {
         // The same weights behind ConcatELU of half the channels (odd channel counts keep
         // whole-plane ConcatELU halves honest).
         if w[1].is_multiple_of(2) {
-            let xh = randn(4, &[x[0], x[1] / 2, x[2], x[3]], dtype);
+            let xh = randn(4, &[x[0], x[1] / 2, x[2], x[3]], 1.0, dtype);
             let inputs = [xh, inputs[1].clone(), inputs[2].clone()];
             super::super::check_against_reference(
                 &inputs,
@@ -956,7 +950,8 @@ mod tests {
             eprintln!("skipped: no AVX-512F");
             return;
         }
-        let vals = |n: usize, seed: u64| randn(seed, &[n], DType::F32).to_vec1::<f32>().unwrap();
+        let vals =
+            |n: usize, seed: u64| randn(seed, &[n], 1.0, DType::F32).to_vec1::<f32>().unwrap();
         // Odd sizes, every forward block size (Co 1..8 and 8 + remainder), Co below, at
         // and above 16 (both weight-gradient kernels), 3×3 and other kernels, paddings 0..2,
         // both input transforms.
@@ -1042,9 +1037,9 @@ mod tests {
     }
 
     fn thread_count_invariant(ci: usize, co: usize) {
-        let x = randn(1, &[9, ci, 6, 5], DType::F32);
-        let w = randn(2, &[co, ci, 3, 3], DType::F32);
-        let b = randn(3, &[co], DType::F32);
+        let x = randn(1, &[9, ci, 6, 5], 1.0, DType::F32);
+        let w = randn(2, &[co, ci, 3, 3], 1.0, DType::F32);
+        let b = randn(3, &[co], 1.0, DType::F32);
         super::super::assert_thread_count_invariant(|| {
             let (xv, wv, bv) = (
                 candle_core::Var::from_tensor(&x).unwrap(),
@@ -1067,9 +1062,9 @@ mod tests {
 
     #[test]
     fn refuses_mismatched_shapes() {
-        let x = randn(1, &[1, 3, 4, 4], DType::F32);
-        let w = randn(2, &[2, 4, 3, 3], DType::F32);
-        let b = randn(3, &[2], DType::F32);
+        let x = randn(1, &[1, 3, 4, 4], 1.0, DType::F32);
+        let w = randn(2, &[2, 4, 3, 3], 1.0, DType::F32);
+        let b = randn(3, &[2], 1.0, DType::F32);
         let err = super::super::with_kernels(super::super::Kernels::Fast, || {
             conv2d(&x, &w, &b, 1).unwrap_err().to_string()
         });

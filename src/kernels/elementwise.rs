@@ -259,15 +259,9 @@ pub fn gate(x: &Tensor, h: &Tensor) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::randn;
     use super::*;
-    use crate::rng::Rng;
-    use candle_core::{DType, Device};
-
-    fn randn(seed: u64, dims: &[usize], dtype: DType) -> Tensor {
-        Rng::new(seed)
-            .normal(dims, 2.0, dtype, &Device::Cpu)
-            .unwrap()
-    }
+    use candle_core::DType;
 
     #[test]
     fn concat_elu_matches_candle() {
@@ -277,7 +271,7 @@ mod tests {
             (vec![16, 32, 14, 14], DType::F32, 1e-5),
         ] {
             super::super::check_against_reference(
-                &[randn(4, &dims, dtype)],
+                &[randn(4, &dims, 2.0, dtype)],
                 |t| concat_elu(&t[0]),
                 tol,
             );
@@ -293,8 +287,8 @@ mod tests {
         ] {
             super::super::check_against_reference(
                 &[
-                    randn(5, &[b, c, h, w], dtype),
-                    randn(6, &[b, 2 * c, h, w], dtype),
+                    randn(5, &[b, c, h, w], 2.0, dtype),
+                    randn(6, &[b, 2 * c, h, w], 2.0, dtype),
                 ],
                 |t| gate(&t[0], &t[1]),
                 tol,
@@ -318,8 +312,8 @@ mod tests {
 
     #[test]
     fn gate_refuses_wrong_h() {
-        let x = randn(1, &[2, 3, 4, 4], DType::F32);
-        let h = randn(2, &[2, 3, 4, 4], DType::F32);
+        let x = randn(1, &[2, 3, 4, 4], 2.0, DType::F32);
+        let h = randn(2, &[2, 3, 4, 4], 2.0, DType::F32);
         let err = super::super::with_kernels(super::super::Kernels::Fast, || {
             gate(&x, &h).unwrap_err().to_string()
         });

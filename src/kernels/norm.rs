@@ -7,22 +7,13 @@
 //! The forward pass is one kernel; the backward pass is one more, which computes the
 //! statistics once per image and all three gradients from them.
 
-use std::sync::Mutex;
-
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::{per_image_out, slice, wide_fn, Real, REDUCE_GROUP};
+use super::{
+    dims3, for_each_lane, per_image_out, per_image_with_sums, slice, split_grads, sum_lanes,
+    wide_fn, Real, SUM_LANES,
+};
 use crate::Result;
-
-/// `[B, C, …]` → (B, C, positions per channel).
-fn dims3(dims: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
-    match dims {
-        [b, c, rest @ ..] if *c > 0 => Ok((*b, *c, rest.iter().product())),
-        _ => Err(candle_core::Error::Msg(format!(
-            "layer_norm_channels kernel: expected [B, C, …] with C > 0, got {dims:?}"
-        ))),
-    }
-}
 
 /// Fills `mean` and `rstd` (length p) from one image `x` (`[c, p]`).
 #[inline(always)]
@@ -89,10 +80,6 @@ wide_fn! {
     }
 }
 
-/// Lanes of the partial sums of `∂w` and `∂b` over positions (summed in a fixed order, so
-/// the loops vectorise and the result does not depend on the vector width).
-const SUM_LANES: usize = 16;
-
 wide_fn! {
     /// `∂x`, `∂w` and `∂b` of `y = x̂·w + b` for one image (`x`, `gy`, `dx` `[c, p]`),
     /// adding `Σ G·x̂` and `Σ G` per channel to `dw` and `db`. `s` is scratch of `4p`.
@@ -150,8 +137,8 @@ fn sums_row<T: Real>(
     let n = x.len();
     let (x, g, mean, rstd) = (&x[..n], &g[..n], &mean[..n], &rstd[..n]);
     let (mg, mgx) = (&mut mg[..n], &mut mgx[..n]);
-    // Lane l of the sums takes positions l, l + 16, …: whole blocks of 16, then the tail.
-    let mut lane = |l: usize, i: usize| {
+    // Lane l of the sums takes positions l, l + 16, ….
+    let lane = |l: usize, i: usize| {
         let xh = (x[i] - mean[i]) * rstd[i];
         let gw = g[i] * w;
         mg[i] += gw;
@@ -159,22 +146,12 @@ fn sums_row<T: Real>(
         sw[l] += g[i] * xh;
         sb[l] += g[i];
     };
-    let main = n - n % SUM_LANES;
-    for i0 in (0..main).step_by(SUM_LANES) {
-        for l in 0..SUM_LANES {
-            lane(l, i0 + l);
-        }
-    }
-    for i in main..n {
-        lane(i - main, i);
-    }
-    let sum = |v: [T; SUM_LANES]| v.iter().fold(T::ZERO, |a, &b| a + b);
-    (sum(sw), sum(sb))
+    for_each_lane(n, lane);
+    (sum_lanes(sw), sum_lanes(sb))
 }
 
-/// `[∂x; ∂w; ∂b]` (`B·C·P + 2C` values) of `y = x̂·w + b`. Images run in parallel in fixed
-/// groups of [`REDUCE_GROUP`]; the groups' `∂w`, `∂b` are summed in group order, so the
-/// result is the same for any thread count.
+/// `[∂x; ∂w; ∂b]` (`B·C·P + 2C` values) of `y = x̂·w + b`, the parameter sums independent of
+/// the thread count ([`per_image_with_sums`]).
 fn norm_grads<T: Real>(
     x: &[T],
     gy: &[T],
@@ -182,28 +159,12 @@ fn norm_grads<T: Real>(
     (b, c, p): (usize, usize, usize),
     eps: T,
 ) -> Vec<T> {
-    let (img, group) = (c * p, REDUCE_GROUP * c * p);
-    let groups = b.div_ceil(REDUCE_GROUP);
-    let partial: Vec<Mutex<Vec<T>>> = (0..groups).map(|_| Mutex::new(Vec::new())).collect();
-    let dx_len = b * img;
-    let fill_group = |gi: usize, dx: &mut [T], s: &mut [T]| {
-        let mut acc = vec![T::ZERO; 2 * c];
-        let (dw, db) = acc.split_at_mut(c);
-        for (j, dxn) in dx.chunks_mut(img).enumerate() {
-            let n = gi * REDUCE_GROUP + j;
-            let (xn, gn) = (&x[n * img..(n + 1) * img], &gy[n * img..(n + 1) * img]);
-            image_grads(xn, gn, w, c, p, eps, s, dxn, dw, db);
-        }
-        *partial[gi].lock().unwrap_or_else(|e| e.into_inner()) = acc;
-    };
-    // per_image_out takes a short last group as it is.
-    let mut out = per_image_out(dx_len, group, 4 * p, |gi, dx, s, _| fill_group(gi, dx, s));
-    let parts = partial
-        .into_iter()
-        .map(|part| part.into_inner().unwrap_or_else(|e| e.into_inner()));
-    let params = super::sum_in_order(2 * c, parts);
-    out.extend_from_slice(&params);
-    out
+    let img = c * p;
+    per_image_with_sums(b, img, 4 * p, 2 * c, |n, dxn, s, sums| {
+        let (dw, db) = sums.split_at_mut(c);
+        let (xn, gn) = (&x[n * img..(n + 1) * img], &gy[n * img..(n + 1) * img]);
+        image_grads(xn, gn, w, c, p, eps, s, dxn, dw, db);
+    })
 }
 
 /// Channel LayerNorm with affine parameters: `(x, w, b) → x̂·w + b`, w and b `[1, C, 1, 1]`.
@@ -225,7 +186,7 @@ impl CustomOp3 for LayerNormChannelsOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = dims3(l1.dims())?;
+        let d = dims3("layer_norm_channels", l1.dims())?;
         if l2.shape().elem_count() != d.1 || l3.shape().elem_count() != d.1 {
             return Err(candle_core::Error::Msg(format!(
                 "layer_norm_channels kernel: weight {:?} / bias {:?} must have C = {} elements",
@@ -256,18 +217,7 @@ impl CustomOp3 for LayerNormChannelsOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let gy = gy.contiguous()?;
         let all = x.apply_op3_no_bwd(&gy, w, &LayerNormChannelsGrad { eps: self.eps })?;
-        let (n, c) = (x.elem_count(), w.elem_count());
-        let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
-        // ∂w and ∂b get their own storage: as views they would keep the whole buffer (∂x
-        // included) alive in the gradient store until the optimizer step.
-        let dw = all
-            .narrow(0, n, c)?
-            .force_contiguous()?
-            .reshape(w.shape())?;
-        let db = all
-            .narrow(0, n + c, c)?
-            .force_contiguous()?
-            .reshape(b.shape())?;
+        let (dx, dw, db) = split_grads(&all, x, w, b)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
@@ -291,7 +241,7 @@ impl CustomOp3 for LayerNormChannelsGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = dims3(l1.dims())?;
+        let d = dims3("layer_norm_channels", l1.dims())?;
         let out =
             crate::kernels::dispatch!("layer_norm_channels grad", (s1, s2, s3), |x, g, w| {
                 norm_grads(
