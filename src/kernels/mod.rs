@@ -302,28 +302,12 @@ fn dims3(what: &str, dims: &[usize]) -> candle_core::Result<(usize, usize, usize
 
 /// Lanes of the per-channel kernels' partial sums over positions. Element i of a row goes to
 /// lane i mod 16 and the lanes are added in order at the end, so the loops vectorise and the
-/// result does not depend on the vector width.
+/// result does not depend on the vector width. The loops walk 16-element blocks
+/// (`chunks_exact`), then the tail: indexed by `i0 + l`, LLVM could not prove the indices in
+/// bounds and ran the LayerNorm's backward sums on scalars.
 const SUM_LANES: usize = 16;
 
-/// Calls `f(lane, i)` for every i in `0..n`, lane = i mod [`SUM_LANES`]: whole blocks of 16,
-/// then the tail.
-///
-/// Hand it the closure itself, not `&mut` to it: with the LayerNorm's sums passed by
-/// reference, the tutorial coupling step measured ≈ 6 % slower.
-#[inline(always)]
-fn for_each_lane(n: usize, mut f: impl FnMut(usize, usize)) {
-    let main = n - n % SUM_LANES;
-    for i0 in (0..main).step_by(SUM_LANES) {
-        for l in 0..SUM_LANES {
-            f(l, i0 + l);
-        }
-    }
-    for i in main..n {
-        f(i - main, i);
-    }
-}
-
-/// The lanes of a [`for_each_lane`] sum, added in lane order.
+/// The lanes of a [`SUM_LANES`] sum, added in lane order.
 #[inline(always)]
 fn sum_lanes<T: Real>(v: [T; SUM_LANES]) -> T {
     v.iter().fold(T::ZERO, |a, &b| a + b)
