@@ -379,6 +379,9 @@ mod tests {
         for (b, c, h, w, dtype, tol) in [
             (3, 5, 4, 3, DType::F64, 1e-10),
             (1, 2, 1, 1, DType::F64, 1e-10),
+            // Whole 16-position blocks and a tail (35 positions), and whole blocks only (32).
+            (2, 3, 5, 7, DType::F64, 1e-10),
+            (2, 4, 4, 8, DType::F64, 1e-10),
             (16, 32, 14, 14, DType::F32, 1e-4),
         ] {
             let mut rng = Rng::new(8);
