@@ -39,6 +39,7 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
+mod adam;
 mod affine;
 mod alloc;
 mod conv;
@@ -52,6 +53,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{DType, Tensor};
 
+pub use adam::{adam_step, AdamStep};
 pub use affine::channel_affine;
 pub use alloc::tune_allocator;
 pub use conv::{conv2d, conv2d_concat_elu, conv2d_relu};

@@ -19,8 +19,8 @@ use crate::Result;
 /// Adam(W) over named variables.
 pub struct Adam {
     vars: Vec<(String, Var)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    pub(crate) m: Vec<Tensor>,
+    pub(crate) v: Vec<Tensor>,
     step: usize,
     kind: OptimizerKind,
     weight_decay: f64,
@@ -32,11 +32,13 @@ pub struct Adam {
 impl Adam {
     /// PyTorch defaults: β = (0.9, 0.999), ε = 1e-8.
     pub fn new(vars: Vec<(String, Var)>, kind: OptimizerKind, weight_decay: f64) -> Result<Self> {
-        let m = vars
-            .iter()
-            .map(|(_, v)| v.as_tensor().zeros_like())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let v = m.clone();
+        // m and v are updated in place: each needs storage of its own.
+        let zeros = || {
+            vars.iter()
+                .map(|(_, v)| v.as_tensor().zeros_like())
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
+        let (m, v) = (zeros()?, zeros()?);
         Ok(Self {
             vars,
             m,
@@ -77,11 +79,28 @@ impl Adam {
         let (b1, b2) = (self.beta1, self.beta2);
         let bc1 = 1.0 - b1.powi(t);
         let bc2 = 1.0 - b2.powi(t);
+        let fused = crate::kernels::AdamStep {
+            clip: (clip_scale < 1.0).then_some(clip_scale),
+            l2: (self.weight_decay > 0.0 && self.kind == OptimizerKind::Adam)
+                .then_some(self.weight_decay),
+            decoupled: (self.weight_decay > 0.0 && self.kind == OptimizerKind::Adamw)
+                .then_some(self.weight_decay),
+            beta1: b1,
+            beta2: b2,
+            bc1,
+            bc2,
+            eps: self.eps,
+            lr,
+        };
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
             let theta = var.as_tensor();
+            // On the CPU: three in-place passes with the same arithmetic as the ops below.
+            if crate::kernels::adam_step(theta, &self.m[i], &self.v[i], g, fused)? {
+                continue;
+            }
             let mut g = if clip_scale < 1.0 {
                 (g * clip_scale)?
             } else {
@@ -108,8 +127,9 @@ impl Adam {
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (i, (name, _)) in self.vars.iter().enumerate() {
-            out.insert(format!("optim.m.{name}"), self.m[i].clone());
-            out.insert(format!("optim.v.{name}"), self.v[i].clone());
+            // Copies: the moments are updated in place by later steps.
+            out.insert(format!("optim.m.{name}"), self.m[i].copy()?);
+            out.insert(format!("optim.v.{name}"), self.v[i].copy()?);
         }
         out.insert(
             "optim.step".into(),
@@ -128,12 +148,15 @@ impl Adam {
         for (i, (name, var)) in self.vars.iter().enumerate() {
             let dev = var.device();
             let dt = var.dtype();
+            // Copies with storage of their own: the moments are updated in place.
             self.m[i] = get(&format!("optim.m.{name}"))?
                 .to_dtype(dt)?
-                .to_device(dev)?;
+                .to_device(dev)?
+                .copy()?;
             self.v[i] = get(&format!("optim.v.{name}"))?
                 .to_dtype(dt)?
-                .to_device(dev)?;
+                .to_device(dev)?
+                .copy()?;
         }
         self.step = get("optim.step")?
             .to_dtype(candle_core::DType::F64)?
