@@ -522,7 +522,8 @@ fn input_grad_direct(gy: &[f32], w: &[f32], x: &[f32], g: &Geom, t: Planes) -> V
 }
 
 /// [`conv_weight_grad`] by the direct kernels: per image, the padded planes of `a` and
-/// `Gₙ` in padded-width layout (zero in the dropped columns), summed over fixed groups.
+/// `Gₙ` in padded-width layout (zero in the dropped columns), summed over fixed groups;
+/// `[∂W; ∂b]`.
 fn weight_grad_direct(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
     let (p, ohw, k) = (g.planes(), g.out_hw(), g.k());
     let offs = p.offsets();
@@ -530,8 +531,9 @@ fn weight_grad_direct(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
         // Vectorised over output channels: ∂Wᵀ (`[K][cs]`) from Gₙᵀ (`[H'W'][cs]`).
         let cs = g.co.next_multiple_of(direct::CO_LANES);
         let plen = p.len();
-        let dwt = super::reduce_images(g.b, k * cs, |range| {
-            let mut dwt = vec![0.0; k * cs];
+        let sums = super::reduce_images(g.b, k * cs + g.co, |range| {
+            let mut sums = vec![0.0; k * cs + g.co];
+            let (dwt, db) = sums.split_at_mut(k * cs);
             f32::with_scratch(plen + ohw * cs, |scratch| {
                 let (planes, gt) = scratch.split_at_mut(plen);
                 // Channels past Co stay zero; the rest is rewritten per image.
@@ -548,24 +550,29 @@ fn weight_grad_direct(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
                             }
                         }
                     }
-                    direct::weight_grad_t(planes, &p, &offs, gt, &mut dwt);
+                    add_bias_grad(db, gn, ohw);
+                    direct::weight_grad_t(planes, &p, &offs, gt, dwt);
                 }
             });
-            dwt
+            sums
         });
-        let mut dw = vec![0.0; g.co * k];
+        let (dwt, db) = sums.split_at(k * cs);
+        let mut out = vec![0.0; g.co * k + g.co];
+        let (dw, out_db) = out.split_at_mut(g.co * k);
         for (c, row) in dw.chunks_exact_mut(k).enumerate() {
             for (t, d) in row.iter_mut().enumerate() {
                 *d = dwt[t * cs + c];
             }
         }
-        return dw;
+        out_db.copy_from_slice(db);
+        return out;
     }
     // Few output channels: vectorised over positions, the whole group of images at once
     // (one horizontal sum per tile and group).
     let (plen, gl, wp) = (p.len(), g.co * p.grad_stride(), p.wp());
-    super::reduce_images(g.b, g.co * k, |range| {
-        let mut dw = vec![0.0; g.co * k];
+    super::reduce_images(g.b, g.co * k + g.co, |range| {
+        let mut out = vec![0.0; g.co * k + g.co];
+        let (dw, db) = out.split_at_mut(g.co * k);
         let imgs = range.len();
         f32::with_scratch(imgs * (plen + gl), |scratch| {
             let (planes, gz) = scratch.split_at_mut(imgs * plen);
@@ -580,10 +587,11 @@ fn weight_grad_direct(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
                     (d, r * g.ow, 0.0)
                 };
                 direct::copy_rows(gz, gn, g.co * g.oh, g.ow, at, false);
+                add_bias_grad(db, gn, ohw);
             }
-            direct::weight_grad(planes, &p, &offs, gz, imgs, &mut dw);
+            direct::weight_grad(planes, &p, &offs, gz, imgs, dw);
         });
-        dw
+        out
     })
 }
 
@@ -635,21 +643,24 @@ fn conv_input_grad<T: Real>(gy: &[T], w: &[T], x: &[T], g: &Geom) -> Vec<T> {
     dx
 }
 
+/// `[∂W; ∂b]` (`Co·K + Co` values) by im2col and GEMM, per fixed group of images.
 fn conv_weight_grad<T: Real>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
     let (k, ohw) = (g.k(), g.out_hw());
     // Each task accumulates Σ Gₙ·colsₙᵀ over a fixed group of images into its own buffer;
     // the groups are added in order (deterministic rounding).
     let part = |range: std::ops::Range<usize>, par: gemm::Parallelism| {
-        let mut dw = vec![T::ZERO; g.co * k];
+        let mut out = vec![T::ZERO; g.co * k + g.co];
+        let (dw, db) = out.split_at_mut(g.co * k);
         let cols_len = if g.pointwise() { 0 } else { k * ohw };
         T::with_scratch(g.act_scratch() + cols_len, |scratch| {
             let (act, cols) = scratch.split_at_mut(g.act_scratch());
             for (i, n) in range.enumerate() {
                 let a = g.activate(&x[n * g.in_len()..(n + 1) * g.in_len()], act);
                 let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
+                add_bias_grad(db, gn, ohw);
                 if g.pointwise() {
                     let (lhs, rhs) = (Mat::rows(gn, ohw), Mat::transposed(a, ohw));
-                    matmul(&mut dw, k, (g.co, k, ohw), lhs, rhs, i > 0, par);
+                    matmul(dw, k, (g.co, k, ohw), lhs, rhs, i > 0, par);
                     continue;
                 }
                 for (b, (y0, y1)) in bands::<T>(g, k).enumerate() {
@@ -657,11 +668,11 @@ fn conv_weight_grad<T: Real>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
                     im2col(a, cols, g, (y0, y1));
                     let lhs = Mat::rows(&gn[y0 * g.ow..], ohw);
                     let rhs = Mat::transposed(cols, len);
-                    matmul(&mut dw, k, (g.co, k, len), lhs, rhs, i > 0 || b > 0, par);
+                    matmul(dw, k, (g.co, k, len), lhs, rhs, i > 0 || b > 0, par);
                 }
             }
         });
-        dw
+        out
     };
     // Groups run in parallel when there are enough images; otherwise the GEMM gets the
     // threads. Either way the same groups are summed in the same order.
@@ -671,7 +682,7 @@ fn conv_weight_grad<T: Real>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
     } else {
         gemm::Parallelism::None
     };
-    super::reduce_images(g.b, g.co * k, |r| part(r, par))
+    super::reduce_images(g.b, g.co * k + g.co, |r| part(r, par))
 }
 
 /// `Σ v` over 8 interleaved partial sums (vectorisable; a fixed order, so deterministic).
@@ -690,19 +701,13 @@ fn lane_sum<T: Real>(v: &[T]) -> T {
     acc.iter().fold(s, |t, &a| t + a)
 }
 
-/// `∂b = Σₙ,ₚ Gₙ[:, p]`, summed over the fixed image groups of
-/// [`super::reduce_images`] in parallel (deterministic for any thread count).
-fn bias_grad<T: Real>(gy: &[T], g: &Geom) -> Vec<T> {
-    let ohw = g.out_hw();
-    super::reduce_images(g.b, g.co, |range| {
-        let mut db = vec![T::ZERO; g.co];
-        for n in range {
-            for (co, acc) in db.iter_mut().enumerate() {
-                *acc += wide(|| lane_sum(&gy[(n * g.co + co) * ohw..(n * g.co + co + 1) * ohw]));
-            }
-        }
-        db
-    })
+/// `db[co] += Σₚ Gₙ[co, p]` for one image's output gradient `gn` (`[Co][ohw]`). The weight
+/// gradients call it per image inside their fixed image groups, so `∂b` is summed in those
+/// groups, in order, while `Gₙ` is in cache (deterministic for any thread count).
+fn add_bias_grad<T: Real>(db: &mut [T], gn: &[T], ohw: usize) {
+    for (acc, row) in db.iter_mut().zip(gn.chunks_exact(ohw)) {
+        *acc += wide(|| lane_sum(row));
+    }
 }
 
 /// `y = W ⋆ pre(x) + b` on f32 data, by the faster path for this geometry.
@@ -722,7 +727,7 @@ fn input_grad_f32(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
     }
 }
 
-/// `∂W` on f32 data, by the faster path for this geometry.
+/// `[∂W; ∂b]` on f32 data, by the faster path for this geometry.
 fn weight_grad_f32(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
     if g.direct(Some(Grad::Weight)) {
         weight_grad_direct(x, gy, g)
@@ -778,7 +783,7 @@ impl CustomOp3 for Conv2dOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _y: &Tensor,
         gy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -794,11 +799,15 @@ impl CustomOp3 for Conv2dOp {
                 },
             )
         };
-        Ok((
-            Some(grad(Grad::Input)?),
-            Some(grad(Grad::Weight)?),
-            Some(grad(Grad::Bias)?),
-        ))
+        // ∂W and ∂b come from one pass (`[∂W; ∂b]`), each then with storage of its own.
+        let wb = grad(Grad::Weight)?;
+        let n = w.elem_count();
+        let dw = wb.narrow(0, 0, n)?.force_contiguous()?.reshape(w.shape())?;
+        let db = wb
+            .narrow(0, n, wb.elem_count() - n)?
+            .force_contiguous()?
+            .reshape(b.shape())?;
+        Ok((Some(grad(Grad::Input)?), Some(dw), Some(db)))
     }
 }
 
@@ -806,11 +815,11 @@ impl CustomOp3 for Conv2dOp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Grad {
     Input,
+    /// `[∂W; ∂b]`, flat: the bias gradient is summed while each `Gₙ` is in cache for ∂W.
     Weight,
-    Bias,
 }
 
-/// `(x, w, G) → ∂x | ∂w | ∂b`.
+/// `(x, w, G) → ∂x | [∂w; ∂b]`.
 struct GradOp {
     pad: usize,
     pre: Pre,
@@ -839,7 +848,6 @@ impl CustomOp3 for GradOp {
                 CpuStorage::F32(match self.what {
                     Grad::Input => input_grad_f32(gy, w, x, &g),
                     Grad::Weight => weight_grad_f32(x, gy, &g),
-                    Grad::Bias => bias_grad(gy, &g),
                 })
             }
             _ => crate::kernels::dispatch!("conv2d grad", (s1, s2, s3), |x, w, gy| {
@@ -847,14 +855,12 @@ impl CustomOp3 for GradOp {
                 match self.what {
                     Grad::Input => conv_input_grad(gy, w, x, &g),
                     Grad::Weight => conv_weight_grad(x, gy, &g),
-                    Grad::Bias => bias_grad(gy, &g),
                 }
             })?,
         };
         let shape = match self.what {
             Grad::Input => l1.shape().clone(),
-            Grad::Weight => l2.shape().clone(),
-            Grad::Bias => Shape::from(g.co),
+            Grad::Weight => Shape::from(l2.shape().elem_count() + g.co),
         };
         Ok((out, shape))
     }
