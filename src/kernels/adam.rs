@@ -77,7 +77,7 @@ struct Moment {
     second: bool,
 }
 
-impl Moment {
+impl Pass for Moment {
     fn run<T: Real>(&self, dst: &mut [T], g: &[T], theta: &[T]) {
         let s = &self.step;
         let (beta, one_minus) = if self.second {
@@ -111,17 +111,7 @@ impl InplaceOp3 for Moment {
         th: &CpuStorage,
         tl: &Layout,
     ) -> candle_core::Result<()> {
-        check(dst_l, &[gl, tl])?;
-        match (dst, g, th) {
-            (CpuStorage::F32(d), CpuStorage::F32(g), CpuStorage::F32(t)) => {
-                self.run(d, slice(g, gl)?, slice(t, tl)?)
-            }
-            (CpuStorage::F64(d), CpuStorage::F64(g), CpuStorage::F64(t)) => {
-                self.run(d, slice(g, gl)?, slice(t, tl)?)
-            }
-            _ => return Err(dtype_error()),
-        }
-        Ok(())
+        run_pass(self, dst, dst_l, (g, gl), (th, tl))
     }
 }
 
@@ -130,7 +120,7 @@ struct Update {
     step: AdamStep,
 }
 
-impl Update {
+impl Pass for Update {
     fn run<T: Real>(&self, theta: &mut [T], m: &[T], v: &[T]) {
         let s = &self.step;
         let (ibc1, ibc2) = (T::from_f64(1.0 / s.bc1), T::from_f64(1.0 / s.bc2));
@@ -165,39 +155,51 @@ impl InplaceOp3 for Update {
         v: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<()> {
-        check(dst_l, &[ml, vl])?;
-        match (dst, m, v) {
-            (CpuStorage::F32(d), CpuStorage::F32(m), CpuStorage::F32(v)) => {
-                self.run(d, slice(m, ml)?, slice(v, vl)?)
-            }
-            (CpuStorage::F64(d), CpuStorage::F64(m), CpuStorage::F64(v)) => {
-                self.run(d, slice(m, ml)?, slice(v, vl)?)
-            }
-            _ => return Err(dtype_error()),
-        }
-        Ok(())
+        run_pass(self, dst, dst_l, (m, ml), (v, vl))
     }
 }
 
-/// The destination must be the whole of its storage, contiguous, with sources of its size.
-fn check(dst: &Layout, srcs: &[&Layout]) -> candle_core::Result<()> {
-    let n = dst.shape().elem_count();
-    if dst.contiguous_offsets() != Some((0, n)) || srcs.iter().any(|l| l.shape().elem_count() != n)
+/// One elementwise pass of the update over a variable's `dst` and two sources of its size.
+trait Pass {
+    fn run<T: Real>(&self, dst: &mut [T], a: &[T], b: &[T]);
+}
+
+/// [`Pass::run`] on candle's storages: the destination must be contiguous from its
+/// storage's start, the sources of its size, all of one float type.
+fn run_pass(
+    p: &impl Pass,
+    dst: &mut CpuStorage,
+    dst_l: &Layout,
+    (a, al): (&CpuStorage, &Layout),
+    (b, bl): (&CpuStorage, &Layout),
+) -> candle_core::Result<()> {
+    let n = dst_l.shape().elem_count();
+    if dst_l.contiguous_offsets() != Some((0, n))
+        || [al, bl].iter().any(|l| l.shape().elem_count() != n)
     {
         return Err(candle_core::Error::Msg(
             "adam kernel: contiguous tensors of one size expected".into(),
         ));
     }
+    match (dst, a, b) {
+        (CpuStorage::F32(d), CpuStorage::F32(a), CpuStorage::F32(b)) => {
+            p.run(&mut d[..n], slice(a, al)?, slice(b, bl)?)
+        }
+        (CpuStorage::F64(d), CpuStorage::F64(a), CpuStorage::F64(b)) => {
+            p.run(&mut d[..n], slice(a, al)?, slice(b, bl)?)
+        }
+        _ => {
+            return Err(candle_core::Error::Msg(
+                "adam kernel: f32 or f64 tensors of one dtype expected".into(),
+            ))
+        }
+    }
     Ok(())
-}
-
-fn dtype_error() -> candle_core::Error {
-    candle_core::Error::Msg("adam kernel: f32 or f64 tensors of one dtype expected".into())
 }
 
 /// One Adam(W) step of variable `theta` with gradient `g`, updating `theta`, `m` and `v` in
 /// place. Returns `false`, changing nothing, where the fused kernels do not apply (not on
-/// the CPU, another dtype, a layout that is not the whole contiguous storage, or candle's
+/// the CPU, another dtype, a layout not contiguous from its storage's start, or candle's
 /// kernels chosen); the caller then runs candle's ops.
 pub fn adam_step(theta: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, s: AdamStep) -> Result<bool> {
     if !applies(theta, m, v, g) {
@@ -224,22 +226,11 @@ pub fn adam_step(theta: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, s: AdamStep
     Ok(true)
 }
 
-/// Whether [`adam_step`] runs the fused kernels on these tensors.
+/// Whether [`adam_step`] runs the fused kernels on these tensors: the fast kernels' CPU
+/// dtypes, and θ, m and v contiguous from the start of their storage.
 fn applies(theta: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> bool {
-    let whole = |t: &Tensor| {
-        let (storage, layout) = t.storage_and_layout();
-        let n = layout.shape().elem_count();
-        layout.contiguous_offsets() == Some((0, n))
-            && match &*storage {
-                candle_core::Storage::Cpu(c) => match c {
-                    CpuStorage::F32(d) => d.len() == n,
-                    CpuStorage::F64(d) => d.len() == n,
-                    _ => false,
-                },
-                _ => false,
-            }
-    };
-    super::use_fast(&[theta, m, v, g]) && [theta, m, v].into_iter().all(whole)
+    let from_start = |t: &Tensor| matches!(t.layout().contiguous_offsets(), Some((0, _)));
+    super::use_fast(&[theta, m, v, g]) && [theta, m, v].into_iter().all(from_start)
 }
 
 #[cfg(test)]
