@@ -290,13 +290,17 @@ mod tests {
                         loss.unwrap().backward().unwrap()
                     };
                     let lr = 1e-2 / (step + 1) as f64;
-                    let g = grads(&fast_vars);
-                    for (i, (_, v)) in fast_vars.iter().enumerate() {
-                        let t = v.as_tensor();
-                        let gi = g.get(t).unwrap();
-                        assert!(super::applies(t, &fast.m[i], &fast.v[i], gi), "var {i}");
-                    }
-                    fast.step(&g, lr, clip).unwrap();
+                    // Under the kernel lock: a test switching to the candle kernels at the
+                    // same time would otherwise turn the fused path off under this one.
+                    super::super::with_kernels(super::super::Kernels::Fast, || {
+                        let g = grads(&fast_vars);
+                        for (i, (_, v)) in fast_vars.iter().enumerate() {
+                            let t = v.as_tensor();
+                            let gi = g.get(t).unwrap();
+                            assert!(super::applies(t, &fast.m[i], &fast.v[i], gi), "var {i}");
+                        }
+                        fast.step(&g, lr, clip).unwrap();
+                    });
                     super::super::with_kernels(super::super::Kernels::Candle, || {
                         reference.step(&grads(&ref_vars), lr, clip).unwrap()
                     });
