@@ -366,7 +366,7 @@ fn flip_transpose<T: Real>(w: &[T], g: &Geom) -> Vec<T> {
 
 /// A row-major matrix view for [`matmul`]: element (r, c) at `ptr[r·rs + c·cs]`.
 #[derive(Clone, Copy)]
-struct Mat<T> {
+pub(super) struct Mat<T> {
     ptr: *const T,
     rs: isize,
     cs: isize,
@@ -374,7 +374,7 @@ struct Mat<T> {
 
 impl<T> Mat<T> {
     /// Row-major `[rows, cols]` slice.
-    fn rows(s: &[T], cols: usize) -> Self {
+    pub(super) fn rows(s: &[T], cols: usize) -> Self {
         Self {
             ptr: s.as_ptr(),
             rs: cols as isize,
@@ -383,7 +383,7 @@ impl<T> Mat<T> {
     }
 
     /// The transpose of a row-major `[rows, cols]` slice.
-    fn transposed(s: &[T], cols: usize) -> Self {
+    pub(super) fn transposed(s: &[T], cols: usize) -> Self {
         Self {
             ptr: s.as_ptr(),
             rs: 1,
@@ -394,7 +394,7 @@ impl<T> Mat<T> {
 
 /// `dst (m×n, rows `dst_rs` apart) = [dst +] lhs (m×k) · rhs (k×n)`.
 #[allow(clippy::too_many_arguments)]
-fn matmul<T: Real>(
+pub(super) fn matmul<T: Real>(
     dst: &mut [T],
     dst_rs: usize,
     (m, n, k): (usize, usize, usize),
@@ -704,7 +704,7 @@ fn lane_sum<T: Real>(v: &[T]) -> T {
 /// `db[co] += Σₚ Gₙ[co, p]` for one image's output gradient `gn` (`[Co][ohw]`). The weight
 /// gradients call it per image inside their fixed image groups, so `∂b` is summed in those
 /// groups, in order, while `Gₙ` is in cache (deterministic for any thread count).
-fn add_bias_grad<T: Real>(db: &mut [T], gn: &[T], ohw: usize) {
+pub(super) fn add_bias_grad<T: Real>(db: &mut [T], gn: &[T], ohw: usize) {
     for (acc, row) in db.iter_mut().zip(gn.chunks_exact(ohw)) {
         *acc += wide(|| lane_sum(row));
     }

@@ -19,6 +19,9 @@
 //!   heap keeps activations; candle's workers park instead of spinning between ops).
 //! - [`layer_norm_channels`]: a per-pixel LayerNorm over channels with affine weight and
 //!   bias (`x̂ = (x − μ)/√(σ² + ε)`, then `x̂·w + b`), forward and backward in one pass each.
+//! - [`gated_tail`]: the tail of the tutorial's gated block — 1×1 convolution of ConcatELU,
+//!   gate, residual and LayerNorm — as one op run image by image in cache; its backward
+//!   recomputes the image's activations instead of storing them.
 //!
 //! Every op falls back to the composed candle reference (module [`reference`](mod@reference)) on
 //! non-CPU devices, for dtypes other than f32/f64, and when [`set_kernels`] selects
@@ -45,6 +48,7 @@ mod alloc;
 mod conv;
 mod direct;
 mod elementwise;
+mod gated;
 mod norm;
 mod pool;
 pub mod reference;
@@ -58,6 +62,7 @@ pub use affine::channel_affine;
 pub use alloc::tune_allocator;
 pub use conv::{conv2d, conv2d_concat_elu, conv2d_relu};
 pub use elementwise::{concat_elu, gate};
+pub use gated::gated_tail;
 pub use norm::layer_norm_channels;
 pub use pool::tune_candle_pool;
 
@@ -253,9 +258,9 @@ fn wide<R>(f: impl FnOnce() -> R) -> R {
 /// function; a closure handed to [`wide`] is not once it is larger than a short loop (then
 /// it runs as SSE code). Arguments are plain identifiers; for use inside `kernels`.
 macro_rules! wide_fn {
-    ($(#[$m:meta])* fn $name:ident<T: Real>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident<T: Real>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
-        fn $name<T: Real>($($a: $t),*) $(-> $r)? {
+        $vis fn $name<T: Real>($($a: $t),*) $(-> $r)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
             fn body<T: Real>($($a: $t),*) $(-> $r)? $body

@@ -59,7 +59,7 @@ wide_fn! {
     /// `y = x̂·w + b` for one image (`x`, `y` `[c, p]`), with `mean`, `rstd` (length p) as
     /// scratch.
     #[allow(clippy::too_many_arguments)]
-    fn image_fwd<T: Real>(
+    pub(super) fn image_fwd<T: Real>(
         x: &[T],
         w: &[T],
         bias: &[T],
@@ -84,7 +84,7 @@ wide_fn! {
     /// `∂x`, `∂w` and `∂b` of `y = x̂·w + b` for one image (`x`, `gy`, `dx` `[c, p]`),
     /// adding `Σ G·x̂` and `Σ G` per channel to `dw` and `db`. `s` is scratch of `4p`.
     #[allow(clippy::too_many_arguments)]
-    fn image_grads<T: Real>(
+    pub(super) fn image_grads<T: Real>(
         x: &[T],
         gy: &[T],
         w: &[T],

@@ -42,6 +42,11 @@ impl Conv2d {
         }
     }
 
+    /// The weight `[c_out, c_in, k, k]` and bias `[c_out]`.
+    pub fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
+
     /// Applies the convolution.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::kernels::conv2d(x, &self.weight, &self.bias, self.padding)

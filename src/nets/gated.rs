@@ -71,6 +71,14 @@ impl GatedConv {
         let out = self.gate.forward_concat_elu(&h)?;
         crate::kernels::gate(x, &out)
     }
+
+    /// `norm(self.forward(x))`, with the 1×1 convolution, the gate and the LayerNorm run
+    /// as one op per image on CPU ([`crate::kernels::gated_tail`]).
+    pub fn forward_normed(&self, x: &Tensor, norm: &LayerNormChannels) -> Result<Tensor> {
+        let h = self.conv.forward_concat_elu(x)?;
+        let ln = (&norm.weight, &norm.bias);
+        crate::kernels::gated_tail(&h, x, self.gate.params(), ln, norm.eps)
+    }
 }
 
 /// The full network, `[B, c_in, H, W] → [B, c_out, H, W]`.
@@ -109,7 +117,7 @@ impl GatedConvNet {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = self.input.forward(x)?;
         for (block, norm) in &self.blocks {
-            h = norm.forward(&block.forward(&h)?)?;
+            h = block.forward_normed(&h, norm)?;
         }
         self.output.forward_concat_elu(&h)
     }

@@ -1,0 +1,424 @@
+//! The tail of the tutorial's gated residual block as one op, run image by image while the
+//! image's activations sit in the L2 cache.
+//!
+//! With `u` the block's 3×3 convolution output and `x` the block input (both `[B, C, H, W]`,
+//! `P = H·W` positions), `W` `[2C, 2C, 1, 1]`, `b` `[2C]`, LayerNorm weight and bias `[C]`:
+//!
+//! ```text
+//! a = [elu(u), elu(−u)]            [2C, P] per image
+//! h = W·a + b,  [h_v, h_g] = h     [2C, P]   (the 1×1 convolution)
+//! y = x + h_v·σ(h_g)               [C, P]    (the gate and the residual)
+//! z = LN_c(y)·w_ln + b_ln          [C, P]    (LayerNorm over channels, per pixel)
+//! ```
+//!
+//! Composed of separate ops, each of these steps reads and writes whole-batch tensors in
+//! main memory (`h` alone is 12.8 MB at batch 64, C = 32, 28×28), forward and backward. Here
+//! the forward pass reads `u` and `x` and writes `z`; the backward pass reads `u`, `x` and
+//! `∂z`, recomputes `a`, `h` and `y` per image (the 1×1 convolution again: one sixth of a
+//! block's forward FLOPs, cheaper on this memory system than storing `h` and reading it
+//! back), and writes `∂u` and `∂x`:
+//!
+//! ```text
+//! ∂y = LN backward (see `norm.rs`)              ∂x = ∂y
+//! ∂h_v = ∂y·σ(h_g),  ∂h_g = ∂y·h_v·σ(h_g)(1 − σ(h_g))
+//! ∂W += ∂h·aᵀ,  ∂b += Σ_p ∂h,  ∂a = Wᵀ·∂h
+//! ∂u = ∂a₁·elu′(u) − ∂a₂·elu′(−u)
+//! ```
+//!
+//! No log-determinant: this is part of a coupling's conditioner network, not a flow layer.
+//! The parameter gradients are summed over fixed groups of images in order, so they do not
+//! depend on the thread count.
+
+use std::mem::MaybeUninit;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+
+use super::conv::{add_bias_grad, matmul, Mat};
+use super::elementwise::{concat_elu_grad_row, concat_elu_row, gate_grad_row, gate_row};
+use super::norm::{image_fwd, image_grads};
+use super::{dims3, per_image_out, slice, sum_in_order, wide, Real, REDUCE_GROUP};
+use crate::Result;
+
+/// `(C, P)` of one image.
+type Dims = (usize, usize, usize);
+
+/// Values in the flat parameter vector: `W` (`4C²`), `b` (`2C`), `w_ln` (`C`), `b_ln` (`C`).
+fn param_len(c: usize) -> usize {
+    4 * c * c + 4 * c
+}
+
+/// The flat parameter vector, split.
+struct Params<'a, T> {
+    w: &'a [T],
+    b: &'a [T],
+    ln_w: &'a [T],
+    ln_b: &'a [T],
+}
+
+impl<'a, T> Params<'a, T> {
+    fn new(p: &'a [T], c: usize) -> Self {
+        let (w, rest) = p.split_at(4 * c * c);
+        let (b, rest) = rest.split_at(2 * c);
+        let (ln_w, ln_b) = rest.split_at(c);
+        Self { w, b, ln_w, ln_b }
+    }
+}
+
+/// One image's `a`, `h` and `y` (scratch `[2C·P]`, `[2C·P]`, `[C·P]`) from `u` and `x`.
+#[allow(clippy::too_many_arguments)]
+fn image_head<T: Real>(
+    un: &[T],
+    xn: &[T],
+    pr: &Params<T>,
+    (c, p): (usize, usize),
+    a: &mut [T],
+    h: &mut [T],
+    y: &mut [T],
+    par: gemm::Parallelism,
+) {
+    let img = c * p;
+    let (pos, neg) = a.split_at_mut(img);
+    wide(|| concat_elu_row(un, pos, neg));
+    for (row, &bv) in h.chunks_exact_mut(p).zip(pr.b) {
+        row.fill(bv);
+    }
+    matmul(
+        h,
+        p,
+        (2 * c, p, 2 * c),
+        Mat::rows(pr.w, 2 * c),
+        Mat::rows(a, p),
+        true,
+        par,
+    );
+    let (hv, hg) = h.split_at(img);
+    wide(|| gate_row(xn, hv, hg, y));
+}
+
+/// `z` for the whole batch.
+fn tail_fwd<T: Real>(u: &[T], x: &[T], params: &[T], (b, c, p): Dims, eps: T) -> Vec<T> {
+    let (img, pr) = (c * p, Params::new(params, c));
+    per_image_out(b * img, img, 5 * img + 2 * p, |n, zn, s, par| {
+        let (a, s) = s.split_at_mut(2 * img);
+        let (h, s) = s.split_at_mut(2 * img);
+        let (y, s) = s.split_at_mut(img);
+        let (mean, rstd) = s.split_at_mut(p);
+        let (un, xn) = (&u[n * img..(n + 1) * img], &x[n * img..(n + 1) * img]);
+        image_head(un, xn, &pr, (c, p), a, h, y, par);
+        image_fwd(y, pr.ln_w, pr.ln_b, c, p, eps, mean, rstd, zn);
+    })
+}
+
+/// `[∂u; ∂x; ∂params]` (`2·B·C·P + 4C² + 4C` values) for the output gradient `gz`.
+fn tail_grads<T: Real>(
+    u: &[T],
+    x: &[T],
+    gz: &[T],
+    params: &[T],
+    (b, c, p): Dims,
+    eps: T,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let (img, np, pr) = (c * p, param_len(c), Params::new(params, c));
+    let scratch = 7 * img + 4 * p;
+    // One group of REDUCE_GROUP images: its ∂u and ∂x chunks, and its parameter sums.
+    let group = |gi: usize,
+                 du: &mut [MaybeUninit<T>],
+                 dx: &mut [MaybeUninit<T>],
+                 par: gemm::Parallelism| {
+        let [du, dx] = [du, dx].map(|o| {
+            for v in o.iter_mut() {
+                v.write(T::ZERO);
+            }
+            // SAFETY: every element was initialised just above, and `MaybeUninit<T>` has
+            // the layout of `T`.
+            unsafe { &mut *(o as *mut [MaybeUninit<T>] as *mut [T]) }
+        });
+        let mut sums = vec![T::ZERO; np];
+        let (dw, rest) = sums.split_at_mut(4 * c * c);
+        let (db, rest) = rest.split_at_mut(2 * c);
+        let (dln_w, dln_b) = rest.split_at_mut(c);
+        T::with_scratch(scratch, |s| {
+            let (a, s) = s.split_at_mut(2 * img);
+            let (h, s) = s.split_at_mut(2 * img);
+            let (dh, s) = s.split_at_mut(2 * img);
+            let (y, ls) = s.split_at_mut(img);
+            for (j, (dun, dxn)) in du.chunks_mut(img).zip(dx.chunks_mut(img)).enumerate() {
+                let n = gi * REDUCE_GROUP + j;
+                let (un, xn) = (&u[n * img..(n + 1) * img], &x[n * img..(n + 1) * img]);
+                image_head(un, xn, &pr, (c, p), a, h, y, par);
+                // ∂y (= ∂x) through the LayerNorm.
+                let gzn = &gz[n * img..(n + 1) * img];
+                image_grads(y, gzn, pr.ln_w, c, p, eps, ls, dxn, dln_w, dln_b);
+                let (hv, hg) = h.split_at(img);
+                let (dhv, dhg) = dh.split_at_mut(img);
+                wide(|| gate_grad_row(hv, hg, dxn, dhv, dhg));
+                add_bias_grad(db, dh, p);
+                let (grad, act) = (Mat::rows(dh, p), Mat::transposed(a, p));
+                matmul(dw, 2 * c, (2 * c, 2 * c, p), grad, act, true, par);
+                // ∂a = Wᵀ·∂h, into h (no longer needed).
+                let (wt, grad) = (Mat::transposed(pr.w, 2 * c), Mat::rows(dh, p));
+                matmul(h, p, (2 * c, p, 2 * c), wt, grad, false, par);
+                let (da1, da2) = h.split_at(img);
+                wide(|| concat_elu_grad_row(un, da1, da2, dun));
+            }
+        });
+        sums
+    };
+    let chunk = REDUCE_GROUP * img;
+    let mut out: Vec<T> = Vec::with_capacity(2 * b * img + np);
+    let parts: Vec<Vec<T>> = {
+        let (du, dx) = out.spare_capacity_mut()[..2 * b * img].split_at_mut(b * img);
+        let threads = rayon::current_num_threads();
+        if threads > 1 && b.div_ceil(REDUCE_GROUP) >= threads {
+            du.par_chunks_mut(chunk)
+                .zip(dx.par_chunks_mut(chunk))
+                .enumerate()
+                .map(|(gi, (du, dx))| group(gi, du, dx, gemm::Parallelism::None))
+                .collect()
+        } else {
+            let par = if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            du.chunks_mut(chunk)
+                .zip(dx.chunks_mut(chunk))
+                .enumerate()
+                .map(|(gi, (du, dx))| group(gi, du, dx, par))
+                .collect()
+        }
+    };
+    // SAFETY: the groups cover all b images, each writing its whole ∂u and ∂x chunks.
+    unsafe { out.set_len(2 * b * img) };
+    out.extend_from_slice(&sum_in_order(np, parts));
+    out
+}
+
+/// Refuses `u`, `x` and parameters that do not fit together; `(B, C, P)`.
+fn check(lu: &Layout, lx: &Layout, params: usize) -> candle_core::Result<Dims> {
+    let d = dims3("gated_tail", lu.dims())?;
+    if lx.dims() != lu.dims() || params != param_len(d.1) {
+        return Err(candle_core::Error::Msg(format!(
+            "gated_tail kernel: u {:?}, x {:?} and {params} parameters do not fit",
+            lu.dims(),
+            lx.dims()
+        )));
+    }
+    Ok(d)
+}
+
+/// `(u, x, params) → z`.
+struct GatedTail {
+    eps: f64,
+}
+
+impl CustomOp3 for GatedTail {
+    fn name(&self) -> &'static str {
+        "flowlab-gated-tail"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = check(l1, l2, l3.shape().elem_count())?;
+        let out = crate::kernels::dispatch!("gated_tail", (s1, s2, s3), |u, x, pr| tail_fwd(
+            slice(u, l1)?,
+            slice(x, l2)?,
+            slice(pr, l3)?,
+            d,
+            Real::from_f64(self.eps)
+        ))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        u: &Tensor,
+        x: &Tensor,
+        params: &Tensor,
+        _z: &Tensor,
+        gz: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gz = gz.contiguous()?;
+        let grad = GatedTailGrad {
+            eps: self.eps,
+            params: params.clone(),
+        };
+        let all = u.apply_op3_no_bwd(x, &gz, &grad)?;
+        let n = u.elem_count();
+        // ∂u and ∂x are consumed within the backward pass; the parameter gradient, kept
+        // until the optimizer step, gets storage of its own.
+        let du = all.narrow(0, 0, n)?.reshape(u.shape())?;
+        let dx = all.narrow(0, n, n)?.reshape(x.shape())?;
+        let dp = all
+            .narrow(0, 2 * n, params.elem_count())?
+            .force_contiguous()?
+            .reshape(params.shape())?;
+        Ok((Some(du), Some(dx), Some(dp)))
+    }
+}
+
+/// `(u, x, ∂z) → [∂u; ∂x; ∂params]`, the parameters held by the op.
+struct GatedTailGrad {
+    eps: f64,
+    params: Tensor,
+}
+
+impl CustomOp3 for GatedTailGrad {
+    fn name(&self) -> &'static str {
+        "flowlab-gated-tail-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (ps, lp) = self.params.storage_and_layout();
+        let d = check(l1, l2, lp.shape().elem_count())?;
+        if l3.dims() != l1.dims() {
+            return Err(candle_core::Error::Msg(format!(
+                "gated_tail grad: output gradient {:?}, expected {:?}",
+                l3.dims(),
+                l1.dims()
+            )));
+        }
+        let Storage::Cpu(ps) = &*ps else {
+            return Err(candle_core::Error::Msg(
+                "gated_tail grad: parameters not on the CPU".into(),
+            ));
+        };
+        let out = crate::kernels::dispatch!("gated_tail grad", (s1, s2, s3, ps), |u, x, g, pr| {
+            tail_grads(
+                slice(u, l1)?,
+                slice(x, l2)?,
+                slice(g, l3)?,
+                slice(pr, lp)?,
+                d,
+                Real::from_f64(self.eps),
+            )
+        })?;
+        let len = 2 * l1.shape().elem_count() + lp.shape().elem_count();
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// `LN_c(x + h_v·σ(h_g))·w_ln + b_ln` with `h = W ⋆ concat_elu(u) + b` (1×1): the tail of
+/// the tutorial's gated block, `u`, `x` `[B, C, H, W]`, `w` `[2C, 2C, 1, 1]`, `b` `[2C]`,
+/// `ln_w`, `ln_b` `C` values each (any shape). Equal to
+/// `layer_norm_channels(gate(x, conv2d_concat_elu(u, w, b, 0)), ln_w, ln_b, eps)`, which it
+/// falls back to where the fused kernel does not apply.
+pub fn gated_tail(
+    u: &Tensor,
+    x: &Tensor,
+    (w, b): (&Tensor, &Tensor),
+    (ln_w, ln_b): (&Tensor, &Tensor),
+    eps: f64,
+) -> Result<Tensor> {
+    let c = u.dims().get(1).copied().unwrap_or(0);
+    let fits = u.rank() == 4
+        && x.dims() == u.dims()
+        && w.dims() == [2 * c, 2 * c, 1, 1]
+        && b.dims() == [2 * c]
+        && ln_w.elem_count() == c
+        && ln_b.elem_count() == c;
+    if !fits || !super::use_fast(&[u, x, w, b, ln_w, ln_b]) {
+        let h = super::conv2d_concat_elu(u, w, b, 0)?;
+        return super::layer_norm_channels(&super::gate(x, &h)?, ln_w, ln_b, eps);
+    }
+    let params = Tensor::cat(
+        &[
+            w.flatten_all()?,
+            b.flatten_all()?,
+            ln_w.flatten_all()?,
+            ln_b.flatten_all()?,
+        ],
+        0,
+    )?;
+    Ok(u.contiguous()?
+        .apply_op3(&x.contiguous()?, &params, GatedTail { eps })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::randn;
+    use super::*;
+    use candle_core::DType;
+
+    fn inputs(b: usize, c: usize, h: usize, w: usize, dtype: DType) -> Vec<Tensor> {
+        vec![
+            randn(1, &[b, c, h, w], 1.0, dtype),
+            randn(2, &[b, c, h, w], 1.0, dtype),
+            randn(3, &[2 * c, 2 * c, 1, 1], 0.5, dtype),
+            randn(4, &[2 * c], 0.5, dtype),
+            (randn(5, &[1, c, 1, 1], 0.3, dtype) + 1.0).unwrap(),
+            randn(6, &[1, c, 1, 1], 0.3, dtype),
+        ]
+    }
+
+    fn run(t: &[Tensor]) -> Result<Tensor> {
+        gated_tail(&t[0], &t[1], (&t[2], &t[3]), (&t[4], &t[5]), 1e-5)
+    }
+
+    #[test]
+    fn matches_the_composed_ops_values_and_gradients() {
+        // Odd sizes (positions not a multiple of 16), one channel, a single pixel, batches
+        // below, at and above one reduction group, and the tutorial's width in f32.
+        for (b, c, h, w, dtype, tol) in [
+            (2, 3, 5, 7, DType::F64, 1e-10),
+            (5, 4, 6, 6, DType::F64, 1e-10),
+            (1, 1, 3, 3, DType::F64, 1e-10),
+            (9, 2, 1, 1, DType::F64, 1e-10),
+            (6, 32, 7, 9, DType::F32, 1e-4),
+        ] {
+            super::super::check_against_reference(&inputs(b, c, h, w, dtype), run, tol);
+        }
+    }
+
+    #[test]
+    fn gradients_do_not_depend_on_the_thread_count() {
+        let t = inputs(11, 8, 5, 6, DType::F32);
+        super::super::assert_thread_count_invariant(|| {
+            let vars: Vec<candle_core::Var> = t
+                .iter()
+                .map(|t| candle_core::Var::from_tensor(t).unwrap())
+                .collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let z = run(&ts).unwrap();
+            let g = (z.sqr().unwrap() * &ts[1])
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            ts.iter()
+                .map(|t| {
+                    g.get(t)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        });
+    }
+
+    #[test]
+    fn refuses_mismatched_shapes_through_the_composed_ops() {
+        let mut t = inputs(2, 3, 4, 4, DType::F32);
+        t[1] = randn(7, &[2, 3, 4, 5], 1.0, DType::F32);
+        assert!(run(&t).is_err());
+    }
+}
