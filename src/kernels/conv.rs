@@ -251,19 +251,19 @@ impl Geom {
             }
             Pre::Relu => {
                 let a = &mut buf[..xn.len()];
-                a.copy_from_slice(xn);
-                wide(|| relu_in_place(a));
+                wide(|| relu_row(xn, a));
                 a
             }
         }
     }
 }
 
-/// `v ← max(v, 0)`.
+/// `a = max(x, 0)` in one pass (a copy and then an in-place pass cost a `memcpy` of each
+/// image: 3.5 % of a Glow step, `perf record`).
 #[inline(always)]
-fn relu_in_place<T: Real>(v: &mut [T]) {
-    for v in v {
-        *v = if *v > T::ZERO { *v } else { T::ZERO };
+fn relu_row<T: Real>(x: &[T], a: &mut [T]) {
+    for (a, &v) in a.iter_mut().zip(x) {
+        *a = if v > T::ZERO { v } else { T::ZERO };
     }
 }
 
