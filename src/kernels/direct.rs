@@ -892,3 +892,54 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// The forward microkernel alone, on one core, on planes already in cache: GFLOP/s of
+    /// the best of 15 timed batches (the least disturbed by other tenants of the host),
+    /// counting every computed position and only the real ones.
+    /// `cargo test --release --lib microkernel_rate -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn microkernel_rate() {
+        if !available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        for (c, hw, co) in [(64, 28, 32), (64, 14, 32), (64, 7, 32), (16, 28, 32)] {
+            let p = Planes {
+                c,
+                h: hw,
+                w: hw,
+                pad: 1,
+                kh: 3,
+                kw: 3,
+            };
+            let planes: Vec<f32> = (0..p.len()).map(|i| (i % 7) as f32 * 0.1).collect();
+            let k = c * 9;
+            let w: Vec<f32> = (0..co * k).map(|i| (i % 5) as f32 * 0.01).collect();
+            let (wk, offs) = (Packed::new(&w, co, k), p.offsets());
+            let mut out = vec![0.0f32; co * p.out_stride()];
+            // ≈ 0.2 GFLOP per batch.
+            let reps = (1e8 / (co * k * p.q()) as f64) as usize + 1;
+            let best = (0..15)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        conv(&planes, &p, &offs, &wk, &mut out);
+                    }
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min);
+            let rate = |positions: usize| 2.0 * (co * k * positions * reps) as f64 / best / 1e9;
+            eprintln!(
+                "{c}→{co} 3×3 at {hw}×{hw} (planes {} KB): {:.1} GFLOP/s computed, {:.1} real",
+                p.len() * 4 / 1024,
+                rate(p.q()),
+                rate(hw * hw)
+            );
+        }
+    }
+}
