@@ -472,7 +472,7 @@ fn conv_forward<T: Real>(x: &[T], w: &[T], b: &[T], g: &Geom) -> Vec<T> {
 /// `W ⋆ planes` in padded-width layout, whose real columns get the bias.
 fn forward_direct(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
     let (p, ohw) = (g.planes(), g.out_hw());
-    let (offs, wk) = (p.offsets(), Packed::new(w, g.co, g.k()));
+    let (offs, wk) = (p.offsets(), Packed::new(w, g.co, g.k(), &p));
     let (plen, rs, wp) = (p.len(), p.out_stride(), p.wp());
     let out = per_image_out(
         g.b * g.co * ohw,
@@ -495,7 +495,7 @@ fn forward_direct(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
 /// weights.
 fn input_grad_direct(gy: &[f32], w: &[f32], x: &[f32], g: &Geom, t: Planes) -> Vec<f32> {
     let ohw = g.out_hw();
-    let wt = Packed::new(&flip_transpose(w, g), g.ci, g.co * g.kh * g.kw);
+    let wt = Packed::new(&flip_transpose(w, g), g.ci, g.co * g.kh * g.kw, &t);
     let offs = t.offsets();
     let (plen, rs, wpt) = (t.len(), t.out_stride(), t.wp());
     debug_assert_eq!((t.oh(), t.ow()), (g.h, g.w));

@@ -27,7 +27,8 @@ use std::arch::x86_64::*;
 const LANES: usize = 16;
 /// The widest forward tile, in positions (`16·R` for the largest `R`).
 const MAX_TILE: usize = 8 * LANES;
-/// Output channels per forward block.
+/// Output channels per forward block: 8 (tiles of 8 × 3 vectors) unless
+/// [`Planes::block_co`] picks 6 (6 × 4).
 const BLOCK_CO: usize = 8;
 /// The weight-gradient tile: output channels × taps.
 const WG_CO: usize = 4;
@@ -84,6 +85,21 @@ impl Planes {
     /// Padded-width output positions `H'·Wp`.
     fn q(&self) -> usize {
         self.oh() * self.wp()
+    }
+
+    /// Output channels per forward block for this geometry: [`BLOCK_CO`], or 6 where the
+    /// 8 × 3 tiles would end in a tile of one vector and 6 × 4 tiles would not. A one-vector
+    /// tile has 8 accumulators and as many loads as FMAs; on a 7×7 map (63 positions, 4
+    /// vectors) one 6 × 4 tile replaces an 8 × 3 and an 8 × 1, and the forward kernel ran
+    /// 156 instead of 115 GFLOP/s on one core (128→48 channels, `timing::microkernel_rate`).
+    /// Tiles do not change any output's sum, so neither does this choice.
+    pub fn block_co(&self) -> usize {
+        let v = self.q().div_ceil(LANES);
+        if v % 3 == 1 && v % 4 != 1 {
+            6
+        } else {
+            BLOCK_CO
+        }
     }
 
     /// Row stride of a padded-width output buffer: room for the last, partly dropped tile.
@@ -240,26 +256,28 @@ unsafe fn copy_rows_avx512(
     }
 }
 
-/// A `[Co, K]` weight matrix repacked as consecutive `[K][m]` blocks of up to
-/// [`BLOCK_CO`] output channels, so the forward tile broadcasts its `m` weights of one tap
-/// from one cache line.
+/// A `[Co, K]` weight matrix repacked as consecutive `[K][m]` blocks of up to `block`
+/// output channels ([`Planes::block_co`] of the planes it will run on), so the forward tile
+/// broadcasts its `m` weights of one tap from one cache line.
 pub(super) struct Packed {
     co: usize,
     k: usize,
+    block: usize,
     data: Vec<f32>,
 }
 
 impl Packed {
-    pub fn new(w: &[f32], co: usize, k: usize) -> Self {
+    pub fn new(w: &[f32], co: usize, k: usize, p: &Planes) -> Self {
         assert_eq!(w.len(), co * k, "packed weights: {co}×{k} expected");
+        let block = p.block_co();
         let mut data = Vec::with_capacity(w.len());
-        for c0 in (0..co).step_by(BLOCK_CO) {
-            let m = BLOCK_CO.min(co - c0);
+        for c0 in (0..co).step_by(block) {
+            let m = block.min(co - c0);
             for t in 0..k {
                 data.extend((0..m).map(|r| w[(c0 + r) * k + t]));
             }
         }
-        Self { co, k, data }
+        Self { co, k, block, data }
     }
 }
 
@@ -269,13 +287,14 @@ pub(super) fn conv(planes: &[f32], p: &Planes, offs: &[usize], w: &Packed, out: 
     let (rs, q) = (p.out_stride(), p.q());
     assert!(available(), "direct conv needs AVX-512F");
     assert_eq!(offs.len(), w.k, "one offset per tap");
+    assert_eq!(w.block, p.block_co(), "weights packed for these planes");
     assert!(planes.len() >= p.len() && out.len() >= w.co * rs);
     // Every read is below offs.max() + q + MAX_TILE ≤ p.len() (the slack covers the last
     // tile); every write below (co + 1)·rs.
     assert!(offs.iter().all(|&o| o + q + MAX_TILE <= p.len()));
     #[cfg(target_arch = "x86_64")]
-    for c0 in (0..w.co).step_by(BLOCK_CO) {
-        let m = BLOCK_CO.min(w.co - c0);
+    for c0 in (0..w.co).step_by(w.block) {
+        let m = w.block.min(w.co - c0);
         let wb = w.data[c0 * w.k..(c0 + m) * w.k].as_ptr();
         let o = out[c0 * rs..].as_mut_ptr();
         let x = planes.as_ptr();
@@ -693,6 +712,23 @@ mod tests {
     }
 
     #[test]
+    fn block_sizes_avoid_one_vector_tiles() {
+        let planes = |hw: usize| Planes {
+            c: 4,
+            h: hw,
+            w: hw,
+            pad: 1,
+            kh: 3,
+            kw: 3,
+        };
+        // 28×28: 53 vectors (8 × 3 leaves 2); 14×14: 14 (leaves 2); 7×7: 4 (8 × 3 would
+        // leave 1, 6 × 4 leaves none); 2×2: 1 vector either way.
+        for (hw, block) in [(28, 8), (14, 8), (7, 6), (2, 8)] {
+            assert_eq!(planes(hw).block_co(), block, "{hw}×{hw}");
+        }
+    }
+
+    #[test]
     fn forward_and_weight_gradient_match_the_definition() {
         if !available() {
             eprintln!("skipped: no AVX-512F");
@@ -712,6 +748,9 @@ mod tests {
             (2, 3, 40, 1, 3, 3, 4),
             (3, 4, 5, 1, 3, 3, 40),
             (2, 3, 3, 0, 1, 1, 70),
+            // 7×7 maps: 6-channel blocks of 6 × 4 tiles (13 = 6 + 6 + 1, 32 = 5·6 + 2).
+            (3, 7, 7, 1, 3, 3, 13),
+            (4, 7, 7, 1, 3, 3, 32),
         ] {
             let p = Planes {
                 c,
@@ -727,7 +766,7 @@ mod tests {
             let planes = fill(&p, &a);
             let offs = p.offsets();
             let mut out = vec![f32::NAN; co * p.out_stride()];
-            conv(&planes, &p, &offs, &Packed::new(&wt, co, k), &mut out);
+            conv(&planes, &p, &offs, &Packed::new(&wt, co, k, &p), &mut out);
             let want = naive(&a, &wt, &p, co);
             let (oh, ow) = (p.oh(), p.ow());
             for o in 0..co {
@@ -920,7 +959,7 @@ mod timing {
             let planes: Vec<f32> = (0..p.len()).map(|i| (i % 7) as f32 * 0.1).collect();
             let k = c * 9;
             let w: Vec<f32> = (0..co * k).map(|i| (i % 5) as f32 * 0.01).collect();
-            let (wk, offs) = (Packed::new(&w, co, k), p.offsets());
+            let (wk, offs) = (Packed::new(&w, co, k, &p), p.offsets());
             let mut out = vec![0.0f32; co * p.out_stride()];
             // ≈ 0.2 GFLOP per batch.
             let reps = (1e8 / (co * k * p.q()) as f64) as usize + 1;
