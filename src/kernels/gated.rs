@@ -120,6 +120,10 @@ fn tail_grads<T: Real>(
 ) -> Vec<T> {
     use rayon::prelude::*;
     let (img, np, pr) = (c * p, param_len(c), Params::new(params, c));
+    if img == 0 || b == 0 {
+        // An empty batch or empty images: no gradient to sum (and no chunks to split).
+        return vec![T::ZERO; 2 * b * img + np];
+    }
     let scratch = 7 * img + 4 * p;
     // One group of REDUCE_GROUP images: its ∂u and ∂x chunks, and its parameter sums.
     let group = |gi: usize,
@@ -413,6 +417,32 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         });
+    }
+
+    #[test]
+    fn empty_images_give_empty_outputs_and_zero_parameter_gradients() {
+        let t = inputs(2, 3, 0, 4, DType::F32);
+        let vars: Vec<candle_core::Var> = t
+            .iter()
+            .map(|t| candle_core::Var::from_tensor(t).unwrap())
+            .collect();
+        let z = run(&vars
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect::<Vec<_>>())
+        .unwrap();
+        assert_eq!(z.dims(), &[2, 3, 0, 4]);
+        let g = z.sum_all().unwrap().backward().unwrap();
+        let dw = g.get(vars[2].as_tensor()).unwrap();
+        assert_eq!(
+            dw.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
     }
 
     #[test]
