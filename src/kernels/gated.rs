@@ -39,7 +39,7 @@ use super::norm::{image_fwd, image_grads};
 use super::{dims3, per_image_out, slice, sum_in_order, wide, Real, REDUCE_GROUP};
 use crate::Result;
 
-/// `(C, P)` of one image.
+/// `(B, C, P)`: images, channels, positions per channel.
 type Dims = (usize, usize, usize);
 
 /// Values in the flat parameter vector: `W` (`4C²`), `b` (`2C`), `w_ln` (`C`), `b_ln` (`C`).
