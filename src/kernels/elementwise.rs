@@ -66,6 +66,25 @@ pub(super) fn gate_row<T: Real>(x: &[T], v: &[T], g: &[T], y: &mut [T]) {
     }
 }
 
+/// [`gate_row`] that also turns `g` into `σ(g)` in place, for [`gate_grad_sigma_row`].
+#[inline(always)]
+pub(super) fn gate_row_keep_sigma<T: Real>(x: &[T], v: &[T], g: &mut [T], y: &mut [T]) {
+    for (((y, &x), &v), g) in y.iter_mut().zip(x).zip(v).zip(g) {
+        let s = sigmoid(*g);
+        *g = s;
+        *y = x + v * s;
+    }
+}
+
+/// [`gate_grad_row`] from `s = σ(g)` (no exponential, no division).
+#[inline(always)]
+pub(super) fn gate_grad_sigma_row<T: Real>(v: &[T], s: &[T], gy: &[T], dv: &mut [T], dg: &mut [T]) {
+    for ((((dv, dg), &v), &s), &gy) in dv.iter_mut().zip(dg).zip(v).zip(s).zip(gy) {
+        *dv = gy * s;
+        *dg = gy * v * s * (T::ONE - s);
+    }
+}
+
 #[inline(always)]
 pub(super) fn gate_grad_row<T: Real>(v: &[T], g: &[T], gy: &[T], dv: &mut [T], dg: &mut [T]) {
     for ((((dv, dg), &v), &g), &gy) in dv.iter_mut().zip(dg).zip(v).zip(g).zip(gy) {

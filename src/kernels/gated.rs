@@ -34,7 +34,9 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use super::conv::{add_bias_grad, matmul, Mat};
-use super::elementwise::{concat_elu_grad_row, concat_elu_row, gate_grad_row, gate_row};
+use super::elementwise::{
+    concat_elu_grad_row, concat_elu_row, gate_grad_sigma_row, gate_row, gate_row_keep_sigma,
+};
 use super::norm::{image_fwd, image_grads};
 use super::{dims3, per_image_out, slice, sum_in_order, wide, Real, REDUCE_GROUP};
 use crate::Result;
@@ -64,7 +66,8 @@ impl<'a, T> Params<'a, T> {
     }
 }
 
-/// One image's `a`, `h` and `y` (scratch `[2C·P]`, `[2C·P]`, `[C·P]`) from `u` and `x`.
+/// One image's `a`, `h` and `y` (scratch `[2C·P]`, `[2C·P]`, `[C·P]`) from `u` and `x`;
+/// with `keep_sigma`, `h_g` is left as `σ(h_g)` (what the backward pass needs of it).
 #[allow(clippy::too_many_arguments)]
 fn image_head<T: Real>(
     un: &[T],
@@ -74,6 +77,7 @@ fn image_head<T: Real>(
     a: &mut [T],
     h: &mut [T],
     y: &mut [T],
+    keep_sigma: bool,
     par: gemm::Parallelism,
 ) {
     let img = c * p;
@@ -91,8 +95,12 @@ fn image_head<T: Real>(
         true,
         par,
     );
-    let (hv, hg) = h.split_at(img);
-    wide(|| gate_row(xn, hv, hg, y));
+    let (hv, hg) = h.split_at_mut(img);
+    if keep_sigma {
+        wide(|| gate_row_keep_sigma(xn, hv, hg, y));
+    } else {
+        wide(|| gate_row(xn, hv, hg, y));
+    }
 }
 
 /// `z` for the whole batch.
@@ -104,7 +112,7 @@ fn tail_fwd<T: Real>(u: &[T], x: &[T], params: &[T], (b, c, p): Dims, eps: T) ->
         let (y, s) = s.split_at_mut(img);
         let (mean, rstd) = s.split_at_mut(p);
         let (un, xn) = (&u[n * img..(n + 1) * img], &x[n * img..(n + 1) * img]);
-        image_head(un, xn, &pr, (c, p), a, h, y, par);
+        image_head(un, xn, &pr, (c, p), a, h, y, false, par);
         image_fwd(y, pr.ln_w, pr.ln_b, c, p, eps, mean, rstd, zn);
     })
 }
@@ -150,13 +158,13 @@ fn tail_grads<T: Real>(
             for (j, (dun, dxn)) in du.chunks_mut(img).zip(dx.chunks_mut(img)).enumerate() {
                 let n = gi * REDUCE_GROUP + j;
                 let (un, xn) = (&u[n * img..(n + 1) * img], &x[n * img..(n + 1) * img]);
-                image_head(un, xn, &pr, (c, p), a, h, y, par);
+                image_head(un, xn, &pr, (c, p), a, h, y, true, par);
                 // ∂y (= ∂x) through the LayerNorm.
                 let gzn = &gz[n * img..(n + 1) * img];
                 image_grads(y, gzn, pr.ln_w, c, p, eps, ls, dxn, dln_w, dln_b);
-                let (hv, hg) = h.split_at(img);
+                let (hv, sg) = h.split_at(img);
                 let (dhv, dhg) = dh.split_at_mut(img);
-                wide(|| gate_grad_row(hv, hg, dxn, dhv, dhg));
+                wide(|| gate_grad_sigma_row(hv, sg, dxn, dhv, dhg));
                 add_bias_grad(db, dh, p);
                 let (grad, act) = (Mat::rows(dh, p), Mat::transposed(a, p));
                 matmul(dw, 2 * c, (2 * c, 2 * c, p), grad, act, true, par);
