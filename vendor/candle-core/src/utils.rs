@@ -380,6 +380,13 @@ pub fn init_global_threadpool() {
 }
 
 fn default_num_threads() -> usize {
+    // flowlab: computed once. `num_cpus::get_physical` parses /proc/cpuinfo on every call,
+    // and every CPU matmul asks for the thread count (vendor/README.md).
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(default_num_threads_uncached)
+}
+
+fn default_num_threads_uncached() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
