@@ -81,7 +81,7 @@ fn affine_fwd<T: Real>(x: &[T], b: &[T], s: &[T], (n, c, p): (usize, usize, usiz
 fn affine_grads<T: Real>(x: &[T], gy: &[T], bs: &[T], (n, c, p): (usize, usize, usize)) -> Vec<T> {
     let (b, s) = bs.split_at(c);
     let img = c * p;
-    per_image_with_sums(n, img, 0, 2 * c, |i, dxn, _, sums| {
+    per_image_with_sums(n, img, 0, 2 * c, |i, [dxn], _, sums, _| {
         let (xn, gn) = (&x[i * img..(i + 1) * img], &gy[i * img..(i + 1) * img]);
         wide(|| {
             for ch in 0..c {

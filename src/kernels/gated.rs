@@ -29,8 +29,6 @@
 //! The parameter gradients are summed over fixed groups of images in order, so they do not
 //! depend on the thread count.
 
-use std::mem::MaybeUninit;
-
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use super::conv::{add_bias_grad, matmul, Mat};
@@ -38,7 +36,7 @@ use super::elementwise::{
     concat_elu_grad_row, concat_elu_row, gate_grad_sigma_row, gate_row, gate_row_keep_sigma,
 };
 use super::norm::{image_fwd, image_grads};
-use super::{dims3, per_image_out, slice, sum_in_order, wide, Real, REDUCE_GROUP};
+use super::{dims3, per_image_out, per_image_with_sums, slice, wide, Real};
 use crate::Result;
 
 /// `(B, C, P)`: images, channels, positions per channel.
@@ -126,85 +124,38 @@ fn tail_grads<T: Real>(
     (b, c, p): Dims,
     eps: T,
 ) -> Vec<T> {
-    use rayon::prelude::*;
     let (img, np, pr) = (c * p, param_len(c), Params::new(params, c));
-    if img == 0 || b == 0 {
-        // An empty batch or empty images: no gradient to sum (and no chunks to split).
-        return vec![T::ZERO; 2 * b * img + np];
-    }
-    let scratch = 7 * img + 4 * p;
-    // One group of REDUCE_GROUP images: its ∂u and ∂x chunks, and its parameter sums.
-    let group = |gi: usize,
-                 du: &mut [MaybeUninit<T>],
-                 dx: &mut [MaybeUninit<T>],
-                 par: gemm::Parallelism| {
-        let [du, dx] = [du, dx].map(|o| {
-            for v in o.iter_mut() {
-                v.write(T::ZERO);
-            }
-            // SAFETY: every element was initialised just above, and `MaybeUninit<T>` has
-            // the layout of `T`.
-            unsafe { &mut *(o as *mut [MaybeUninit<T>] as *mut [T]) }
-        });
-        let mut sums = vec![T::ZERO; np];
-        let (dw, rest) = sums.split_at_mut(4 * c * c);
-        let (db, rest) = rest.split_at_mut(2 * c);
-        let (dln_w, dln_b) = rest.split_at_mut(c);
-        T::with_scratch(scratch, |s| {
+    per_image_with_sums(
+        b,
+        img,
+        7 * img + 4 * p,
+        np,
+        |n, [dun, dxn], s, sums, par| {
+            let (dw, rest) = sums.split_at_mut(4 * c * c);
+            let (db, rest) = rest.split_at_mut(2 * c);
+            let (dln_w, dln_b) = rest.split_at_mut(c);
             let (a, s) = s.split_at_mut(2 * img);
             let (h, s) = s.split_at_mut(2 * img);
             let (dh, s) = s.split_at_mut(2 * img);
             let (y, ls) = s.split_at_mut(img);
-            for (j, (dun, dxn)) in du.chunks_mut(img).zip(dx.chunks_mut(img)).enumerate() {
-                let n = gi * REDUCE_GROUP + j;
-                let (un, xn) = (&u[n * img..(n + 1) * img], &x[n * img..(n + 1) * img]);
-                image_head(un, xn, &pr, (c, p), a, h, y, true, par);
-                // ∂y (= ∂x) through the LayerNorm.
-                let gzn = &gz[n * img..(n + 1) * img];
-                image_grads(y, gzn, pr.ln_w, c, p, eps, ls, dxn, dln_w, dln_b);
-                let (hv, sg) = h.split_at(img);
-                let (dhv, dhg) = dh.split_at_mut(img);
-                wide(|| gate_grad_sigma_row(hv, sg, dxn, dhv, dhg));
-                add_bias_grad(db, dh, p);
-                let (grad, act) = (Mat::rows(dh, p), Mat::transposed(a, p));
-                matmul(dw, 2 * c, (2 * c, 2 * c, p), grad, act, true, par);
-                // ∂a = Wᵀ·∂h, into h (no longer needed).
-                let (wt, grad) = (Mat::transposed(pr.w, 2 * c), Mat::rows(dh, p));
-                matmul(h, p, (2 * c, p, 2 * c), wt, grad, false, par);
-                let (da1, da2) = h.split_at(img);
-                wide(|| concat_elu_grad_row(un, da1, da2, dun));
-            }
-        });
-        sums
-    };
-    let chunk = REDUCE_GROUP * img;
-    let mut out: Vec<T> = Vec::with_capacity(2 * b * img + np);
-    let parts: Vec<Vec<T>> = {
-        let (du, dx) = out.spare_capacity_mut()[..2 * b * img].split_at_mut(b * img);
-        let threads = rayon::current_num_threads();
-        if threads > 1 && b.div_ceil(REDUCE_GROUP) >= threads {
-            du.par_chunks_mut(chunk)
-                .zip(dx.par_chunks_mut(chunk))
-                .enumerate()
-                .map(|(gi, (du, dx))| group(gi, du, dx, gemm::Parallelism::None))
-                .collect()
-        } else {
-            let par = if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            };
-            du.chunks_mut(chunk)
-                .zip(dx.chunks_mut(chunk))
-                .enumerate()
-                .map(|(gi, (du, dx))| group(gi, du, dx, par))
-                .collect()
-        }
-    };
-    // SAFETY: the groups cover all b images, each writing its whole ∂u and ∂x chunks.
-    unsafe { out.set_len(2 * b * img) };
-    out.extend_from_slice(&sum_in_order(np, parts));
-    out
+            let (un, xn) = (&u[n * img..(n + 1) * img], &x[n * img..(n + 1) * img]);
+            image_head(un, xn, &pr, (c, p), a, h, y, true, par);
+            // ∂y (= ∂x) through the LayerNorm.
+            let gzn = &gz[n * img..(n + 1) * img];
+            image_grads(y, gzn, pr.ln_w, c, p, eps, ls, dxn, dln_w, dln_b);
+            let (hv, sg) = h.split_at(img);
+            let (dhv, dhg) = dh.split_at_mut(img);
+            wide(|| gate_grad_sigma_row(hv, sg, dxn, dhv, dhg));
+            add_bias_grad(db, dh, p);
+            let (grad, act) = (Mat::rows(dh, p), Mat::transposed(a, p));
+            matmul(dw, 2 * c, (2 * c, 2 * c, p), grad, act, true, par);
+            // ∂a = Wᵀ·∂h, into h (no longer needed).
+            let (wt, grad) = (Mat::transposed(pr.w, 2 * c), Mat::rows(dh, p));
+            matmul(h, p, (2 * c, p, 2 * c), wt, grad, false, par);
+            let (da1, da2) = h.split_at(img);
+            wide(|| concat_elu_grad_row(un, da1, da2, dun));
+        },
+    )
 }
 
 /// Refuses `u`, `x` and parameters that do not fit together; `(B, C, P)`.

@@ -323,12 +323,14 @@ fn sum_lanes<T: Real>(v: [T; SUM_LANES]) -> T {
     v.iter().fold(T::ZERO, |a, &b| a + b)
 }
 
-/// `[out; sums]` of a kernel with per-channel parameter gradients: `f(image, out_image,
-/// scratch, sums)` fills image n's `img` outputs and adds its share into `sums`
-/// (`sums_len` values). Images run in parallel in fixed groups of [`REDUCE_GROUP`], each
+/// `[out₀; …; out_{K−1}; sums]` of a kernel with per-channel parameter gradients and `K`
+/// outputs of `n·img` values each: `f(image, outs, scratch, sums, par)` fills image n's
+/// `img` values of every output and adds its share into `sums` (`sums_len` values). Images
+/// run in parallel in fixed groups of [`REDUCE_GROUP`] (scheduled as [`per_image`]), each
 /// group's sums starting from zero; the groups' sums are added in group order, so the
-/// result is the same for any thread count.
-fn per_image_with_sums<T: Real, F>(
+/// result is the same for any thread count. Each group's output chunks are zeroed by the
+/// worker that fills them, as in [`per_image_out`]. Empty images (`img = 0`) run nothing.
+fn per_image_with_sums<T: Real, const K: usize, F>(
     n: usize,
     img: usize,
     scratch_len: usize,
@@ -336,26 +338,53 @@ fn per_image_with_sums<T: Real, F>(
     f: F,
 ) -> Vec<T>
 where
-    F: Fn(usize, &mut [T], &mut [T], &mut [T]) + Send + Sync,
+    F: Fn(usize, [&mut [T]; K], &mut [T], &mut [T], gemm::Parallelism) + Send + Sync,
 {
     use std::sync::Mutex;
-    let groups = n.div_ceil(REDUCE_GROUP);
-    let partial: Vec<Mutex<Vec<T>>> = (0..groups)
-        .map(|_| Mutex::new(vec![T::ZERO; sums_len]))
-        .collect();
-    // per_image_out takes a short last group as it is.
-    let mut out = per_image_out(n * img, REDUCE_GROUP * img, scratch_len, |gi, o, s, _| {
-        let mut sums = vec![T::ZERO; sums_len];
-        for (j, on) in o.chunks_mut(img).enumerate() {
-            f(gi * REDUCE_GROUP + j, on, s, &mut sums);
-        }
-        *partial[gi].lock().unwrap_or_else(|e| e.into_inner()) = sums;
-    });
-    let parts = partial
-        .into_iter()
-        .map(|part| part.into_inner().unwrap_or_else(|e| e.into_inner()));
+    let len = K * n * img;
+    let mut out: Vec<T> = Vec::with_capacity(len + sums_len);
+    let mut parts = Vec::new();
+    if img > 0 {
+        let groups = n.div_ceil(REDUCE_GROUP);
+        let partial: Vec<Mutex<Vec<T>>> = (0..groups).map(|_| Mutex::new(Vec::new())).collect();
+        // Per group, its chunk of each output (the last group may be short).
+        let mut outputs: Vec<_> = out.spare_capacity_mut()[..len]
+            .chunks_mut(n * img)
+            .map(|o| o.chunks_mut(REDUCE_GROUP * img))
+            .collect();
+        let mut chunks: Vec<[&mut [std::mem::MaybeUninit<T>]; K]> = (0..groups)
+            .map(|_| std::array::from_fn(|k| outputs[k].next().expect("one chunk per group")))
+            .collect();
+        for_chunks::<T, _, _>(&mut chunks, 1, scratch_len, |gi, group, s, par| {
+            let mut outs = group[0].each_mut().map(|o| init_zeroed(o));
+            let mut sums = vec![T::ZERO; sums_len];
+            for j in 0..outs[0].len() / img {
+                let image = outs.each_mut().map(|o| &mut o[j * img..(j + 1) * img]);
+                f(gi * REDUCE_GROUP + j, image, s, &mut sums, par);
+            }
+            *partial[gi].lock().unwrap_or_else(|e| e.into_inner()) = sums;
+        });
+        parts = partial
+            .into_iter()
+            .map(|part| part.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+    }
+    // SAFETY: with img > 0, `for_chunks` ran the closure on every group, which zeroed its
+    // chunk of each of the K outputs; together they cover all `len` elements (len = 0
+    // otherwise).
+    unsafe { out.set_len(len) };
     out.extend_from_slice(&sum_in_order(sums_len, parts));
     out
+}
+
+/// Zeroes `o` and returns it as initialised values.
+fn init_zeroed<T: Real>(o: &mut [std::mem::MaybeUninit<T>]) -> &mut [T] {
+    for v in o.iter_mut() {
+        v.write(T::ZERO);
+    }
+    // SAFETY: every element of `o` was initialised just above, and `MaybeUninit<T>` has
+    // the layout of `T`.
+    unsafe { &mut *(o as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
 }
 
 /// A gradient op's flat `[∂x; ∂a; ∂b]` split into `∂x` shaped like `x`, and `∂a`, `∂b` (as
@@ -462,15 +491,7 @@ where
         &mut out.spare_capacity_mut()[..len],
         chunk,
         scratch_len,
-        |n, o: &mut [std::mem::MaybeUninit<T>], s, par| {
-            for v in o.iter_mut() {
-                v.write(T::ZERO);
-            }
-            // SAFETY: every element of `o` was initialised just above, and
-            // `MaybeUninit<T>` has the layout of `T`.
-            let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-            f(n, o, s, par)
-        },
+        |n, o: &mut [std::mem::MaybeUninit<T>], s, par| f(n, init_zeroed(o), s, par),
     );
     // SAFETY: `for_chunks` ran the closure on each of the `len / chunk` chunks, which
     // initialised all `len` elements.

@@ -207,7 +207,7 @@ fn norm_grads<T: Real>(
     eps: T,
 ) -> Vec<T> {
     let img = c * p;
-    per_image_with_sums(b, img, 4 * p, 2 * c, |n, dxn, s, sums| {
+    per_image_with_sums(b, img, 4 * p, 2 * c, |n, [dxn], s, sums, _| {
         let (dw, db) = sums.split_at_mut(c);
         let (xn, gn) = (&x[n * img..(n + 1) * img], &gy[n * img..(n + 1) * img]);
         image_grads(xn, gn, w, c, p, eps, s, dxn, dw, db);
