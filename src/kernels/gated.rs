@@ -33,7 +33,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use super::conv::{add_bias_grad, matmul, Mat};
 use super::elementwise::{
-    concat_elu_grad_row, concat_elu_row, gate_grad_sigma_row, gate_row, gate_row_keep_sigma,
+    concat_elu_grad_row, concat_elu_row, gate_grad_sigma_row, gate_row_keep_sigma,
 };
 use super::norm::{image_fwd, image_grads};
 use super::{dims3, per_image_out, per_image_with_sums, slice, wide, Real};
@@ -65,7 +65,7 @@ impl<'a, T> Params<'a, T> {
 }
 
 /// One image's `a`, `h` and `y` (scratch `[2C·P]`, `[2C·P]`, `[C·P]`) from `u` and `x`;
-/// with `keep_sigma`, `h_g` is left as `σ(h_g)` (what the backward pass needs of it).
+/// `h_g` is left as `σ(h_g)`, what the backward pass needs of it.
 #[allow(clippy::too_many_arguments)]
 fn image_head<T: Real>(
     un: &[T],
@@ -75,7 +75,6 @@ fn image_head<T: Real>(
     a: &mut [T],
     h: &mut [T],
     y: &mut [T],
-    keep_sigma: bool,
     par: gemm::Parallelism,
 ) {
     let img = c * p;
@@ -94,11 +93,7 @@ fn image_head<T: Real>(
         par,
     );
     let (hv, hg) = h.split_at_mut(img);
-    if keep_sigma {
-        wide(|| gate_row_keep_sigma(xn, hv, hg, y));
-    } else {
-        wide(|| gate_row(xn, hv, hg, y));
-    }
+    wide(|| gate_row_keep_sigma(xn, hv, hg, y));
 }
 
 /// `z` for the whole batch.
@@ -110,7 +105,7 @@ fn tail_fwd<T: Real>(u: &[T], x: &[T], params: &[T], (b, c, p): Dims, eps: T) ->
         let (y, s) = s.split_at_mut(img);
         let (mean, rstd) = s.split_at_mut(p);
         let (un, xn) = (&u[n * img..(n + 1) * img], &x[n * img..(n + 1) * img]);
-        image_head(un, xn, &pr, (c, p), a, h, y, false, par);
+        image_head(un, xn, &pr, (c, p), a, h, y, par);
         image_fwd(y, pr.ln_w, pr.ln_b, c, p, eps, mean, rstd, zn);
     })
 }
@@ -139,7 +134,7 @@ fn tail_grads<T: Real>(
             let (dh, s) = s.split_at_mut(2 * img);
             let (y, ls) = s.split_at_mut(img);
             let (un, xn) = (&u[n * img..(n + 1) * img], &x[n * img..(n + 1) * img]);
-            image_head(un, xn, &pr, (c, p), a, h, y, true, par);
+            image_head(un, xn, &pr, (c, p), a, h, y, par);
             // ∂y (= ∂x) through the LayerNorm.
             let gzn = &gz[n * img..(n + 1) * img];
             image_grads(y, gzn, pr.ln_w, c, p, eps, ls, dxn, dln_w, dln_b);
