@@ -60,7 +60,7 @@ pub(super) fn concat_elu_grad_row<T: Real>(x: &[T], g1: &[T], g2: &[T], d: &mut 
 }
 
 #[inline(always)]
-pub(super) fn gate_row<T: Real>(x: &[T], v: &[T], g: &[T], y: &mut [T]) {
+fn gate_row<T: Real>(x: &[T], v: &[T], g: &[T], y: &mut [T]) {
     for (((y, &x), &v), &g) in y.iter_mut().zip(x).zip(v).zip(g) {
         *y = x + v * sigmoid(g);
     }
@@ -86,7 +86,7 @@ pub(super) fn gate_grad_sigma_row<T: Real>(v: &[T], s: &[T], gy: &[T], dv: &mut 
 }
 
 #[inline(always)]
-pub(super) fn gate_grad_row<T: Real>(v: &[T], g: &[T], gy: &[T], dv: &mut [T], dg: &mut [T]) {
+fn gate_grad_row<T: Real>(v: &[T], g: &[T], gy: &[T], dv: &mut [T], dg: &mut [T]) {
     for ((((dv, dg), &v), &g), &gy) in dv.iter_mut().zip(dg).zip(v).zip(g).zip(gy) {
         let s = sigmoid(g);
         *dv = gy * s;
