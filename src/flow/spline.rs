@@ -65,8 +65,24 @@ fn gather(t: &Tensor, onehot: &Tensor) -> Result<Tensor> {
 /// Applies the spline elementwise. `x`: any shape S; `raw`: S + `[3K − 1]`.
 /// Returns `(y, log|dy/dx|)`, both shaped S. With `inverse`, `x` is the spline's output
 /// and the result is its input, with the forward log-derivative at that input (so the
-/// caller subtracts it).
+/// caller subtracts it). On the CPU this is one fused op ([`crate::kernels::rq_spline`]);
+/// elsewhere (and with `Kernels::Candle`) the candle ops of [`rq_spline_composed`].
 pub fn rq_spline(
+    x: &Tensor,
+    raw: &Tensor,
+    bins: usize,
+    bound: f64,
+    inverse: bool,
+) -> Result<(Tensor, Tensor)> {
+    match crate::kernels::rq_spline(x, raw, bins, bound, MIN_BIN, inverse)? {
+        Some(r) => Ok(r),
+        None => rq_spline_composed(x, raw, bins, bound, inverse),
+    }
+}
+
+/// [`rq_spline`] composed of differentiable candle ops: the reference of the fused kernel,
+/// and the path on GPUs.
+pub fn rq_spline_composed(
     x: &Tensor,
     raw: &Tensor,
     bins: usize,

@@ -19,6 +19,8 @@
 //!   heap keeps activations; candle's workers park instead of spinning between ops).
 //! - [`layer_norm_channels`]: a per-pixel LayerNorm over channels with affine weight and
 //!   bias (`x̂ = (x − μ)/√(σ² + ε)`, then `x̂·w + b`), forward and backward in one pass each.
+//! - [`rq_spline`]: the rational-quadratic spline of spline couplings, each element's
+//!   knots decoded on the stack, with a hand-written backward pass.
 //! - [`gated_tail`]: the tail of the tutorial's gated block — 1×1 convolution of ConcatELU,
 //!   gate, residual and LayerNorm — as one op run image by image in cache; its backward
 //!   recomputes the image's activations instead of storing them.
@@ -52,6 +54,7 @@ mod gated;
 mod norm;
 mod pool;
 pub mod reference;
+mod spline;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -65,6 +68,7 @@ pub use elementwise::{concat_elu, gate};
 pub use gated::gated_tail;
 pub use norm::layer_norm_channels;
 pub use pool::tune_candle_pool;
+pub use spline::{rq_spline, MAX_SPLINE_BINS};
 
 /// Which implementation the hot ops use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +130,8 @@ trait Real:
     /// library `exp`.
     fn fast_exp(self) -> Self;
     fn sqrt(self) -> Self;
+    /// The natural logarithm (the library's).
+    fn ln(self) -> Self;
     fn from_f64(v: f64) -> Self;
     fn from_usize(v: usize) -> Self;
     /// Runs `f` on this thread's reusable scratch buffer of at least `len` elements
@@ -145,6 +151,10 @@ macro_rules! impl_real {
             #[inline(always)]
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
             }
             #[inline(always)]
             fn from_f64(v: f64) -> Self {

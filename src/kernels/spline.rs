@@ -1,0 +1,638 @@
+//! The rational-quadratic spline of `kind: spline` couplings (see `flow::spline` for the
+//! parametrisation and formulas) as one op with an explicit backward pass.
+//!
+//! Composed of candle ops, one spline evaluation is ~60 whole-tensor ops over `[N, K]`
+//! broadcasts (softmax, cumsum, one-hot bin masks, gathers), each allocating its result; at
+//! the sizes of `experiments/spline_vs_affine.yaml` that made the spline model's training
+//! step slower than PyTorch eager's. Here each element decodes its own `3K − 1` parameters
+//! into knots and derivatives on the stack, finds its bin and evaluates the spline and its
+//! log-derivative; the backward pass redoes that and runs the chain rule by hand:
+//!
+//! ```text
+//! in bin k: ξ = (x − x_k)/w_k, s = h_k/w_k, t = ξ(1 − ξ), δ = d_k + d_{k+1} − 2s
+//!   y    = y_k + h_k (s ξ² + d_k t) / (s + δ t)
+//!   logd = ln s² (d_{k+1} ξ² + 2 s t + d_k (1 − ξ)²) − 2 ln (s + δ t)
+//! knots: x_j = 2B·Σ_{i<j} p̃_i − B (0 < j < K), p̃ = m + (1 − mK)·softmax(u_w), x_0 = −B, x_K = B
+//!   ∂p̃_i = 2B Σ_{0<j<K, j>i} ∂x_j,   ∂u_w = p ⊙ (∂p − ⟨p, ∂p⟩),  ∂p = (1 − mK) ∂p̃
+//! derivatives: d_j = m + softplus(u_d,j−1 + c)  →  ∂u_d,j−1 = ∂d_j · σ(u_d,j−1 + c)
+//! ```
+//!
+//! (heights and y-knots alike). The bin index is piecewise constant and gets no gradient, as
+//! in the composed version (its one-hot mask is detached). Outside `(−B, B)` the transform is
+//! the identity: `∂x = ∂y`, no parameter gradient. Only the forward direction (data → latent,
+//! the one training differentiates) has a backward pass; the inverse (sampling) is forward
+//! only and its backward is refused with an error.
+//!
+//! Every element is independent, so the results do not depend on the thread count.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+
+use super::{slice, wide_fn, Real};
+use crate::Result;
+
+/// Elements per parallel work item.
+const CHUNK: usize = 512;
+
+/// One spline's settings.
+#[derive(Debug, Clone, Copy)]
+struct Spline {
+    bins: usize,
+    bound: f64,
+    min: f64,
+    /// `c` with `softplus(c) = 1 − m`: zero parameters give derivative 1.
+    shift: f64,
+    inverse: bool,
+}
+
+impl Spline {
+    fn per_element(&self) -> usize {
+        3 * self.bins - 1
+    }
+
+    fn check(&self, what: &str, n: usize, raw: &Layout) -> candle_core::Result<()> {
+        if raw.shape().elem_count() != n * self.per_element() {
+            return Err(candle_core::Error::Msg(format!(
+                "{what} kernel: parameters of shape {:?} do not give {} values to each of {n} elements",
+                raw.dims(),
+                self.per_element()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One element's decoded spline: softmax probabilities, knots and derivatives, in a scratch
+/// slice of [`Decoded::len`] values (`p_x`, `p_y`: K; knots: K + 1 each; d: K + 1).
+struct Decoded<'a, T> {
+    px: &'a [T],
+    py: &'a [T],
+    kx: &'a [T],
+    ky: &'a [T],
+    d: &'a [T],
+}
+
+impl<'a, T: Real> Decoded<'a, T> {
+    fn len(k: usize) -> usize {
+        2 * k + 3 * (k + 1)
+    }
+
+    #[inline(always)]
+    fn new(u: &[T], sp: &Spline, scratch: &'a mut [T]) -> Self {
+        let k = sp.bins;
+        let (px, rest) = scratch.split_at_mut(k);
+        let (py, rest) = rest.split_at_mut(k);
+        let (kx, rest) = rest.split_at_mut(k + 1);
+        let (ky, d) = rest.split_at_mut(k + 1);
+        knots(&u[..k], sp, px, kx);
+        knots(&u[k..2 * k], sp, py, ky);
+        let (min, shift) = (T::from_f64(sp.min), T::from_f64(sp.shift));
+        d[0] = T::ONE;
+        d[k] = T::ONE;
+        for j in 1..k {
+            d[j] = min + softplus(u[2 * k + j - 1] + shift);
+        }
+        Self { px, py, kx, ky, d }
+    }
+
+    /// The bin of `v` (clamped into the domain) among the knots `kn`: how many interior
+    /// knots are ≤ v.
+    #[inline(always)]
+    fn bin(kn: &[T], v: T) -> usize {
+        kn[1..kn.len() - 1].iter().filter(|&&q| v >= q).count()
+    }
+}
+
+#[inline(always)]
+fn softplus<T: Real>(v: T) -> T {
+    let relu = if v > T::ZERO { v } else { T::ZERO };
+    let a = if v > T::ZERO { -v } else { v };
+    relu + (a.fast_exp() + T::ONE).ln()
+}
+
+/// Softmax of `u` into `p`, and the knots `[−B, 2B·cumsum(p̃)_{<K−1} − B, B]` into `kn`.
+#[inline(always)]
+fn knots<T: Real>(u: &[T], sp: &Spline, p: &mut [T], kn: &mut [T]) {
+    let k = u.len();
+    let max = u
+        .iter()
+        .copied()
+        .fold(u[0], |a, b| if b > a { b } else { a });
+    let mut sum = T::ZERO;
+    for (p, &v) in p.iter_mut().zip(u) {
+        *p = (v - max).fast_exp();
+        sum += *p;
+    }
+    let (bound, min) = (T::from_f64(sp.bound), T::from_f64(sp.min));
+    let keep = T::ONE - min * T::from_usize(k);
+    let two_b = T::from_f64(2.0 * sp.bound);
+    kn[0] = -bound;
+    let mut cum = T::ZERO;
+    for j in 1..k {
+        cum += (p[j - 1] / sum) * keep + min;
+        kn[j] = cum * two_b - bound;
+    }
+    kn[k] = bound;
+    for p in p.iter_mut() {
+        *p = *p / sum;
+    }
+}
+
+/// The forward intermediates of one element inside the domain, in its bin.
+struct Eval<T> {
+    k: usize,
+    xi: T,
+    xi_raw: T,
+    s: T,
+    den: T,
+    num: T,
+    dnum: T,
+    q: T,
+    y: T,
+    logd: T,
+}
+
+#[inline(always)]
+fn clamp01<T: Real>(v: T) -> T {
+    if v < T::ZERO {
+        T::ZERO
+    } else if v > T::ONE {
+        T::ONE
+    } else {
+        v
+    }
+}
+
+/// Forward direction: `x` (inside the domain) through the spline.
+#[inline(always)]
+fn eval_forward<T: Real>(dec: &Decoded<T>, x: T) -> Eval<T> {
+    let k = Decoded::bin(dec.kx, x);
+    let (xk, wk) = (dec.kx[k], dec.kx[k + 1] - dec.kx[k]);
+    let (yk, hk) = (dec.ky[k], dec.ky[k + 1] - dec.ky[k]);
+    let (dk, dk1) = (dec.d[k], dec.d[k + 1]);
+    let s = hk / wk;
+    let xi_raw = (x - xk) / wk;
+    let xi = clamp01(xi_raw);
+    finish(k, xi, xi_raw, s, hk, yk, dk, dk1, true)
+}
+
+/// Inverse direction: `y` (inside the domain) back to x, with the forward log-derivative.
+#[inline(always)]
+fn eval_inverse<T: Real>(dec: &Decoded<T>, y: T) -> Eval<T> {
+    let k = Decoded::bin(dec.ky, y);
+    let (xk, wk) = (dec.kx[k], dec.kx[k + 1] - dec.kx[k]);
+    let (yk, hk) = (dec.ky[k], dec.ky[k + 1] - dec.ky[k]);
+    let (dk, dk1) = (dec.d[k], dec.d[k + 1]);
+    let s = hk / wk;
+    let delta = dk + dk1 - s - s;
+    let dy = y - yk;
+    let a = hk * (s - dk) + dy * delta;
+    let b = hk * dk - dy * delta;
+    let c = -(s * dy);
+    let disc = b * b - T::from_f64(4.0) * a * c;
+    let disc = if disc > T::ZERO { disc } else { T::ZERO };
+    let xi_raw = (c + c) / (-b - disc.sqrt());
+    let xi = clamp01(xi_raw);
+    let mut e = finish(k, xi, xi_raw, s, hk, yk, dk, dk1, false);
+    e.y = xi * wk + xk;
+    e
+}
+
+/// The rest of the forward evaluation from ξ: value (when `value`) and log-derivative.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn finish<T: Real>(
+    k: usize,
+    xi: T,
+    xi_raw: T,
+    s: T,
+    hk: T,
+    yk: T,
+    dk: T,
+    dk1: T,
+    value: bool,
+) -> Eval<T> {
+    let om = T::ONE - xi;
+    let t = xi * om;
+    let delta = dk + dk1 - s - s;
+    let den = s + delta * t;
+    let num = hk * (s * xi * xi + dk * t);
+    let y = if value { yk + num / den } else { T::ZERO };
+    let q = dk1 * xi * xi + (s + s) * t + dk * om * om;
+    let dnum = s * s * q;
+    let logd = dnum.ln() - (den.ln() + den.ln());
+    Eval {
+        k,
+        xi,
+        xi_raw,
+        s,
+        den,
+        num,
+        dnum,
+        q,
+        y,
+        logd,
+    }
+}
+
+/// `[y; log|dy/dx|]` (2N values) for N elements `x` and their parameters `raw` (`[N, 3K−1]`).
+fn spline_fwd<T: Real>(x: &[T], raw: &[T], sp: &Spline) -> Vec<T> {
+    use rayon::prelude::*;
+    let (n, per) = (x.len(), sp.per_element());
+    let mut out = vec![T::ZERO; 2 * n];
+    let (ys, ls) = out.split_at_mut(n);
+    ys.par_chunks_mut(CHUNK)
+        .zip(ls.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(c, (ys, ls))| {
+            let e0 = c * CHUNK;
+            let n = ys.len();
+            fwd_chunk(&x[e0..e0 + n], &raw[e0 * per..(e0 + n) * per], ys, ls, sp);
+        });
+    out
+}
+
+wide_fn! {
+    /// [`spline_fwd`] for one chunk of elements (compiled for the widest vector extension,
+    /// so `mul_add` is an instruction, not a library call).
+    fn fwd_chunk<T: Real>(x: &[T], raw: &[T], ys: &mut [T], ls: &mut [T], sp: &Spline) {
+        let per = sp.per_element();
+        let bound = T::from_f64(sp.bound);
+        let mut scratch = [T::ZERO; 5 * MAX_SPLINE_BINS + 3];
+        let scratch = &mut scratch[..Decoded::<T>::len(sp.bins)];
+        for (e, (y, l)) in ys.iter_mut().zip(ls.iter_mut()).enumerate() {
+            let v = x[e];
+            if !(v > -bound && v < bound) {
+                (*y, *l) = (v, T::ZERO);
+                continue;
+            }
+            let dec = Decoded::new(&raw[e * per..(e + 1) * per], sp, scratch);
+            let ev = if sp.inverse {
+                eval_inverse(&dec, v)
+            } else {
+                eval_forward(&dec, v)
+            };
+            (*y, *l) = (ev.y, ev.logd);
+        }
+    }
+}
+
+/// `∂softmax`: `∂u_j = p_j (∂p_j − ⟨p, ∂p⟩)` into `du`.
+#[inline(always)]
+fn softmax_grad<T: Real>(p: &[T], dp: &[T], du: &mut [T]) {
+    let dot = p.iter().zip(dp).fold(T::ZERO, |a, (&p, &g)| a + p * g);
+    for ((du, &p), &g) in du.iter_mut().zip(p).zip(dp) {
+        *du = p * (g - dot);
+    }
+}
+
+/// Gradients of the knots `x_k` (`g_pos`) and of the bin size `x_{k+1} − x_k` (`g_size`)
+/// back to the unconstrained sizes `du` (K values), through the cumulative sum and softmax.
+#[inline(always)]
+fn knot_grads<T: Real>(p: &[T], sp: &Spline, k: usize, g_pos: T, g_size: T, du: &mut [T]) {
+    let bins = sp.bins;
+    // ∂ of each knot: x_k gets g_pos − g_size, x_{k+1} gets g_size (interior knots only).
+    let mut g_knot = [T::ZERO; 2];
+    let mut dp = [T::ZERO; 64];
+    let dp = &mut dp[..bins];
+    g_knot[0] = g_pos - g_size;
+    g_knot[1] = g_size;
+    let two_b = T::from_f64(2.0 * sp.bound);
+    let keep = T::ONE - T::from_f64(sp.min) * T::from_usize(bins);
+    // knot j (0 < j < K) = 2B·Σ_{i<j} p̃_i − B, so ∂p̃_i = 2B Σ_{j>i, 0<j<K} ∂knot_j.
+    for (off, &g) in g_knot.iter().enumerate() {
+        let j = k + off;
+        if j == 0 || j >= bins {
+            continue;
+        }
+        for d in dp[..j].iter_mut() {
+            *d += g * two_b * keep;
+        }
+    }
+    softmax_grad(p, dp, du);
+}
+
+/// `[∂x; ∂raw]` (N + N·(3K−1) values) of the forward spline for the output gradients
+/// `g = [∂y; ∂logd]`.
+fn spline_grads<T: Real>(x: &[T], raw: &[T], g: &[T], sp: &Spline) -> Vec<T> {
+    use rayon::prelude::*;
+    let (n, per) = (x.len(), sp.per_element());
+    let (gy, gl) = g.split_at(n);
+    let mut out = vec![T::ZERO; n + n * per];
+    let (dx, draw) = out.split_at_mut(n);
+    dx.par_chunks_mut(CHUNK)
+        .zip(draw.par_chunks_mut(CHUNK * per))
+        .enumerate()
+        .for_each(|(c, (dx, draw))| {
+            let (e0, n) = (c * CHUNK, dx.len());
+            let r = &raw[e0 * per..(e0 + n) * per];
+            grad_chunk(
+                &x[e0..e0 + n],
+                r,
+                &gy[e0..e0 + n],
+                &gl[e0..e0 + n],
+                dx,
+                draw,
+                sp,
+            );
+        });
+    out
+}
+
+wide_fn! {
+    /// [`spline_grads`] for one chunk of elements.
+    fn grad_chunk<T: Real>(
+        x: &[T],
+        raw: &[T],
+        gy: &[T],
+        gl: &[T],
+        dx: &mut [T],
+        draw: &mut [T],
+        sp: &Spline,
+    ) {
+        let (per, k) = (sp.per_element(), sp.bins);
+        let bound = T::from_f64(sp.bound);
+        let two = T::from_f64(2.0);
+        let mut scratch = [T::ZERO; 5 * MAX_SPLINE_BINS + 3];
+        let scratch = &mut scratch[..Decoded::<T>::len(k)];
+            for (e, (dx, du)) in dx.iter_mut().zip(draw.chunks_mut(per)).enumerate() {
+                let v = x[e];
+                if !(v > -bound && v < bound) {
+                    *dx = gy[e];
+                    continue;
+                }
+                let dec = Decoded::new(&raw[e * per..(e + 1) * per], sp, scratch);
+                let ev = eval_forward(&dec, v);
+                let b = ev.k;
+                let (wk, hk) = (dec.kx[b + 1] - dec.kx[b], dec.ky[b + 1] - dec.ky[b]);
+                let (dk, dk1) = (dec.d[b], dec.d[b + 1]);
+                let (xi, s) = (ev.xi, ev.s);
+                let om = T::ONE - xi;
+                let t = xi * om;
+                let delta = dk + dk1 - s - s;
+                let (gyv, glv) = (gy[e], gl[e]);
+                // Reverse mode through y = y_k + num/den and logd = ln dnum − 2 ln den.
+                let g_num = gyv / ev.den;
+                let g_den = -(gyv * ev.num / (ev.den * ev.den)) - two * glv / ev.den;
+                let g_dnum = glv / ev.dnum;
+                let g_yk = gyv;
+                let mut g_hk = g_num * (s * xi * xi + dk * t);
+                let mut g_s = g_num * hk * xi * xi;
+                let mut g_xi = g_num * hk * two * s * xi;
+                let mut g_dk = g_num * hk * t;
+                let mut g_t = g_num * hk * dk;
+                g_s += g_den;
+                let g_delta = g_den * t;
+                g_t += g_den * delta;
+                g_dk += g_delta;
+                let mut g_dk1 = g_delta;
+                g_s = g_s - two * g_delta;
+                // dnum = s²·q.
+                g_s += g_dnum * two * s * ev.q;
+                let g_q = g_dnum * s * s;
+                g_dk1 += g_q * xi * xi;
+                g_xi += g_q * (dk1 * two * xi - dk * two * om);
+                g_s += g_q * two * t;
+                g_t += g_q * two * s;
+                g_dk += g_q * om * om;
+                g_xi += g_t * (T::ONE - two * xi);
+                // ξ = clamp((x − x_k)/w_k): no gradient where the clamp binds.
+                if !(ev.xi_raw >= T::ZERO && ev.xi_raw <= T::ONE) {
+                    g_xi = T::ZERO;
+                }
+                *dx = g_xi / wk;
+                let g_xk = -(g_xi / wk);
+                let mut g_wk = -(g_xi * ev.xi_raw / wk);
+                // s = h_k/w_k.
+                g_hk += g_s / wk;
+                g_wk = g_wk - g_s * s / wk;
+                let (duw, rest) = du.split_at_mut(k);
+                let (duh, dud) = rest.split_at_mut(k);
+                knot_grads(dec.px, sp, b, g_xk, g_wk, duw);
+                knot_grads(dec.py, sp, b, g_yk, g_hk, duh);
+                let sh = T::from_f64(sp.shift);
+                for (j, gd) in [(b, g_dk), (b + 1, g_dk1)] {
+                    if j == 0 || j >= k {
+                        continue;
+                    }
+                    let z = raw[e * per + 2 * k + j - 1] + sh;
+                    dud[j - 1] += gd / (T::ONE + (-z).fast_exp());
+                }
+            }
+    }
+}
+
+/// `(x, raw) → [y; logd]`, stacked on a new leading axis of 2.
+struct RqSpline(Spline);
+
+impl CustomOp2 for RqSpline {
+    fn name(&self) -> &'static str {
+        "flowlab-rq-spline"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = l1.shape().elem_count();
+        self.0.check("rq_spline", n, l2)?;
+        let out = crate::kernels::dispatch!("rq_spline", (s1, s2), |x, r| {
+            spline_fwd(slice(x, l1)?, slice(r, l2)?, &self.0)
+        })?;
+        Ok((out, Shape::from((2, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        raw: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.0.inverse {
+            return Err(candle_core::Error::Msg(
+                "rq_spline kernel: the inverse (sampling) direction has no backward pass; \
+                 differentiate the forward direction"
+                    .into(),
+            ));
+        }
+        let g = g.contiguous()?;
+        let all = x.apply_op3_no_bwd(raw, &g, &RqSplineGrad(self.0))?;
+        let n = x.elem_count();
+        let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
+        let draw = all
+            .narrow(0, n, n * self.0.per_element())?
+            .force_contiguous()?
+            .reshape(raw.shape())?;
+        Ok((Some(dx), Some(draw)))
+    }
+}
+
+/// `(x, raw, [∂y; ∂logd]) → [∂x; ∂raw]`, flat.
+struct RqSplineGrad(Spline);
+
+impl CustomOp3 for RqSplineGrad {
+    fn name(&self) -> &'static str {
+        "flowlab-rq-spline-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = l1.shape().elem_count();
+        self.0.check("rq_spline grad", n, l2)?;
+        if l3.shape().elem_count() != 2 * n {
+            return Err(candle_core::Error::Msg(format!(
+                "rq_spline grad kernel: output gradient {:?} does not fit {n} elements",
+                l3.dims()
+            )));
+        }
+        let out = crate::kernels::dispatch!("rq_spline grad", (s1, s2, s3), |x, r, g| {
+            spline_grads(slice(x, l1)?, slice(r, l2)?, slice(g, l3)?, &self.0)
+        })?;
+        Ok((out, Shape::from(n + n * self.0.per_element())))
+    }
+}
+
+/// The largest bin count the fused kernel takes (its per-element gradient buffers live on
+/// the stack); more bins run the composed candle ops.
+pub const MAX_SPLINE_BINS: usize = 64;
+
+/// The rational-quadratic spline of `flow::spline` elementwise, fused: `x` any shape S,
+/// `raw` S + `[3K − 1]`; returns `(y, log|dy/dx|)`, both shaped S (with `inverse`, x is the
+/// spline's output, the result its input, and the log-derivative the forward one at it).
+/// `None` where the fast kernels do not apply (GPU, other dtypes, `Kernels::Candle`, more
+/// than [`MAX_SPLINE_BINS`] bins); the caller then composes candle ops.
+pub fn rq_spline(
+    x: &Tensor,
+    raw: &Tensor,
+    bins: usize,
+    bound: f64,
+    min_bin: f64,
+    inverse: bool,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !super::use_fast(&[x, raw]) || !(2..=MAX_SPLINE_BINS).contains(&bins) {
+        return Ok(None);
+    }
+    let sp = Spline {
+        bins,
+        bound,
+        min: min_bin,
+        shift: (1.0 - min_bin).exp_m1().ln(),
+        inverse,
+    };
+    let out = x
+        .contiguous()?
+        .apply_op2(&raw.contiguous()?, RqSpline(sp))?;
+    let y = out.get(0)?.reshape(x.shape())?;
+    let logd = out.get(1)?.reshape(x.shape())?;
+    Ok(Some((y, logd)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{randn, with_kernels, Kernels};
+    use super::*;
+    use crate::flow::spline::{params_per_element, rq_spline as spline};
+    use candle_core::{DType, Device};
+
+    /// `x` spread over the domain `(−B, B)` and a little beyond it, `raw` random.
+    fn inputs(dims: &[usize], bins: usize, bound: f64, scale: f64, dtype: DType) -> [Tensor; 2] {
+        let x = (randn(11, dims, 0.6 * bound, DType::F64).to_dtype(dtype)).unwrap();
+        let mut rd = dims.to_vec();
+        rd.push(params_per_element(bins));
+        [x, randn(12, &rd, scale, dtype)]
+    }
+
+    fn both(t: &[Tensor], bins: usize, bound: f64) -> crate::Result<Tensor> {
+        let (y, l) = spline(&t[0], &t[1], bins, bound, false)?;
+        Ok(Tensor::cat(&[y, l], 0)?)
+    }
+
+    #[test]
+    fn matches_the_composed_spline_values_and_gradients() {
+        // Several bin counts, parameter scales (near-uniform to very uneven bins), odd
+        // sizes, elements in both tails; then the coupling's shape in f32.
+        for (dims, bins, bound, scale, dtype, tol) in [
+            (vec![3, 2, 5], 8, 3.0, 1.0, DType::F64, 1e-9),
+            (vec![7, 3], 2, 3.0, 0.5, DType::F64, 1e-9),
+            (vec![4, 1, 3, 3], 5, 13.0, 3.0, DType::F64, 1e-9),
+            (vec![2, 9], 16, 1.0, 2.0, DType::F64, 1e-9),
+            (vec![64, 1, 14, 14], 8, 13.0, 1.0, DType::F32, 2e-4),
+        ] {
+            let t = inputs(&dims, bins, bound, scale, dtype);
+            super::super::check_against_reference(&t, |t| both(t, bins, bound), tol);
+        }
+    }
+
+    #[test]
+    fn inverse_matches_the_composed_spline_and_refuses_a_backward_pass() {
+        let [x, raw] = inputs(&[5, 2, 7], 8, 3.0, 1.5, DType::F64);
+        let run = |k| with_kernels(k, || spline(&x, &raw, 8, 3.0, true).unwrap());
+        let ((xf, lf), (xr, lr)) = (run(Kernels::Fast), run(Kernels::Candle));
+        let err = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(err(&xf, &xr) < 1e-9 && err(&lf, &lr) < 1e-9);
+        let msg = with_kernels(Kernels::Fast, || {
+            let v = candle_core::Var::from_tensor(&raw).unwrap();
+            let (y, _) = spline(&x, v.as_tensor(), 8, 3.0, true).unwrap();
+            y.sum_all().unwrap().backward().unwrap_err().to_string()
+        });
+        assert!(msg.contains("inverse"), "{msg}");
+    }
+
+    #[test]
+    fn gradients_do_not_depend_on_the_thread_count() {
+        // More elements than one work chunk, so several threads share the op.
+        let [x, raw] = inputs(&[3, 1000], 8, 3.0, 1.0, DType::F32);
+        super::super::assert_thread_count_invariant(|| {
+            let v = candle_core::Var::from_tensor(&raw).unwrap();
+            let (y, l) = spline(&x, v.as_tensor(), 8, 3.0, false).unwrap();
+            let loss = ((y.sqr().unwrap().sum_all().unwrap()) + l.sum_all().unwrap()).unwrap();
+            let g = loss.backward().unwrap();
+            g.get(v.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        });
+    }
+
+    #[test]
+    fn refuses_parameters_of_the_wrong_size_and_passes_large_bin_counts_on() {
+        let x = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let raw = Tensor::zeros((2, 3, 10), DType::F32, &Device::Cpu).unwrap();
+        let err = with_kernels(Kernels::Fast, || {
+            rq_spline(&x, &raw, 8, 3.0, 1e-3, false)
+                .unwrap_err()
+                .to_string()
+        });
+        assert!(err.contains("23 values"), "{err}");
+        let bins = MAX_SPLINE_BINS + 1;
+        let raw = Tensor::zeros((2, 3, 3 * bins - 1), DType::F32, &Device::Cpu).unwrap();
+        let r = with_kernels(Kernels::Fast, || {
+            rq_spline(&x, &raw, bins, 3.0, 1e-3, false)
+        });
+        assert!(
+            r.unwrap().is_none(),
+            "more bins than the kernel holds: composed ops"
+        );
+    }
+}
