@@ -24,6 +24,12 @@ benchmark; the parameter counts equal flowlab's):
               [−13, 13], linear tails, GatedConvNet 12, 1 block): 90,826 params
               (spline_vs_affine.yaml --variant spline). The spline is written the way
               nflows writes it (softmax/cumsum knots, bin search by comparison, gather).
+  unconditional  affine14 with Glow's learned priors (split: zero-initialised conv3×3 of
+              the kept half; top: per-element mean/log-scale tables): 92,330 params
+              (experiments/conditional_mnist.yaml --variant unconditional)
+  conditional    the same, class-conditional: one-hot label planes join every coupling
+              network's and the split prior's input, one top table pair per digit:
+              107,414 params (conditional_mnist.yaml --variant conditional)
 
 Timing matches flowlab bench: random pixel batches, 2 warm-up steps, then the median of
 N steps of forward (bpd loss), backward, and Adam with global-norm clipping at 1.0.
@@ -179,6 +185,38 @@ def std_normal_logp(z):
     return (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(dim=[1, 2, 3])
 
 
+def planes(y, z):
+    """One-hot labels `y` [B, K] as K constant planes at z's resolution."""
+    return y[:, :, None, None].expand(-1, -1, z.shape[2], z.shape[3])
+
+
+class CondCoupling(Coupling):
+    """An affine coupling whose network also sees the label planes."""
+
+    takes_labels = True
+
+    def forward(self, z, ldj, y=None):
+        return super().forward(z, ldj, cond=planes(y, z))
+
+
+class TopPrior(nn.Module):
+    """Glow's learned top prior: per-element mean and log-scale tables, one pair per class
+    (selected by the one-hot label) or a single pair."""
+
+    def __init__(self, d, classes=0):
+        super().__init__()
+        self.mean = nn.Parameter(torch.zeros(max(classes, 1), d))
+        self.log_scale = nn.Parameter(torch.zeros(max(classes, 1), d))
+
+    def forward(self, z, y=None):
+        if y is None:
+            mean, logs = self.mean[0].view(1, *z.shape[1:]), self.log_scale[0].view(1, *z.shape[1:])
+        else:
+            mean, logs = (y @ self.mean).view(z.shape), (y @ self.log_scale).view(z.shape)
+        e = (z - mean) * torch.exp(-logs)
+        return (-0.5 * e**2 - 0.5 * math.log(2 * math.pi) - logs).sum(dim=[1, 2, 3])
+
+
 class Squeeze(nn.Module):
     def forward(self, z, ldj):
         b, c, h, w = z.shape
@@ -190,20 +228,23 @@ class Split(nn.Module):
     """Factors out half the channels under N(0, 1), or under a learned prior conditioned on
     the kept half (Glow: zero-initialised conv3×3 → mean, log-scale)."""
 
-    def __init__(self, c=0, learned=False):
+    takes_labels = True
+
+    def __init__(self, c=0, learned=False, classes=0):
         super().__init__()
         self.prior = None
         if learned:
-            self.prior = nn.Conv2d(c // 2, 2 * (c - c // 2), 3, padding=1)
+            self.prior = nn.Conv2d(c // 2 + classes, 2 * (c - c // 2), 3, padding=1)
             nn.init.zeros_(self.prior.weight)
             nn.init.zeros_(self.prior.bias)
 
-    def forward(self, z, ldj):
+    def forward(self, z, ldj, y=None):
         c = z.shape[1]
         z, z_out = z[:, : c // 2], z[:, c // 2 :]
         if self.prior is None:
             return z, ldj + std_normal_logp(z_out)
-        mean, logs = self.prior(z).chunk(2, dim=1)
+        cond = z if y is None else torch.cat([z, planes(y, z)], dim=1)
+        mean, logs = self.prior(cond).chunk(2, dim=1)
         logp = -0.5 * ((z_out - mean) * torch.exp(-logs)) ** 2 - logs - 0.5 * math.log(2 * math.pi)
         return z, ldj + logp.sum(dim=[1, 2, 3])
 
@@ -297,13 +338,14 @@ class VarDeq(nn.Module):
 
 
 class Flow(nn.Module):
-    def __init__(self, flows, alpha=1e-5, vardeq=False):
+    def __init__(self, flows, alpha=1e-5, vardeq=False, top=None):
         super().__init__()
         self.flows = nn.ModuleList(flows)
+        self.top = top
         self.alpha = alpha
         self.vardeq = VarDeq(alpha) if vardeq else None
 
-    def bpd(self, x):
+    def bpd(self, x, y=None):
         z = x.float()
         dims = z[0].numel()
         if self.vardeq is None:
@@ -317,8 +359,9 @@ class Flow(nn.Module):
         ldj = ldj + (-torch.log(z) - torch.log(1 - z)).sum(dim=[1, 2, 3])
         z = torch.log(z) - torch.log(1 - z)
         for f in self.flows:
-            z, ldj = f(z, ldj)
-        return -(std_normal_logp(z) + ldj) * math.log2(math.e) / dims
+            z, ldj = f(z, ldj, y) if getattr(f, "takes_labels", False) else f(z, ldj)
+        logp = std_normal_logp(z) if self.top is None else self.top(z, y)
+        return -(logp + ldj) * math.log2(math.e) / dims
 
 
 def board(c, hw, i, hidden=32):
@@ -329,18 +372,26 @@ def chan(c, i, hidden=32):
     return Coupling(GatedConvNet(c, hidden), channel_mask(c, i % 2 == 1), c)
 
 
-def small_graph(coupling):
+def small_graph(coupling, split=None, top=None):
     """spline_vs_affine's graph on 14×14: checkerboard ×2, squeeze, channel ×2, split,
     checkerboard ×2; `coupling(c, mask)` builds one coupling."""
     flows = [coupling(1, checkerboard(14, 14, i % 2 == 1)) for i in range(2)] + [Squeeze()]
-    flows += [coupling(4, channel_mask(4, i % 2 == 1)) for i in range(2)] + [Split()]
+    flows += [coupling(4, channel_mask(4, i % 2 == 1)) for i in range(2)] + [split or Split()]
     flows += [coupling(2, checkerboard(7, 7, i % 2 == 1)) for i in range(2)]
-    return Flow(flows)
+    return Flow(flows, top=top)
 
 
 def build(model):
     if model == "affine14":
         return small_graph(lambda c, m: Coupling(GatedConvNet(c, 24, layers=1), m, c))
+    if model in ("unconditional", "conditional"):
+        k = 10 if model == "conditional" else 0
+        cls = CondCoupling if k else Coupling
+        return small_graph(
+            lambda c, m: cls(GatedConvNet(c + k, 24, 2 * c, layers=1), m, c),
+            Split(4, learned=True, classes=k),
+            TopPrior(2 * 7 * 7, k),
+        )
     if model == "spline":
         return small_graph(
             lambda c, m: SplineCoupling(GatedConvNet(c, 12, 23 * c, layers=1), m, 8, 13.0)
@@ -376,7 +427,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--model",
-        choices=["coupling", "simple", "vardeq", "multiscale", "realnvp", "glow", "affine14", "spline"],
+        choices=[
+            "coupling",
+            "simple",
+            "vardeq",
+            "multiscale",
+            "realnvp",
+            "glow",
+            "affine14",
+            "spline",
+            "unconditional",
+            "conditional",
+        ],
         default="simple",
     )
     ap.add_argument("--batch", type=int, default=64)
@@ -387,12 +449,13 @@ def main():
     torch.manual_seed(0)
     flow = build(a.model)
     opt = torch.optim.Adam(flow.parameters(), lr=1e-4)
-    hw = 14 if a.model in ("affine14", "spline") else 28
+    hw = 28 if a.model in ("coupling", "simple", "vardeq", "multiscale", "realnvp", "glow") else 14
     x = torch.randint(0, 256, (a.batch, 1, hw, hw))
+    y = F.one_hot(torch.randint(0, 10, (a.batch,)), 10).float() if a.model == "conditional" else None
     fwd, bwd, upd = [], [], []
     for i in range(2 + a.steps):
         t0 = time.perf_counter()
-        loss = flow.bpd(x).mean()
+        loss = flow.bpd(x, y).mean()
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()
