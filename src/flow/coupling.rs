@@ -250,25 +250,19 @@ impl Coupling {
         Ok(Tensor::cat(&[&x_cond, cond], 1)?)
     }
 
-    /// Network output `[B, (3K−1)·C_t, H, W]` → spline parameters `[B, C_t, H, W, 3K−1]`.
-    fn spline_params(&self, h: &Tensor) -> Result<Tensor> {
-        let (b, ch, hh, ww) = h.dims4()?;
-        let per = super::spline::params_per_element(self.cfg.bins);
-        Ok(h.reshape((b, ch / per, per, hh, ww))?
-            .permute((0, 1, 3, 4, 2))?
-            .contiguous()?)
-    }
-
-    /// Spline coupling: (z, per-element forward log-derivative).
+    /// Spline coupling: (z, per-element forward log-derivative), transforming `x` where
+    /// `active` is 1 (everywhere when `None`). The network's output `[B, (3K−1)·C_t, H, W]`
+    /// holds each channel's parameters in consecutive channels.
     fn spline_apply(
         &self,
         x: &Tensor,
         x_cond: &Tensor,
+        active: Option<&Tensor>,
         ctx: &FlowCtx,
         reverse: bool,
     ) -> Result<(Tensor, Tensor)> {
-        let raw = self.spline_params(&self.net.forward(&self.net_input(x_cond, ctx)?)?)?;
-        super::spline::rq_spline(x, &raw, self.cfg.bins, self.cfg.bound, reverse)
+        let h = self.net.forward(&self.net_input(x_cond, ctx)?)?;
+        super::spline::rq_spline_nchw(x, &h, active, self.cfg.bins, self.cfg.bound, reverse)
     }
 
     /// Network output → (log-scale s, shift t), both shaped like the transformed part.
@@ -316,11 +310,13 @@ impl Coupling {
             Partition::Checkerboard | Partition::Channel
                 if self.cfg.kind == CouplingKind::Spline =>
             {
+                // The spline transforms only the unmasked elements (the others stay x with
+                // log-derivative 0), so its output is z.
                 let m = self.mask(h, w, x.dtype(), x.device())?;
                 let inv_m = m.affine(-1.0, 1.0)?;
-                let (y, ld) = self.spline_apply(x, &x.broadcast_mul(&m)?, ctx, reverse)?;
-                let z = (x.broadcast_mul(&m)? + y.broadcast_mul(&inv_m)?)?;
-                (z, Some(ld.broadcast_mul(&inv_m)?))
+                let x_cond = x.broadcast_mul(&m)?;
+                let (z, ld) = self.spline_apply(x, &x_cond, Some(&inv_m), ctx, reverse)?;
+                (z, Some(ld))
             }
             Partition::Checkerboard | Partition::Channel => {
                 let m = self.mask(h, w, x.dtype(), x.device())?;
@@ -341,7 +337,7 @@ impl Coupling {
                     (x.narrow(1, 0, ca)?, x.narrow(1, ca, cb)?)
                 };
                 let (zb, s) = if self.cfg.kind == CouplingKind::Spline {
-                    let (zb, ld) = self.spline_apply(&b, &a, ctx, reverse)?;
+                    let (zb, ld) = self.spline_apply(&b, &a, None, ctx, reverse)?;
                     (zb, Some(ld))
                 } else {
                     let hnet = self.net.forward(&self.net_input(&a, ctx)?)?;

@@ -74,9 +74,65 @@ pub fn rq_spline(
     bound: f64,
     inverse: bool,
 ) -> Result<(Tensor, Tensor)> {
-    match crate::kernels::rq_spline(x, raw, bins, bound, MIN_BIN, inverse)? {
+    match crate::kernels::rq_spline(x, raw, None, 1, spec(bins, bound, inverse))? {
         Some(r) => Ok(r),
         None => rq_spline_composed(x, raw, bins, bound, inverse),
+    }
+}
+
+fn spec(bins: usize, bound: f64, inverse: bool) -> crate::kernels::RqSplineSpec {
+    crate::kernels::RqSplineSpec {
+        bins,
+        bound,
+        min_bin: MIN_BIN,
+        inverse,
+    }
+}
+
+/// [`rq_spline`] of `x` `[B, C, H, W]` with the parameters in a network's output layout,
+/// `h` `[B, C·(3K − 1), H, W]` (channel c's parameters are channels `c·(3K−1)…`), applied
+/// only where `active` (broadcastable to `[1, C, H, W]`, 1 or 0) is 1: elsewhere
+/// `y = x` with log-derivative 0. The fused kernel reads `h` in place and skips the
+/// inactive elements; the composed path permutes `h` and selects.
+pub fn rq_spline_nchw(
+    x: &Tensor,
+    h: &Tensor,
+    active: Option<&Tensor>,
+    bins: usize,
+    bound: f64,
+    inverse: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (b, c, hh, ww) = x.dims4()?;
+    let per = params_per_element(bins);
+    if h.dims4()? != (b, c * per, hh, ww) {
+        return Err(crate::Error::shape(
+            "spline",
+            format!(
+                "parameters {:?} do not fit {c} channels × {per} per element at {hh}×{ww}",
+                h.dims()
+            ),
+        ));
+    }
+    let active = active.map(|a| a.broadcast_as((1, c, hh, ww))).transpose()?;
+    let fast =
+        crate::kernels::rq_spline(x, h, active.as_ref(), hh * ww, spec(bins, bound, inverse))?;
+    if let Some(r) = fast {
+        return Ok(r);
+    }
+    let raw = h
+        .reshape((b, c, per, hh, ww))?
+        .permute((0, 1, 3, 4, 2))?
+        .contiguous()?;
+    let (y, ld) = rq_spline_composed(x, &raw, bins, bound, inverse)?;
+    match active {
+        None => Ok((y, ld)),
+        Some(a) => {
+            let on = a.ne(0.0)?.broadcast_as(x.shape())?;
+            Ok((
+                on.where_cond(&y, x)?,
+                on.where_cond(&ld, &ld.zeros_like()?)?,
+            ))
+        }
     }
 }
 

@@ -68,7 +68,7 @@ pub use elementwise::{concat_elu, gate};
 pub use gated::gated_tail;
 pub use norm::layer_norm_channels;
 pub use pool::tune_candle_pool;
-pub use spline::{rq_spline, MAX_SPLINE_BINS};
+pub use spline::{rq_spline, RqSplineSpec, MAX_SPLINE_BINS};
 
 /// Which implementation the hot ops use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

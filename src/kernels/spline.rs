@@ -25,7 +25,7 @@
 //!
 //! Every element is independent, so the results do not depend on the thread count.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::{slice, wide_fn, Real};
 use crate::Result;
@@ -234,38 +234,82 @@ fn finish<T: Real>(
     }
 }
 
-/// `[y; log|dy/dx|]` (2N values) for N elements `x` and their parameters `raw` (`[N, 3K−1]`).
-fn spline_fwd<T: Real>(x: &[T], raw: &[T], sp: &Spline) -> Vec<T> {
+/// Where each element's parameters are and whether it is transformed: `N = M·plane`
+/// elements in M rows of `plane`; element `e = m·plane + p` has parameter j at
+/// `raw[(m·(3K−1) + j)·plane + p]`, so `plane = 1` is `[N, 3K−1]` and `plane = H·W` is a
+/// network's `[B, C·(3K−1), H, W]` output read in place. With `active` (a period of
+/// `active.len()` values, repeating over the elements), elements where it is 0 are the
+/// identity with log-derivative 0.
+#[derive(Clone, Copy)]
+struct Placement<'a, T> {
+    plane: usize,
+    active: &'a [T],
+}
+
+impl<T: Real> Placement<'_, T> {
+    /// Rows per parallel work item.
+    fn rows(&self) -> usize {
+        (CHUNK / self.plane).max(1)
+    }
+
+    fn is_active(&self, e: usize) -> bool {
+        self.active.is_empty() || self.active[e % self.active.len()] != T::ZERO
+    }
+}
+
+/// `[y; log|dy/dx|]` (2N values) for the N elements `x` and their parameters `raw`.
+fn spline_fwd<T: Real>(x: &[T], raw: &[T], lay: Placement<T>, sp: &Spline) -> Vec<T> {
     use rayon::prelude::*;
     let (n, per) = (x.len(), sp.per_element());
     let mut out = vec![T::ZERO; 2 * n];
     let (ys, ls) = out.split_at_mut(n);
-    ys.par_chunks_mut(CHUNK)
-        .zip(ls.par_chunks_mut(CHUNK))
+    let step = lay.rows() * lay.plane;
+    ys.par_chunks_mut(step)
+        .zip(ls.par_chunks_mut(step))
         .enumerate()
         .for_each(|(c, (ys, ls))| {
-            let e0 = c * CHUNK;
-            let n = ys.len();
-            fwd_chunk(&x[e0..e0 + n], &raw[e0 * per..(e0 + n) * per], ys, ls, sp);
+            let (e0, n) = (c * step, ys.len());
+            let r = &raw[e0 * per..(e0 + n) * per];
+            fwd_chunk(&x[e0..e0 + n], r, ys, ls, e0, &lay, sp);
         });
     out
 }
 
+/// Element `i` of a chunk: its row and position, and its parameters gathered into `u`.
+#[inline(always)]
+fn gather<T: Real>(raw: &[T], plane: usize, per: usize, i: usize, u: &mut [T]) {
+    let (row, pos) = (i / plane, i % plane);
+    for (j, u) in u.iter_mut().enumerate() {
+        *u = raw[(row * per + j) * plane + pos];
+    }
+}
+
 wide_fn! {
-    /// [`spline_fwd`] for one chunk of elements (compiled for the widest vector extension,
-    /// so `mul_add` is an instruction, not a library call).
-    fn fwd_chunk<T: Real>(x: &[T], raw: &[T], ys: &mut [T], ls: &mut [T], sp: &Spline) {
+    /// [`spline_fwd`] for one chunk of whole rows, starting at element `e0` (compiled for the
+    /// widest vector extension, so `mul_add` is an instruction, not a library call).
+    fn fwd_chunk<T: Real>(
+        x: &[T],
+        raw: &[T],
+        ys: &mut [T],
+        ls: &mut [T],
+        e0: usize,
+        lay: &Placement<T>,
+        sp: &Spline,
+    ) {
         let per = sp.per_element();
         let bound = T::from_f64(sp.bound);
         let mut scratch = [T::ZERO; 5 * MAX_SPLINE_BINS + 3];
         let scratch = &mut scratch[..Decoded::<T>::len(sp.bins)];
-        for (e, (y, l)) in ys.iter_mut().zip(ls.iter_mut()).enumerate() {
-            let v = x[e];
-            if !(v > -bound && v < bound) {
+        let mut u = [T::ZERO; 3 * MAX_SPLINE_BINS];
+        let u = &mut u[..per];
+        for (i, (y, l)) in ys.iter_mut().zip(ls.iter_mut()).enumerate() {
+            let v = x[i];
+            if !(v > -bound && v < bound && lay.is_active(e0 + i)) {
                 (*y, *l) = (v, T::ZERO);
                 continue;
             }
-            let dec = Decoded::new(&raw[e * per..(e + 1) * per], sp, scratch);
+            gather(raw, lay.plane, per, i, u);
+            let dec = Decoded::new(u, sp, scratch);
             let ev = if sp.inverse {
                 eval_inverse(&dec, v)
             } else {
@@ -290,12 +334,10 @@ fn softmax_grad<T: Real>(p: &[T], dp: &[T], du: &mut [T]) {
 #[inline(always)]
 fn knot_grads<T: Real>(p: &[T], sp: &Spline, k: usize, g_pos: T, g_size: T, du: &mut [T]) {
     let bins = sp.bins;
-    // ∂ of each knot: x_k gets g_pos − g_size, x_{k+1} gets g_size (interior knots only).
-    let mut g_knot = [T::ZERO; 2];
-    let mut dp = [T::ZERO; 64];
+    let mut dp = [T::ZERO; MAX_SPLINE_BINS];
     let dp = &mut dp[..bins];
-    g_knot[0] = g_pos - g_size;
-    g_knot[1] = g_size;
+    // x_k gets g_pos − g_size, x_{k+1} gets g_size (interior knots only).
+    let g_knot = [g_pos - g_size, g_size];
     let two_b = T::from_f64(2.0 * sp.bound);
     let keep = T::ONE - T::from_f64(sp.min) * T::from_usize(bins);
     // knot j (0 < j < K) = 2B·Σ_{i<j} p̃_i − B, so ∂p̃_i = 2B Σ_{j>i, 0<j<K} ∂knot_j.
@@ -311,120 +353,147 @@ fn knot_grads<T: Real>(p: &[T], sp: &Spline, k: usize, g_pos: T, g_size: T, du: 
     softmax_grad(p, dp, du);
 }
 
-/// `[∂x; ∂raw]` (N + N·(3K−1) values) of the forward spline for the output gradients
-/// `g = [∂y; ∂logd]`.
-fn spline_grads<T: Real>(x: &[T], raw: &[T], g: &[T], sp: &Spline) -> Vec<T> {
+/// `[∂x; ∂raw]` (N + N·(3K−1) values, `∂raw` in `raw`'s layout) of the forward spline for
+/// the output gradients `g = [∂y; ∂logd]`.
+fn spline_grads<T: Real>(x: &[T], raw: &[T], g: &[T], lay: Placement<T>, sp: &Spline) -> Vec<T> {
     use rayon::prelude::*;
     let (n, per) = (x.len(), sp.per_element());
     let (gy, gl) = g.split_at(n);
     let mut out = vec![T::ZERO; n + n * per];
     let (dx, draw) = out.split_at_mut(n);
-    dx.par_chunks_mut(CHUNK)
-        .zip(draw.par_chunks_mut(CHUNK * per))
+    let step = lay.rows() * lay.plane;
+    dx.par_chunks_mut(step)
+        .zip(draw.par_chunks_mut(step * per))
         .enumerate()
         .for_each(|(c, (dx, draw))| {
-            let (e0, n) = (c * CHUNK, dx.len());
+            let (e0, n) = (c * step, dx.len());
             let r = &raw[e0 * per..(e0 + n) * per];
-            grad_chunk(
-                &x[e0..e0 + n],
-                r,
-                &gy[e0..e0 + n],
-                &gl[e0..e0 + n],
-                dx,
-                draw,
-                sp,
-            );
+            let g = (&gy[e0..e0 + n], &gl[e0..e0 + n]);
+            grad_chunk(&x[e0..e0 + n], r, g, (dx, draw), e0, &lay, sp);
         });
     out
 }
 
 wide_fn! {
-    /// [`spline_grads`] for one chunk of elements.
+    /// [`spline_grads`] for one chunk of whole rows, starting at element `e0`.
     fn grad_chunk<T: Real>(
         x: &[T],
         raw: &[T],
-        gy: &[T],
-        gl: &[T],
-        dx: &mut [T],
-        draw: &mut [T],
+        g: (&[T], &[T]),
+        out: (&mut [T], &mut [T]),
+        e0: usize,
+        lay: &Placement<T>,
         sp: &Spline,
     ) {
-        let (per, k) = (sp.per_element(), sp.bins);
+        let ((gy, gl), (dx, draw)) = (g, out);
+        let (per, k, plane) = (sp.per_element(), sp.bins, lay.plane);
         let bound = T::from_f64(sp.bound);
         let two = T::from_f64(2.0);
+        let sh = T::from_f64(sp.shift);
         let mut scratch = [T::ZERO; 5 * MAX_SPLINE_BINS + 3];
         let scratch = &mut scratch[..Decoded::<T>::len(k)];
-            for (e, (dx, du)) in dx.iter_mut().zip(draw.chunks_mut(per)).enumerate() {
-                let v = x[e];
-                if !(v > -bound && v < bound) {
-                    *dx = gy[e];
+        let mut u = [T::ZERO; 3 * MAX_SPLINE_BINS];
+        let u = &mut u[..per];
+        let mut du = [T::ZERO; 3 * MAX_SPLINE_BINS];
+        let du = &mut du[..per];
+        for (i, dx) in dx.iter_mut().enumerate() {
+            let v = x[i];
+            if !(v > -bound && v < bound && lay.is_active(e0 + i)) {
+                *dx = gy[i];
+                continue;
+            }
+            gather(raw, plane, per, i, u);
+            let dec = Decoded::new(u, sp, scratch);
+            let ev = eval_forward(&dec, v);
+            let b = ev.k;
+            let (wk, hk) = (dec.kx[b + 1] - dec.kx[b], dec.ky[b + 1] - dec.ky[b]);
+            let (dk, dk1) = (dec.d[b], dec.d[b + 1]);
+            let (xi, s) = (ev.xi, ev.s);
+            let om = T::ONE - xi;
+            let t = xi * om;
+            let delta = dk + dk1 - s - s;
+            let (gyv, glv) = (gy[i], gl[i]);
+            // Reverse mode through y = y_k + num/den and logd = ln dnum − 2 ln den.
+            let g_num = gyv / ev.den;
+            let g_den = -(gyv * ev.num / (ev.den * ev.den)) - two * glv / ev.den;
+            let g_dnum = glv / ev.dnum;
+            let g_yk = gyv;
+            let mut g_hk = g_num * (s * xi * xi + dk * t);
+            let mut g_s = g_num * hk * xi * xi;
+            let mut g_xi = g_num * hk * two * s * xi;
+            let mut g_dk = g_num * hk * t;
+            let mut g_t = g_num * hk * dk;
+            // den = s + δ·t, δ = d_k + d_{k+1} − 2s.
+            g_s += g_den;
+            let g_delta = g_den * t;
+            g_t += g_den * delta;
+            g_dk += g_delta;
+            let mut g_dk1 = g_delta;
+            g_s = g_s - two * g_delta;
+            // dnum = s²·q, q = d_{k+1} ξ² + 2s·t + d_k (1 − ξ)².
+            g_s += g_dnum * two * s * ev.q;
+            let g_q = g_dnum * s * s;
+            g_dk1 += g_q * xi * xi;
+            g_xi += g_q * (dk1 * two * xi - dk * two * om);
+            g_s += g_q * two * t;
+            g_t += g_q * two * s;
+            g_dk += g_q * om * om;
+            g_xi += g_t * (T::ONE - two * xi);
+            // ξ = clamp((x − x_k)/w_k): no gradient where the clamp binds.
+            if !(ev.xi_raw >= T::ZERO && ev.xi_raw <= T::ONE) {
+                g_xi = T::ZERO;
+            }
+            *dx = g_xi / wk;
+            let g_xk = -(g_xi / wk);
+            let mut g_wk = -(g_xi * ev.xi_raw / wk);
+            // s = h_k/w_k.
+            g_hk += g_s / wk;
+            g_wk = g_wk - g_s * s / wk;
+            let (duw, rest) = du.split_at_mut(k);
+            let (duh, dud) = rest.split_at_mut(k);
+            knot_grads(dec.px, sp, b, g_xk, g_wk, duw);
+            knot_grads(dec.py, sp, b, g_yk, g_hk, duh);
+            dud.fill(T::ZERO);
+            for (j, gd) in [(b, g_dk), (b + 1, g_dk1)] {
+                if j == 0 || j >= k {
                     continue;
                 }
-                let dec = Decoded::new(&raw[e * per..(e + 1) * per], sp, scratch);
-                let ev = eval_forward(&dec, v);
-                let b = ev.k;
-                let (wk, hk) = (dec.kx[b + 1] - dec.kx[b], dec.ky[b + 1] - dec.ky[b]);
-                let (dk, dk1) = (dec.d[b], dec.d[b + 1]);
-                let (xi, s) = (ev.xi, ev.s);
-                let om = T::ONE - xi;
-                let t = xi * om;
-                let delta = dk + dk1 - s - s;
-                let (gyv, glv) = (gy[e], gl[e]);
-                // Reverse mode through y = y_k + num/den and logd = ln dnum − 2 ln den.
-                let g_num = gyv / ev.den;
-                let g_den = -(gyv * ev.num / (ev.den * ev.den)) - two * glv / ev.den;
-                let g_dnum = glv / ev.dnum;
-                let g_yk = gyv;
-                let mut g_hk = g_num * (s * xi * xi + dk * t);
-                let mut g_s = g_num * hk * xi * xi;
-                let mut g_xi = g_num * hk * two * s * xi;
-                let mut g_dk = g_num * hk * t;
-                let mut g_t = g_num * hk * dk;
-                g_s += g_den;
-                let g_delta = g_den * t;
-                g_t += g_den * delta;
-                g_dk += g_delta;
-                let mut g_dk1 = g_delta;
-                g_s = g_s - two * g_delta;
-                // dnum = s²·q.
-                g_s += g_dnum * two * s * ev.q;
-                let g_q = g_dnum * s * s;
-                g_dk1 += g_q * xi * xi;
-                g_xi += g_q * (dk1 * two * xi - dk * two * om);
-                g_s += g_q * two * t;
-                g_t += g_q * two * s;
-                g_dk += g_q * om * om;
-                g_xi += g_t * (T::ONE - two * xi);
-                // ξ = clamp((x − x_k)/w_k): no gradient where the clamp binds.
-                if !(ev.xi_raw >= T::ZERO && ev.xi_raw <= T::ONE) {
-                    g_xi = T::ZERO;
-                }
-                *dx = g_xi / wk;
-                let g_xk = -(g_xi / wk);
-                let mut g_wk = -(g_xi * ev.xi_raw / wk);
-                // s = h_k/w_k.
-                g_hk += g_s / wk;
-                g_wk = g_wk - g_s * s / wk;
-                let (duw, rest) = du.split_at_mut(k);
-                let (duh, dud) = rest.split_at_mut(k);
-                knot_grads(dec.px, sp, b, g_xk, g_wk, duw);
-                knot_grads(dec.py, sp, b, g_yk, g_hk, duh);
-                let sh = T::from_f64(sp.shift);
-                for (j, gd) in [(b, g_dk), (b + 1, g_dk1)] {
-                    if j == 0 || j >= k {
-                        continue;
-                    }
-                    let z = raw[e * per + 2 * k + j - 1] + sh;
-                    dud[j - 1] += gd / (T::ONE + (-z).fast_exp());
-                }
+                let z = u[2 * k + j - 1] + sh;
+                dud[j - 1] += gd / (T::ONE + (-z).fast_exp());
             }
+            let (row, pos) = (i / plane, i % plane);
+            for (j, &d) in du.iter().enumerate() {
+                draw[(row * per + j) * plane + pos] = d;
+            }
+        }
     }
 }
 
-/// `(x, raw) → [y; logd]`, stacked on a new leading axis of 2.
-struct RqSpline(Spline);
+/// Checks the shapes of `(x, raw, active)` against the spline and the plane; returns N.
+fn check_inputs(
+    what: &str,
+    sp: &Spline,
+    plane: usize,
+    (x, raw, act): (&Layout, &Layout, &Layout),
+) -> candle_core::Result<usize> {
+    let n = x.shape().elem_count();
+    sp.check(what, n, raw)?;
+    let period = act.shape().elem_count();
+    if plane == 0 || !n.is_multiple_of(plane) || (period > 0 && !n.is_multiple_of(period)) {
+        return Err(candle_core::Error::Msg(format!(
+            "{what} kernel: {n} elements do not split into rows of {plane} and mask periods of {period}"
+        )));
+    }
+    Ok(n)
+}
 
-impl CustomOp2 for RqSpline {
+/// `(x, raw, active) → [y; logd]`, stacked on a new leading axis of 2.
+struct RqSpline {
+    sp: Spline,
+    plane: usize,
+}
+
+impl CustomOp3 for RqSpline {
     fn name(&self) -> &'static str {
         "flowlab-rq-spline"
     }
@@ -435,11 +504,16 @@ impl CustomOp2 for RqSpline {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = l1.shape().elem_count();
-        self.0.check("rq_spline", n, l2)?;
-        let out = crate::kernels::dispatch!("rq_spline", (s1, s2), |x, r| {
-            spline_fwd(slice(x, l1)?, slice(r, l2)?, &self.0)
+        let n = check_inputs("rq_spline", &self.sp, self.plane, (l1, l2, l3))?;
+        let out = crate::kernels::dispatch!("rq_spline", (s1, s2, s3), |x, r, a| {
+            let lay = Placement {
+                plane: self.plane,
+                active: slice(a, l3)?,
+            };
+            spline_fwd(slice(x, l1)?, slice(r, l2)?, lay, &self.sp)
         })?;
         Ok((out, Shape::from((2, n))))
     }
@@ -448,30 +522,41 @@ impl CustomOp2 for RqSpline {
         &self,
         x: &Tensor,
         raw: &Tensor,
+        active: &Tensor,
         _res: &Tensor,
         g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        if self.0.inverse {
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.sp.inverse {
             return Err(candle_core::Error::Msg(
                 "rq_spline kernel: the inverse (sampling) direction has no backward pass; \
                  differentiate the forward direction"
                     .into(),
             ));
         }
-        let g = g.contiguous()?;
-        let all = x.apply_op3_no_bwd(raw, &g, &RqSplineGrad(self.0))?;
+        let xg = Tensor::cat(&[&x.flatten_all()?, &g.flatten_all()?], 0)?;
+        let all = xg.apply_op3_no_bwd(
+            raw,
+            active,
+            &RqSplineGrad {
+                sp: self.sp,
+                plane: self.plane,
+            },
+        )?;
         let n = x.elem_count();
         let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
         let draw = all
-            .narrow(0, n, n * self.0.per_element())?
+            .narrow(0, n, n * self.sp.per_element())?
             .force_contiguous()?
             .reshape(raw.shape())?;
-        Ok((Some(dx), Some(draw)))
+        Ok((Some(dx), Some(draw), None))
     }
 }
 
-/// `(x, raw, [∂y; ∂logd]) → [∂x; ∂raw]`, flat.
-struct RqSplineGrad(Spline);
+/// `([x; ∂y; ∂logd], raw, active) → [∂x; ∂raw]`, flat.
+struct RqSplineGrad {
+    sp: Spline,
+    plane: usize,
+}
 
 impl CustomOp3 for RqSplineGrad {
     fn name(&self) -> &'static str {
@@ -487,51 +572,80 @@ impl CustomOp3 for RqSplineGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = l1.shape().elem_count();
-        self.0.check("rq_spline grad", n, l2)?;
-        if l3.shape().elem_count() != 2 * n {
+        let n3 = l1.shape().elem_count();
+        if !n3.is_multiple_of(3) {
             return Err(candle_core::Error::Msg(format!(
-                "rq_spline grad kernel: output gradient {:?} does not fit {n} elements",
-                l3.dims()
+                "rq_spline grad kernel: [x; ∂y; ∂logd] of {n3} values"
             )));
         }
-        let out = crate::kernels::dispatch!("rq_spline grad", (s1, s2, s3), |x, r, g| {
-            spline_grads(slice(x, l1)?, slice(r, l2)?, slice(g, l3)?, &self.0)
+        let n = n3 / 3;
+        let xl = Layout::contiguous(n);
+        check_inputs("rq_spline grad", &self.sp, self.plane, (&xl, l2, l3))?;
+        let out = crate::kernels::dispatch!("rq_spline grad", (s1, s2, s3), |xg, r, a| {
+            let lay = Placement {
+                plane: self.plane,
+                active: slice(a, l3)?,
+            };
+            let (x, g) = slice(xg, l1)?.split_at(n);
+            spline_grads(x, slice(r, l2)?, g, lay, &self.sp)
         })?;
-        Ok((out, Shape::from(n + n * self.0.per_element())))
+        Ok((out, Shape::from(n + n * self.sp.per_element())))
     }
 }
 
-/// The largest bin count the fused kernel takes (its per-element gradient buffers live on
-/// the stack); more bins run the composed candle ops.
+/// The largest bin count the fused kernel takes (its per-element buffers live on the
+/// stack); more bins run the composed candle ops.
 pub const MAX_SPLINE_BINS: usize = 64;
 
-/// The rational-quadratic spline of `flow::spline` elementwise, fused: `x` any shape S,
-/// `raw` S + `[3K − 1]`; returns `(y, log|dy/dx|)`, both shaped S (with `inverse`, x is the
-/// spline's output, the result its input, and the log-derivative the forward one at it).
-/// `None` where the fast kernels do not apply (GPU, other dtypes, `Kernels::Candle`, more
-/// than [`MAX_SPLINE_BINS`] bins); the caller then composes candle ops.
+/// A rational-quadratic spline: K bins on `[−bound, bound]`, minimum bin size and
+/// derivative `min_bin`, and the direction.
+#[derive(Debug, Clone, Copy)]
+pub struct RqSplineSpec {
+    pub bins: usize,
+    pub bound: f64,
+    pub min_bin: f64,
+    /// Map the spline's outputs back to its inputs (sampling; no backward pass).
+    pub inverse: bool,
+}
+
+/// The rational-quadratic spline of `flow::spline`, elementwise and fused.
+///
+/// `x` has N elements in rows of `plane`; element `m·plane + p` takes its `3K − 1`
+/// parameters from `raw` at `(m·(3K−1) + j)·plane + p`: `plane = 1` reads `raw` as
+/// `[…x, 3K−1]`, `plane = H·W` reads a network's `[B, C·(3K−1), H, W]` output for `x`
+/// `[B, C, H, W]` in place (no permuted copy). With `active` (N or a divisor of N values,
+/// repeating; e.g. a coupling mask as `[C, H, W]`), elements where it is 0 are not
+/// transformed: `y = x`, log-derivative 0, no parameter gradient.
+///
+/// Returns `(y, log|dy/dx|)` shaped like x (with `inverse`: x is the spline's output, the
+/// result its input, and the log-derivative the forward one at it); `None` where the fast
+/// kernels do not apply (GPU, other dtypes, `Kernels::Candle`, more than
+/// [`MAX_SPLINE_BINS`] bins), and the caller composes candle ops instead.
 pub fn rq_spline(
     x: &Tensor,
     raw: &Tensor,
-    bins: usize,
-    bound: f64,
-    min_bin: f64,
-    inverse: bool,
+    active: Option<&Tensor>,
+    plane: usize,
+    spec: RqSplineSpec,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    if !super::use_fast(&[x, raw]) || !(2..=MAX_SPLINE_BINS).contains(&bins) {
+    let ts: Vec<&Tensor> = [x, raw].into_iter().chain(active).collect();
+    if !super::use_fast(&ts) || !(2..=MAX_SPLINE_BINS).contains(&spec.bins) {
         return Ok(None);
     }
     let sp = Spline {
-        bins,
-        bound,
-        min: min_bin,
-        shift: (1.0 - min_bin).exp_m1().ln(),
-        inverse,
+        bins: spec.bins,
+        bound: spec.bound,
+        min: spec.min_bin,
+        shift: (1.0 - spec.min_bin).exp_m1().ln(),
+        inverse: spec.inverse,
+    };
+    let active = match active {
+        Some(a) => a.flatten_all()?.contiguous()?,
+        None => Tensor::zeros(0, x.dtype(), x.device())?,
     };
     let out = x
         .contiguous()?
-        .apply_op2(&raw.contiguous()?, RqSpline(sp))?;
+        .apply_op3(&raw.contiguous()?, &active, RqSpline { sp, plane })?;
     let y = out.get(0)?.reshape(x.shape())?;
     let logd = out.get(1)?.reshape(x.shape())?;
     Ok(Some((y, logd)))
@@ -541,8 +655,17 @@ pub fn rq_spline(
 mod tests {
     use super::super::{randn, with_kernels, Kernels};
     use super::*;
-    use crate::flow::spline::{params_per_element, rq_spline as spline};
+    use crate::flow::spline::{params_per_element, rq_spline as spline, rq_spline_nchw};
     use candle_core::{DType, Device};
+
+    fn spec(bins: usize) -> RqSplineSpec {
+        RqSplineSpec {
+            bins,
+            bound: 3.0,
+            min_bin: 1e-3,
+            inverse: false,
+        }
+    }
 
     /// `x` spread over the domain `(−B, B)` and a little beyond it, `raw` random.
     fn inputs(dims: &[usize], bins: usize, bound: f64, scale: f64, dtype: DType) -> [Tensor; 2] {
@@ -571,6 +694,111 @@ mod tests {
             let t = inputs(&dims, bins, bound, scale, dtype);
             super::super::check_against_reference(&t, |t| both(t, bins, bound), tol);
         }
+    }
+
+    /// A checkerboard mask `[1, 1, H, W]` and a channel mask `[1, C, 1, 1]` (1 = transform).
+    fn masks(c: usize, h: usize, w: usize, dtype: DType) -> [Tensor; 2] {
+        let board: Vec<f64> = (0..h * w).map(|i| ((i / w + i % w) % 2) as f64).collect();
+        let chan: Vec<f64> = (0..c).map(|i| (i >= c / 2) as u8 as f64).collect();
+        [
+            Tensor::from_vec(board, (1, 1, h, w), &Device::Cpu).unwrap(),
+            Tensor::from_vec(chan, (1, c, 1, 1), &Device::Cpu).unwrap(),
+        ]
+        .map(|t| t.to_dtype(dtype).unwrap())
+    }
+
+    #[test]
+    fn network_layout_and_masks_match_the_composed_spline() {
+        // Parameters read in place from a `[B, C·(3K−1), H, W]` network output, transformed
+        // everywhere, under a checkerboard and under a channel mask; then the coupling's
+        // shape in f32.
+        for (dims, bins, bound, dtype, tol) in [
+            ([3, 2, 5, 3], 8, 3.0, DType::F64, 1e-9),
+            ([2, 4, 3, 3], 3, 13.0, DType::F64, 1e-9),
+            ([64, 1, 14, 14], 8, 13.0, DType::F32, 2e-4),
+        ] {
+            let [b, c, h, w] = dims;
+            let per = params_per_element(bins);
+            let x = (randn(21, &dims, 0.6 * bound, DType::F64).to_dtype(dtype)).unwrap();
+            let raw = randn(22, &[b, c * per, h, w], 1.0, dtype);
+            let [board, chan] = masks(c, h, w, dtype);
+            for active in [None, Some(&board), Some(&chan)] {
+                super::super::check_against_reference(
+                    &[x.clone(), raw.clone()],
+                    |t| {
+                        let (y, l) = rq_spline_nchw(&t[0], &t[1], active, bins, bound, false)?;
+                        Ok(Tensor::cat(&[y, l], 0)?)
+                    },
+                    tol,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn masked_elements_stay_put_with_no_gradient() {
+        let (bins, per) = (8, params_per_element(8));
+        let x = randn(31, &[2, 2, 4, 4], 1.5, DType::F64);
+        let raw = randn(32, &[2, 2 * per, 4, 4], 1.0, DType::F64);
+        let [board, _] = masks(2, 4, 4, DType::F64);
+        let v = candle_core::Var::from_tensor(&raw).unwrap();
+        let (y, ld, g) = with_kernels(Kernels::Fast, || {
+            let (y, ld) =
+                rq_spline_nchw(&x, v.as_tensor(), Some(&board), bins, 3.0, false).unwrap();
+            let g = (y.sqr().unwrap().sum_all().unwrap() + ld.sum_all().unwrap())
+                .unwrap()
+                .backward()
+                .unwrap();
+            (y, ld, g.get(v.as_tensor()).unwrap().clone())
+        });
+        let keep = board
+            .affine(-1.0, 1.0)
+            .unwrap()
+            .broadcast_as(x.shape())
+            .unwrap();
+        let kept = |t: &Tensor| t.broadcast_mul(&keep).unwrap();
+        let diff = (kept(&y) - kept(&x))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(
+            diff.to_scalar::<f64>().unwrap(),
+            0.0,
+            "masked elements are x"
+        );
+        let ldm = kept(&ld).abs().unwrap().max_all().unwrap();
+        assert_eq!(
+            ldm.to_scalar::<f64>().unwrap(),
+            0.0,
+            "with log-derivative 0"
+        );
+        // Parameters of masked elements (every channel's 3K−1 planes at masked pixels).
+        let gm = g
+            .reshape((2, 2, per, 4, 4))
+            .unwrap()
+            .broadcast_mul(&keep.reshape((2, 2, 1, 4, 4)).unwrap())
+            .unwrap();
+        let gmax = gm
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert_eq!(gmax, 0.0, "no gradient to masked elements' parameters");
+        let gall = g
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            gall > 1e-6,
+            "the transformed elements' parameters get gradients"
+        );
     }
 
     #[test]
@@ -620,16 +848,14 @@ mod tests {
         let x = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
         let raw = Tensor::zeros((2, 3, 10), DType::F32, &Device::Cpu).unwrap();
         let err = with_kernels(Kernels::Fast, || {
-            rq_spline(&x, &raw, 8, 3.0, 1e-3, false)
+            rq_spline(&x, &raw, None, 1, spec(8))
                 .unwrap_err()
                 .to_string()
         });
         assert!(err.contains("23 values"), "{err}");
         let bins = MAX_SPLINE_BINS + 1;
         let raw = Tensor::zeros((2, 3, 3 * bins - 1), DType::F32, &Device::Cpu).unwrap();
-        let r = with_kernels(Kernels::Fast, || {
-            rq_spline(&x, &raw, bins, 3.0, 1e-3, false)
-        });
+        let r = with_kernels(Kernels::Fast, || rq_spline(&x, &raw, None, 1, spec(bins)));
         assert!(
             r.unwrap().is_none(),
             "more bins than the kernel holds: composed ops"
