@@ -14,7 +14,8 @@ fi
 OUT_DIR=${OUT:-.}/gpu-results
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 for spec in experiments/uva_tutorial11.yaml experiments/glow_vs_realnvp.yaml \
-            experiments/spline_vs_affine.yaml experiments/ci_small.yaml; do
+            experiments/spline_vs_affine.yaml experiments/conditional_mnist.yaml \
+            experiments/ci_small.yaml; do
   "$BIN" bench "$spec" --set device=cuda:0 --steps 5 --json
 done
 "$BIN" run experiments/ci_small.yaml --set device=cuda:0 --out "$OUT_DIR" --quiet
