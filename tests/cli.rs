@@ -265,6 +265,35 @@ fn bench_prints_one_json_object_per_variant() {
 }
 
 #[test]
+fn bench_table_has_aligned_columns() {
+    let (code, out, err) = flowlab(&[
+        "bench",
+        "experiments/ci_small.yaml",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and a row per variant: {out}");
+    assert!(lines[0].starts_with("variant") && lines[0].ends_with("RSS growth MB"));
+    // Every column ends where its header does: same line lengths, and each header label's
+    // end is a cell's end (a digit) in every row.
+    let ends: Vec<usize> = ["batch", "step ms", "params", "GFLOP/s"]
+        .iter()
+        .map(|h| lines[0].find(&format!(" {h} ")).unwrap() + 1 + h.len())
+        .collect();
+    for row in &lines[1..] {
+        assert_eq!(row.len(), lines[0].len(), "{out}");
+        for &e in &ends {
+            assert!(row.as_bytes()[e - 1].is_ascii_digit(), "{out}");
+            assert_eq!(row.as_bytes().get(e), Some(&b' '), "{out}");
+        }
+    }
+}
+
+#[test]
 fn spline_and_conditional_runs_with_temperature_grid_importance_and_class_tables() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("spline.yaml");

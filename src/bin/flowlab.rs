@@ -479,13 +479,50 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
         KernelChoice::Candle => flowlab::kernels::Kernels::Candle,
     });
     let mut seen = std::collections::HashSet::new();
-    if !a.json {
-        say!("variant  batch  fwd ms  bwd ms  opt ms  step ms  img/s  infer ms  sample ms  params  GFLOP/step  GFLOP/s  peak RSS MB  RSS growth MB");
-    }
-    for run in runs
+    let runs: Vec<_> = runs
         .iter()
         .filter(|r| seen.insert(r.config.variant.clone()))
-    {
+        .collect();
+    // Rows print as each variant finishes, so the columns get fixed widths up front: the
+    // longest variant name, and each header's width for the numbers (right-aligned).
+    const HEAD: [&str; 14] = [
+        "variant",
+        "batch",
+        "fwd ms",
+        "bwd ms",
+        "opt ms",
+        "step ms",
+        "img/s",
+        "infer ms",
+        "sample ms",
+        "params",
+        "GFLOP/step",
+        "GFLOP/s",
+        "peak RSS MB",
+        "RSS growth MB",
+    ];
+    let name_w = runs
+        .iter()
+        .map(|r| r.config.variant.chars().count())
+        .chain([HEAD[0].len()])
+        .max()
+        .unwrap_or(0);
+    let row = |cells: &[String]| -> String {
+        cells
+            .iter()
+            .zip(HEAD)
+            .enumerate()
+            .map(|(j, (c, h))| match j {
+                0 => format!("{c:<name_w$}"),
+                _ => format!("{c:>w$}", w = h.len().max(7)),
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    if !a.json {
+        say!("{}", row(&HEAD.map(String::from)));
+    }
+    for run in runs {
         let dev = runner::device(&run.config.device)?;
         let batch = a.batch.unwrap_or(run.config.data.batch_size);
         let r = flowlab::bench::bench_run(run, batch, 2, a.steps.max(1), &dev)?;
@@ -493,8 +530,23 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
             say!("{}", serde_json::to_string(&r)?);
         } else {
             say!(
-                "{}  {}  {:.1}  {:.1}  {:.1}  {:.1}  {:.1}  {:.1}  {:.1}  {}  {:.3}  {:.2}  {:.0}  {:.1}",
-                r.variant, r.batch, r.fwd_ms, r.bwd_ms, r.opt_ms, r.step_ms, r.imgs_per_s, r.infer_ms, r.sample_ms, r.params, r.gflop_per_step, r.gflops, r.peak_rss_mb, r.rss_growth_mb
+                "{}",
+                row(&[
+                    r.variant.clone(),
+                    r.batch.to_string(),
+                    format!("{:.1}", r.fwd_ms),
+                    format!("{:.1}", r.bwd_ms),
+                    format!("{:.1}", r.opt_ms),
+                    format!("{:.1}", r.step_ms),
+                    format!("{:.1}", r.imgs_per_s),
+                    format!("{:.1}", r.infer_ms),
+                    format!("{:.1}", r.sample_ms),
+                    r.params.to_string(),
+                    format!("{:.3}", r.gflop_per_step),
+                    format!("{:.2}", r.gflops),
+                    format!("{:.0}", r.peak_rss_mb),
+                    format!("{:.1}", r.rss_growth_mb),
+                ])
             );
         }
     }
