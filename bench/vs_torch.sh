@@ -3,7 +3,8 @@
 # (this kind of VM drifts by ±10 % within minutes, so the two sides are interleaved).
 #   sh bench/vs_torch.sh [ROUNDS] [BATCH] [MODELS...]
 # Needs a release build (cargo build --release) and a Python with torch: PYTHON=/path/python.
-# Prints one JSON line per side per model per round, flowlab's first.
+# Prints one JSON line per side per model per round, flowlab's first;
+# `python3 bench/vs_table.py FILE` turns them into results/README.md's table.
 set -eu
 ROUNDS=${1:-2}; BATCH=${2:-64}
 # The models are the arguments after the first two (all ten when there are none).
