@@ -393,6 +393,14 @@ impl<T> Mat<T> {
 }
 
 /// `dst (m×n, rows `dst_rs` apart) = [dst +] lhs (m×k) · rhs (k×n)`.
+///
+/// Where `n > m` (a convolution's output: few channels × many positions) the `gemm` crate
+/// is asked for the transpose, `dstᵀ = rhsᵀ·lhsᵀ`: its register tiles then run along the
+/// long side, and the operand it packs into panels is the small weight matrix rather than
+/// the whole activation (or patch) matrix of each image. Interleaved A/B, batch 64,
+/// 10 rounds each: Glow step 525.7 → 506.5 and 478.9 → 471.3 ms (median; faster in 7 and
+/// 6 of the rounds), tutorial coupling 142.6 → 140.7 ms (6 of 10). Each orientation sums
+/// every output in a fixed order, so results stay independent of the thread count.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matmul<T: Real>(
     dst: &mut [T],
@@ -404,6 +412,34 @@ pub(super) fn matmul<T: Real>(
     par: gemm::Parallelism,
 ) {
     assert!(n <= dst_rs && (m == 0 || dst.len() >= (m - 1) * dst_rs + n));
+    if n > m {
+        // SAFETY: as below, with the roles swapped: dstᵀ (n×m) element (j, i) is
+        // dst[i·dst_rs + j], rhsᵀ (n×k) and lhsᵀ (k×m) read the same elements as rhs, lhs.
+        unsafe {
+            gemm::gemm(
+                n,
+                m,
+                k,
+                dst.as_mut_ptr(),
+                dst_rs as isize,
+                1,
+                accumulate,
+                rhs.ptr,
+                rhs.rs,
+                rhs.cs,
+                lhs.ptr,
+                lhs.rs,
+                lhs.cs,
+                T::ONE,
+                T::ONE,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+        return;
+    }
     // SAFETY: `dst` reaches every (row, col) < (m, n) (checked above); `lhs` and `rhs` point into live
     // slices whose extents the callers size from the same geometry (m·k and k·n elements
     // reachable through the given strides).
