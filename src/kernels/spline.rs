@@ -23,6 +23,11 @@
 //! the one training differentiates) has a backward pass; the inverse (sampling) is forward
 //! only and its backward is refused with an error.
 //!
+//! The parameters are read where the coupling network wrote them (`[B, C·(3K−1), H, W]`,
+//! no permuted copy), and a coupling's mask is passed in: masked elements are skipped (the
+//! identity, log-derivative 0, no parameter gradient), so a checkerboard or channel coupling
+//! evaluates half the splines and its output is the op's output, with no blend.
+//!
 //! Every element is independent, so the results do not depend on the thread count.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
