@@ -19,8 +19,12 @@
 //! Outside `(−B, B)` the transform is the identity with log-det 0 (linear tails). Every
 //! branch is computed on the input clamped into the domain and then selected, so inputs
 //! far outside, at the knots or exactly at ±B never produce NaN or errors (the failure
-//! reported against nflows). Bins are located with one-hot masks over K, which keeps the
-//! whole transform in differentiable candle ops.
+//! reported against nflows).
+//!
+//! On the CPU the transform is one fused op with a hand-written backward pass
+//! ([`crate::kernels::rq_spline`]). [`rq_spline_composed`] builds it from differentiable
+//! candle ops instead, locating bins with one-hot masks over K: the kernel's reference in
+//! tests, and the path on GPUs.
 
 use candle_core::{DType, Tensor, D};
 
