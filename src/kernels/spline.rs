@@ -66,37 +66,52 @@ impl Spline {
     }
 }
 
-/// One element's decoded spline: softmax probabilities, knots and derivatives, in a scratch
-/// slice of [`Decoded::len`] values (`p_x`, `p_y`: K; knots: K + 1 each; d: K + 1).
+/// One element's decoded spline: softmax probabilities and knots in a scratch slice of
+/// [`Decoded::len`] values (`p_x`, `p_y`: K; knots: K + 1 each); the derivatives come from
+/// [`Decoded::d`] on demand, since an element needs only its bin's two.
 struct Decoded<'a, T> {
     px: &'a [T],
     py: &'a [T],
     kx: &'a [T],
     ky: &'a [T],
-    d: &'a [T],
+    /// The K − 1 unconstrained interior derivatives.
+    ud: &'a [T],
+    min: T,
+    shift: T,
 }
 
 impl<'a, T: Real> Decoded<'a, T> {
     fn len(k: usize) -> usize {
-        2 * k + 3 * (k + 1)
+        2 * k + 2 * (k + 1)
     }
 
     #[inline(always)]
-    fn new(u: &[T], sp: &Spline, scratch: &'a mut [T]) -> Self {
+    fn new(u: &'a [T], sp: &Spline, scratch: &'a mut [T]) -> Self {
         let k = sp.bins;
         let (px, rest) = scratch.split_at_mut(k);
         let (py, rest) = rest.split_at_mut(k);
-        let (kx, rest) = rest.split_at_mut(k + 1);
-        let (ky, d) = rest.split_at_mut(k + 1);
+        let (kx, ky) = rest.split_at_mut(k + 1);
         knots(&u[..k], sp, px, kx);
-        knots(&u[k..2 * k], sp, py, ky);
-        let (min, shift) = (T::from_f64(sp.min), T::from_f64(sp.shift));
-        d[0] = T::ONE;
-        d[k] = T::ONE;
-        for j in 1..k {
-            d[j] = min + softplus(u[2 * k + j - 1] + shift);
+        knots(&u[k..2 * k], sp, py, &mut ky[..k + 1]);
+        Self {
+            px,
+            py,
+            kx,
+            ky,
+            ud: &u[2 * k..],
+            min: T::from_f64(sp.min),
+            shift: T::from_f64(sp.shift),
         }
-        Self { px, py, kx, ky, d }
+    }
+
+    /// Derivative `d_j` at knot j: 1 at the ends, `m + softplus(u_d,j−1 + c)` inside.
+    #[inline(always)]
+    fn d(&self, j: usize) -> T {
+        if j == 0 || j > self.ud.len() {
+            T::ONE
+        } else {
+            self.min + softplus(self.ud[j - 1] + self.shift)
+        }
     }
 
     /// The bin of `v` (clamped into the domain) among the knots `kn`: how many interior
@@ -173,7 +188,7 @@ fn eval_forward<T: Real>(dec: &Decoded<T>, x: T) -> Eval<T> {
     let k = Decoded::bin(dec.kx, x);
     let (xk, wk) = (dec.kx[k], dec.kx[k + 1] - dec.kx[k]);
     let (yk, hk) = (dec.ky[k], dec.ky[k + 1] - dec.ky[k]);
-    let (dk, dk1) = (dec.d[k], dec.d[k + 1]);
+    let (dk, dk1) = (dec.d(k), dec.d(k + 1));
     let s = hk / wk;
     let xi_raw = (x - xk) / wk;
     let xi = clamp01(xi_raw);
@@ -186,7 +201,7 @@ fn eval_inverse<T: Real>(dec: &Decoded<T>, y: T) -> Eval<T> {
     let k = Decoded::bin(dec.ky, y);
     let (xk, wk) = (dec.kx[k], dec.kx[k + 1] - dec.kx[k]);
     let (yk, hk) = (dec.ky[k], dec.ky[k + 1] - dec.ky[k]);
-    let (dk, dk1) = (dec.d[k], dec.d[k + 1]);
+    let (dk, dk1) = (dec.d(k), dec.d(k + 1));
     let s = hk / wk;
     let delta = dk + dk1 - s - s;
     let dy = y - yk;
@@ -412,7 +427,7 @@ wide_fn! {
             let ev = eval_forward(&dec, v);
             let b = ev.k;
             let (wk, hk) = (dec.kx[b + 1] - dec.kx[b], dec.ky[b + 1] - dec.ky[b]);
-            let (dk, dk1) = (dec.d[b], dec.d[b + 1]);
+            let (dk, dk1) = (dec.d(b), dec.d(b + 1));
             let (xi, s) = (ev.xi, ev.s);
             let om = T::ONE - xi;
             let t = xi * om;
