@@ -822,6 +822,21 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_batch_gives_empty_results_and_gradients() {
+        let per = params_per_element(8);
+        let x = Tensor::zeros((0, 2, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        let h = candle_core::Var::zeros((0, 2 * per, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        let [board, _] = masks(2, 3, 3, DType::F32);
+        let (y, g) = with_kernels(Kernels::Fast, || {
+            let (y, l) = rq_spline_nchw(&x, h.as_tensor(), Some(&board), 8, 3.0, false).unwrap();
+            let loss = (y.sum_all().unwrap() + l.sum_all().unwrap()).unwrap();
+            (y, loss.backward().unwrap())
+        });
+        assert_eq!(y.dims(), &[0, 2, 3, 3]);
+        assert_eq!(g.get(h.as_tensor()).unwrap().dims(), &[0, 2 * per, 3, 3]);
+    }
+
+    #[test]
     fn inverse_matches_the_composed_spline_and_refuses_a_backward_pass() {
         let [x, raw] = inputs(&[5, 2, 7], 8, 3.0, 1.5, DType::F64);
         let run = |k| with_kernels(k, || spline(&x, &raw, 8, 3.0, true).unwrap());
