@@ -157,12 +157,45 @@ fn knots<T: Real>(u: &[T], sp: &Spline, p: &mut [T], kn: &mut [T]) {
     }
 }
 
-/// The forward intermediates of one element inside the domain, in its bin.
-struct Eval<T> {
+/// Bin k of a decoded spline: its left knots, sizes, end derivatives and slope `s = h/w`.
+struct Bin<T> {
     k: usize,
+    xk: T,
+    wk: T,
+    yk: T,
+    hk: T,
+    dk: T,
+    dk1: T,
+    s: T,
+}
+
+impl<T: Real> Decoded<'_, T> {
+    #[inline(always)]
+    fn at(&self, k: usize) -> Bin<T> {
+        let (wk, hk) = (self.kx[k + 1] - self.kx[k], self.ky[k + 1] - self.ky[k]);
+        Bin {
+            k,
+            xk: self.kx[k],
+            wk,
+            yk: self.ky[k],
+            hk,
+            dk: self.d(k),
+            dk1: self.d(k + 1),
+            s: hk / wk,
+        }
+    }
+}
+
+/// The forward intermediates of one element inside the domain, in its bin (what the
+/// backward pass reuses).
+struct Eval<T> {
+    bin: Bin<T>,
     xi: T,
     xi_raw: T,
-    s: T,
+    /// `1 − ξ`, `t = ξ(1 − ξ)` and `δ = d_k + d_{k+1} − 2s`.
+    om: T,
+    t: T,
+    delta: T,
     den: T,
     num: T,
     dnum: T,
@@ -185,71 +218,57 @@ fn clamp01<T: Real>(v: T) -> T {
 /// Forward direction: `x` (inside the domain) through the spline.
 #[inline(always)]
 fn eval_forward<T: Real>(dec: &Decoded<T>, x: T) -> Eval<T> {
-    let k = Decoded::bin(dec.kx, x);
-    let (xk, wk) = (dec.kx[k], dec.kx[k + 1] - dec.kx[k]);
-    let (yk, hk) = (dec.ky[k], dec.ky[k + 1] - dec.ky[k]);
-    let (dk, dk1) = (dec.d(k), dec.d(k + 1));
-    let s = hk / wk;
-    let xi_raw = (x - xk) / wk;
-    let xi = clamp01(xi_raw);
-    finish(k, xi, xi_raw, s, hk, yk, dk, dk1, true)
+    let bin = dec.at(Decoded::bin(dec.kx, x));
+    let xi_raw = (x - bin.xk) / bin.wk;
+    let mut e = finish(bin, xi_raw);
+    e.y = e.bin.yk + e.num / e.den;
+    e
 }
 
 /// Inverse direction: `y` (inside the domain) back to x, with the forward log-derivative.
 #[inline(always)]
 fn eval_inverse<T: Real>(dec: &Decoded<T>, y: T) -> Eval<T> {
-    let k = Decoded::bin(dec.ky, y);
-    let (xk, wk) = (dec.kx[k], dec.kx[k + 1] - dec.kx[k]);
-    let (yk, hk) = (dec.ky[k], dec.ky[k + 1] - dec.ky[k]);
-    let (dk, dk1) = (dec.d(k), dec.d(k + 1));
-    let s = hk / wk;
-    let delta = dk + dk1 - s - s;
-    let dy = y - yk;
+    let bin = dec.at(Decoded::bin(dec.ky, y));
+    let (hk, dk, s) = (bin.hk, bin.dk, bin.s);
+    let delta = dk + bin.dk1 - s - s;
+    let dy = y - bin.yk;
     let a = hk * (s - dk) + dy * delta;
     let b = hk * dk - dy * delta;
     let c = -(s * dy);
     let disc = b * b - T::from_f64(4.0) * a * c;
     let disc = if disc > T::ZERO { disc } else { T::ZERO };
     let xi_raw = (c + c) / (-b - disc.sqrt());
-    let xi = clamp01(xi_raw);
-    let mut e = finish(k, xi, xi_raw, s, hk, yk, dk, dk1, false);
-    e.y = xi * wk + xk;
+    let mut e = finish(bin, xi_raw);
+    e.y = e.xi * e.bin.wk + e.bin.xk;
     e
 }
 
-/// The rest of the forward evaluation from ξ: value (when `value`) and log-derivative.
-#[allow(clippy::too_many_arguments)]
+/// The rest of the evaluation from `ξ` (clamped into [0, 1]): the rational function's
+/// numerator and denominator and the log-derivative; `y` is left to the caller.
 #[inline(always)]
-fn finish<T: Real>(
-    k: usize,
-    xi: T,
-    xi_raw: T,
-    s: T,
-    hk: T,
-    yk: T,
-    dk: T,
-    dk1: T,
-    value: bool,
-) -> Eval<T> {
+fn finish<T: Real>(bin: Bin<T>, xi_raw: T) -> Eval<T> {
+    let xi = clamp01(xi_raw);
+    let (hk, dk, dk1, s) = (bin.hk, bin.dk, bin.dk1, bin.s);
     let om = T::ONE - xi;
     let t = xi * om;
     let delta = dk + dk1 - s - s;
     let den = s + delta * t;
     let num = hk * (s * xi * xi + dk * t);
-    let y = if value { yk + num / den } else { T::ZERO };
     let q = dk1 * xi * xi + (s + s) * t + dk * om * om;
     let dnum = s * s * q;
     let logd = dnum.ln() - (den.ln() + den.ln());
     Eval {
-        k,
+        bin,
         xi,
         xi_raw,
-        s,
+        om,
+        t,
+        delta,
         den,
         num,
         dnum,
         q,
-        y,
+        y: T::ZERO,
         logd,
     }
 }
@@ -425,13 +444,16 @@ wide_fn! {
             gather(raw, plane, per, i, u);
             let dec = Decoded::new(u, sp, scratch);
             let ev = eval_forward(&dec, v);
-            let b = ev.k;
-            let (wk, hk) = (dec.kx[b + 1] - dec.kx[b], dec.ky[b + 1] - dec.ky[b]);
-            let (dk, dk1) = (dec.d(b), dec.d(b + 1));
-            let (xi, s) = (ev.xi, ev.s);
-            let om = T::ONE - xi;
-            let t = xi * om;
-            let delta = dk + dk1 - s - s;
+            let Bin {
+                k: b,
+                wk,
+                hk,
+                dk,
+                dk1,
+                s,
+                ..
+            } = ev.bin;
+            let (xi, om, t, delta) = (ev.xi, ev.om, ev.t, ev.delta);
             let (gyv, glv) = (gy[i], gl[i]);
             // Reverse mode through y = y_k + num/den and logd = ln dnum − 2 ln den.
             let g_num = gyv / ev.den;
