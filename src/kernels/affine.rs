@@ -226,14 +226,7 @@ mod tests {
             let g = (z * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             [xv.as_tensor(), bv.as_tensor(), sv.as_tensor()]
                 .iter()
-                .map(|t| {
-                    g.get(t)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                })
+                .map(|t| super::super::grad_f32(&g, t))
                 .collect::<Vec<_>>()
         });
     }

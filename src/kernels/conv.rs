@@ -1090,14 +1090,7 @@ mod tests {
             );
             let y = conv2d(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), 1).unwrap();
             let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-            let v = |t: &Tensor| {
-                g.get(t)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            };
+            let v = |t: &Tensor| super::super::grad_f32(&g, t);
             (v(xv.as_tensor()), v(wv.as_tensor()), v(bv.as_tensor()))
         });
     }

@@ -361,14 +361,7 @@ mod tests {
                 .backward()
                 .unwrap();
             ts.iter()
-                .map(|t| {
-                    g.get(t)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                })
+                .map(|t| super::super::grad_f32(&g, t))
                 .collect::<Vec<_>>()
         });
     }

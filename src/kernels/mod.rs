@@ -586,6 +586,19 @@ fn with_kernels<R>(k: Kernels, f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// The gradient of `t` in `grads`, flattened to f32 values (thread-count tests compare
+/// these bit for bit).
+#[cfg(test)]
+fn grad_f32(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Vec<f32> {
+    grads
+        .get(t)
+        .expect("a gradient for the tensor")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 /// Values and gradients of `f` on the fast and the reference kernels, compared.
 /// `inputs` become variables; the loss is `Σ f(inputs) · probe` with a fixed random probe.
 /// Asserts that `f`, run with the fast kernels, gives identical results on rayon pools of 1,

@@ -890,13 +890,7 @@ mod tests {
             let v = candle_core::Var::from_tensor(&raw).unwrap();
             let (y, l) = spline(&x, v.as_tensor(), 8, 3.0, false).unwrap();
             let loss = ((y.sqr().unwrap().sum_all().unwrap()) + l.sum_all().unwrap()).unwrap();
-            let g = loss.backward().unwrap();
-            g.get(v.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
+            super::super::grad_f32(&loss.backward().unwrap(), v.as_tensor())
         });
     }
 
