@@ -382,6 +382,15 @@ impl<T> Mat<T> {
         }
     }
 
+    /// This matrix transposed (the same elements, strides swapped).
+    fn t(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
     /// The transpose of a row-major `[rows, cols]` slice.
     pub(super) fn transposed(s: &[T], cols: usize) -> Self {
         Self {
@@ -412,52 +421,32 @@ pub(super) fn matmul<T: Real>(
     par: gemm::Parallelism,
 ) {
     assert!(n <= dst_rs && (m == 0 || dst.len() >= (m - 1) * dst_rs + n));
-    if n > m {
-        // SAFETY: as below, with the roles swapped: dstᵀ (n×m) element (j, i) is
-        // dst[i·dst_rs + j], rhsᵀ (n×k) and lhsᵀ (k×m) read the same elements as rhs, lhs.
-        unsafe {
-            gemm::gemm(
-                n,
-                m,
-                k,
-                dst.as_mut_ptr(),
-                dst_rs as isize,
-                1,
-                accumulate,
-                rhs.ptr,
-                rhs.rs,
-                rhs.cs,
-                lhs.ptr,
-                lhs.rs,
-                lhs.cs,
-                T::ONE,
-                T::ONE,
-                false,
-                false,
-                false,
-                par,
-            )
-        }
-        return;
-    }
-    // SAFETY: `dst` reaches every (row, col) < (m, n) (checked above); `lhs` and `rhs` point into live
-    // slices whose extents the callers size from the same geometry (m·k and k·n elements
-    // reachable through the given strides).
+    // (rows, cols, dst's column and row strides, left and right operands) of the product
+    // handed to gemm: dst itself, or dstᵀ (n×m, element (j, i) at dst[i·dst_rs + j]).
+    let (rows, cols, dst_cs, dst_rs, a, b) = if n > m {
+        (n, m, dst_rs, 1, rhs.t(), lhs.t())
+    } else {
+        (m, n, 1, dst_rs, lhs, rhs)
+    };
+    // SAFETY: `dst` reaches every (row, col) < (m, n) (checked above), in either
+    // orientation; `lhs` and `rhs` point into live slices whose extents the callers size
+    // from the same geometry (m·k and k·n elements reachable through the given strides),
+    // and their transposes read the same elements.
     unsafe {
         gemm::gemm(
-            m,
-            n,
+            rows,
+            cols,
             k,
             dst.as_mut_ptr(),
-            1,
+            dst_cs as isize,
             dst_rs as isize,
             accumulate,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
             T::ONE,
             T::ONE,
             false,
