@@ -185,6 +185,7 @@ pub fn bench_run(
         batch,
         kernels: match crate::kernels::kernels() {
             crate::kernels::Kernels::Fast => "fast",
+            crate::kernels::Kernels::Direct => "direct",
             crate::kernels::Kernels::Candle => "candle",
         }
         .into(),

@@ -53,8 +53,9 @@ struct BenchArgs {
     /// One JSON object per variant per line.
     #[arg(long)]
     json: bool,
-    /// Kernels for the conv/elementwise hot ops: flowlab's fused CPU kernels, or candle's
-    /// stock ops (to measure the difference).
+    /// Kernels for the conv/elementwise hot ops: flowlab's fused CPU kernels, the same
+    /// without Winograd convolutions (direct), or candle's stock ops (to measure the
+    /// difference).
     #[arg(long, value_enum, default_value_t = KernelChoice::Fast)]
     kernels: KernelChoice,
 }
@@ -62,6 +63,7 @@ struct BenchArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum KernelChoice {
     Fast,
+    Direct,
     Candle,
 }
 
@@ -476,6 +478,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
     let (_, runs) = load_runs(&a.spec)?;
     flowlab::kernels::set_kernels(match a.kernels {
         KernelChoice::Fast => flowlab::kernels::Kernels::Fast,
+        KernelChoice::Direct => flowlab::kernels::Kernels::Direct,
         KernelChoice::Candle => flowlab::kernels::Kernels::Candle,
     });
     let mut seen = std::collections::HashSet::new();

@@ -19,6 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::direct::{self, Packed, Planes};
 use super::elementwise::{concat_elu_grad_row, concat_elu_row, concat_elu_split};
+use super::winograd::{self, Tiles};
 use super::{per_image_out, slice, wide, Real};
 use crate::Result;
 
@@ -194,6 +195,27 @@ impl Geom {
             _ => self.k() >= 64,
         };
         taps && !self.pointwise() && direct::available() && self.b >= rayon::current_num_threads()
+    }
+
+    /// Whether the row-Winograd kernels (module `winograd`) take this f32 op (the forward
+    /// pass for `None`) of a 3×3 kernel with padding 1 on an AVX-512 CPU, at least one
+    /// image per thread, enough channels on both sides of the transformed GEMM
+    /// (`[Co, 3C]·[3C, H·⌈W/2⌉]`; for ∂x the transposed convolution's `[C, 3Co]·…`) and
+    /// enough positions (`H·⌈W/2⌉ ≥ 48`, three vectors: on a 7×7 map the GEMM streams its
+    /// weights per tile and loses). Measured by `timing::conv_op_timings`: 32→16 at 28×28 and
+    /// wider win 5–25 % (∂W: 0–30 %), 64→2 loses 2×, 64→32 at 7×7 loses 20 % forward.
+    fn winograd(&self, what: Option<Grad>) -> bool {
+        let (m, k) = match what {
+            Some(Grad::Input) => (self.ci, self.co),
+            Some(Grad::Weight) | None => (self.co, self.ci),
+        };
+        super::kernels() == super::Kernels::Fast
+            && (self.kh, self.kw, self.pad) == (3, 3, 1)
+            && m >= WINOGRAD_MIN_M
+            && k >= WINOGRAD_MIN_K
+            && self.h * self.w.div_ceil(2) >= WINOGRAD_MIN_Q
+            && winograd::available()
+            && self.b >= rayon::current_num_threads()
     }
 
     /// Writes the convolution's input `a` of image `xn` into the padded planes `buf`.
@@ -515,6 +537,20 @@ fn forward_direct(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
     out
 }
 
+/// `gt[i·cs + c] = gn[c·ohw + i]`: one image's output gradient `[Co][ohw]` transposed
+/// into rows of `cs` channels (columns past Co untouched). Sequential writes, 16-position
+/// runs of Co read streams.
+fn transpose_grad(gn: &[f32], ohw: usize, cs: usize, gt: &mut [f32]) {
+    for i0 in (0..ohw).step_by(16) {
+        let i1 = (i0 + 16).min(ohw);
+        for (c, plane) in gn.chunks_exact(ohw).enumerate() {
+            for (i, &v) in (i0..i1).zip(&plane[i0..i1]) {
+                gt[i * cs + c] = v;
+            }
+        }
+    }
+}
+
 /// [`conv_input_grad`] by the direct kernels: `∂a` is the forward kernel run on the padded
 /// planes of `Gₙ` (`t`, from [`Geom::transposed_planes`]) with the flipped, transposed
 /// weights.
@@ -566,15 +602,7 @@ fn weight_grad_direct(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
                 for n in range {
                     g.fill_planes(&p, &x[n * g.in_len()..(n + 1) * g.in_len()], planes);
                     let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
-                    // Sequential writes, 16-position runs of Co read streams.
-                    for i0 in (0..ohw).step_by(16) {
-                        let i1 = (i0 + 16).min(ohw);
-                        for (c, plane) in gn.chunks_exact(ohw).enumerate() {
-                            for (i, &v) in (i0..i1).zip(&plane[i0..i1]) {
-                                gt[i * cs + c] = v;
-                            }
-                        }
-                    }
+                    transpose_grad(gn, ohw, cs, gt);
                     add_bias_grad(db, gn, ohw);
                     direct::weight_grad_t(planes, &p, &offs, gt, dwt);
                 }
@@ -618,6 +646,104 @@ fn weight_grad_direct(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
         });
         out
     })
+}
+
+/// Output channels (rows of the transformed GEMM) below which the Winograd path loses to
+/// the direct kernels.
+const WINOGRAD_MIN_M: usize = 16;
+/// Input channels (the transformed GEMM's inner dimension is 3× this) below which it loses.
+const WINOGRAD_MIN_K: usize = 16;
+/// GEMM positions per channel below which it loses.
+const WINOGRAD_MIN_Q: usize = 48;
+
+/// One image's padded planes of `a` (or of `Gₙ`), zero up to `tl.planes_len(p)`.
+fn winograd_planes(p: &Planes, tl: &Tiles, buf: &mut [f32], fill: impl FnOnce(&mut [f32])) {
+    fill(&mut buf[..p.len()]);
+    buf[p.len()..tl.planes_len(p)].fill(0.0);
+}
+
+/// [`forward_f32`] by row Winograd F(2, 3) (module `winograd`): per image, the padded
+/// planes of `a`, their transform `V`, the four GEMMs `M[ξ] = U[ξ] ⋆ V[ξ]` and the output
+/// transform plus bias.
+fn forward_winograd(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
+    let (p, tl) = (g.planes(), Tiles::new(g.h, g.w));
+    let u = winograd::Weights::new(w, g.co, g.ci, &tl);
+    let (plen, vl, ml) = (tl.planes_len(&p), tl.v_len(g.ci), tl.m_len(g.co));
+    per_image_out(
+        g.b * g.co * g.out_hw(),
+        g.co * g.out_hw(),
+        plen + vl + ml,
+        |n, y, scratch, _| {
+            let (planes, rest) = scratch.split_at_mut(plen);
+            let (v, m) = rest.split_at_mut(vl);
+            let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
+            winograd_planes(&p, &tl, planes, |buf| g.fill_planes(&p, xn, buf));
+            winograd::input_transform(planes, &p, &tl, v);
+            winograd::multiply(v, &u, &tl, m);
+            winograd::output_transform(m, g.co, &tl, Some(b), y);
+        },
+    )
+}
+
+/// [`input_grad_f32`] by Winograd: the forward computation on the planes of `Gₙ` (`t`)
+/// with the flipped, transposed weights, then ∂x through the input transform's derivative.
+fn input_grad_winograd(gy: &[f32], w: &[f32], x: &[f32], g: &Geom, t: Planes) -> Vec<f32> {
+    let (ohw, tl) = (g.out_hw(), Tiles::new(g.h, g.w));
+    debug_assert_eq!((t.h, t.w, t.pad), (g.h, g.w, 1));
+    let u = winograd::Weights::new(&flip_transpose(w, g), g.ci, g.co, &tl);
+    let (plen, vl, ml) = (tl.planes_len(&t), tl.v_len(g.co), tl.m_len(g.ci));
+    per_image_out(
+        g.b * g.in_len(),
+        g.in_len(),
+        plen + vl + ml + g.act_scratch(),
+        |n, dxn, scratch, _| {
+            let (planes, rest) = scratch.split_at_mut(plen);
+            let (v, rest) = rest.split_at_mut(vl);
+            let (m, act) = rest.split_at_mut(ml);
+            let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
+            winograd_planes(&t, &tl, planes, |buf| t.fill(buf, gn, false));
+            winograd::input_transform(planes, &t, &tl, v);
+            winograd::multiply(v, &u, &tl, m);
+            let da = g.da_target(&mut *dxn, &mut *act);
+            winograd::output_transform(m, g.ci, &tl, None, &mut da[..g.act_len()]);
+            g.pre_grad(&x[n * g.in_len()..(n + 1) * g.in_len()], act, dxn);
+        },
+    )
+}
+
+/// [`weight_grad_f32`] by Winograd: per image `V` (as in the forward pass) and `Ĝ = A·∂y`
+/// from `Gₙᵀ`, `∂U[ξ] += Ĝ[ξ] ⋆ V[ξ]` over fixed image groups, then `∂w = Σ_ξ G[ξ]·∂U[ξ]`;
+/// `[∂W; ∂b]`.
+fn weight_grad_winograd(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
+    let (p, tl, ohw) = (g.planes(), Tiles::new(g.h, g.w), g.out_hw());
+    let cs = g.co.next_multiple_of(direct::CO_LANES);
+    let (plen, vl, gl) = (tl.planes_len(&p), tl.v_len(g.ci), tl.gh_len(cs));
+    let ul = winograd::XI * 3 * g.ci * cs;
+    let sums = super::reduce_images(g.b, ul + g.co, |range| {
+        let mut sums = vec![0.0; ul + g.co];
+        let (du, db) = sums.split_at_mut(ul);
+        f32::with_scratch(plen + vl + ohw * cs + gl, |scratch| {
+            let (planes, rest) = scratch.split_at_mut(plen);
+            let (v, rest) = rest.split_at_mut(vl);
+            let (gt, gh) = rest.split_at_mut(ohw * cs);
+            // Channels past Co stay zero; the rest is rewritten per image.
+            gt.fill(0.0);
+            for n in range {
+                let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
+                winograd_planes(&p, &tl, planes, |buf| g.fill_planes(&p, xn, buf));
+                winograd::input_transform(planes, &p, &tl, v);
+                let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
+                transpose_grad(gn, ohw, cs, gt);
+                add_bias_grad(db, gn, ohw);
+                winograd::grad_transform(gt, cs, &tl, gh);
+                winograd::weight_grad(v, g.ci, gh, cs, &tl, du);
+            }
+        });
+        sums
+    });
+    let mut out = winograd::weights_grad(&sums[..ul], g.co, g.ci, cs);
+    out.extend_from_slice(&sums[ul..]);
+    out
 }
 
 /// `∂x`; `x` is read only through ConcatELU's derivative.
@@ -737,7 +863,9 @@ pub(super) fn add_bias_grad<T: Real>(db: &mut [T], gn: &[T], ohw: usize) {
 
 /// `y = W ⋆ pre(x) + b` on f32 data, by the faster path for this geometry.
 fn forward_f32(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
-    if g.direct(None) {
+    if g.winograd(None) {
+        forward_winograd(x, w, b, g)
+    } else if g.direct(None) {
         forward_direct(x, w, b, g)
     } else {
         conv_forward(x, w, b, g)
@@ -747,6 +875,7 @@ fn forward_f32(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
 /// `∂x` on f32 data, by the faster path for this geometry.
 fn input_grad_f32(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
     match g.transposed_planes() {
+        Some(t) if g.winograd(Some(Grad::Input)) => input_grad_winograd(gy, w, x, g, t),
         Some(t) if g.direct(Some(Grad::Input)) => input_grad_direct(gy, w, x, g, t),
         _ => conv_input_grad(gy, w, x, g),
     }
@@ -754,7 +883,9 @@ fn input_grad_f32(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
 
 /// `[∂W; ∂b]` on f32 data, by the faster path for this geometry.
 fn weight_grad_f32(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
-    if g.direct(Some(Grad::Weight)) {
+    if g.winograd(Some(Grad::Weight)) {
+        weight_grad_winograd(x, gy, g)
+    } else if g.direct(Some(Grad::Weight)) {
         weight_grad_direct(x, gy, g)
     } else {
         conv_weight_grad(x, gy, g)
@@ -1035,6 +1166,63 @@ mod tests {
     }
 
     #[test]
+    fn winograd_kernels_match_the_gemm_path() {
+        if !winograd::available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        let vals =
+            |n: usize, seed: u64| randn(seed, &[n], 1.0, DType::F32).to_vec1::<f32>().unwrap();
+        // Even and odd heights and widths (a last tile half outside), 1×1 and 1×n maps, more
+        // than 16 tiles per tile row (two vectors of them), every input transform, output
+        // channel counts that leave partial GEMM blocks.
+        for (b, cx, h, w, co, pre) in [
+            (2, 16, 6, 6, 8, Pre::Identity),
+            (3, 17, 5, 7, 9, Pre::Identity),
+            (2, 9, 7, 4, 13, Pre::ConcatElu),
+            (2, 16, 1, 1, 8, Pre::Relu),
+            (2, 16, 1, 5, 11, Pre::Identity),
+            (2, 8, 9, 37, 16, Pre::ConcatElu),
+            (2, 20, 34, 33, 10, Pre::Relu),
+            (2, 32, 14, 14, 32, Pre::ConcatElu),
+        ] {
+            let g = Geom::new(&[b, cx, h, w], &[co, pre.channels(cx), 3, 3], 1, pre).unwrap();
+            let (x, wt, bias) = (vals(b * g.in_len(), 1), vals(co * g.k(), 2), vals(co, 3));
+            let gy = vals(b * co * g.out_hw(), 4);
+            // Winograd's transforms add up to 16 products per term; its error against the
+            // exact value is a few ulps of the largest partial sums.
+            let close = |a: &[f32], e: &[f32], what: &str| {
+                assert_eq!(a.len(), e.len());
+                let scale = e.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+                let err = a
+                    .iter()
+                    .zip(e)
+                    .fold(0.0f32, |m, (a, e)| m.max((a - e).abs()));
+                assert!(
+                    err <= 2e-5 * scale,
+                    "{what} {g:?}: error {err}, scale {scale}"
+                );
+            };
+            close(
+                &forward_winograd(&x, &wt, &bias, &g),
+                &conv_forward(&x, &wt, &bias, &g),
+                "y",
+            );
+            let t = g.transposed_planes().unwrap();
+            close(
+                &input_grad_winograd(&gy, &wt, &x, &g, t),
+                &conv_input_grad(&gy, &wt, &x, &g),
+                "∂x",
+            );
+            close(
+                &weight_grad_winograd(&x, &gy, &g),
+                &conv_weight_grad(&x, &gy, &g),
+                "∂W",
+            );
+        }
+    }
+
+    #[test]
     fn transposed_input_gradient_geometry() {
         // 3×3 "same": the flipped kernel with padding 1; non-square and p ≥ kh fall back.
         let g = |w: [usize; 4], pad| Geom::new(&[2, 4, 6, 5], &w, pad, Pre::Identity).unwrap();
@@ -1061,14 +1249,15 @@ mod tests {
         // Training must be reproducible and resumable exactly, so batch reductions may not
         // depend on rayon's scheduling. With 9 images (≥ 8 threads) the path is the same for
         // every thread count: gemm for 4 input channels (36 taps); the direct kernels for 8
-        // (72 taps), with both ∂W kernels (3 and 16 output channels) and the direct ∂x (16).
-        for (ci, co) in [(4, 3), (8, 3), (8, 16)] {
-            thread_count_invariant(ci, co);
+        // (72 taps), with both ∂W kernels (3 and 16 output channels) and the direct ∂x (16);
+        // Winograd for 16 → 16 channels on a 12×9 map.
+        for (ci, co, h, w) in [(4, 3, 6, 5), (8, 3, 6, 5), (8, 16, 6, 5), (16, 16, 12, 9)] {
+            thread_count_invariant(ci, co, h, w);
         }
     }
 
-    fn thread_count_invariant(ci: usize, co: usize) {
-        let x = randn(1, &[9, ci, 6, 5], 1.0, DType::F32);
+    fn thread_count_invariant(ci: usize, co: usize, h: usize, width: usize) {
+        let x = randn(1, &[9, ci, h, width], 1.0, DType::F32);
         let w = randn(2, &[co, ci, 3, 3], 1.0, DType::F32);
         let b = randn(3, &[co], 1.0, DType::F32);
         super::super::assert_thread_count_invariant(|| {
@@ -1140,6 +1329,9 @@ mod timing {
             (192, 192, 1, 0, Pre::Relu, 7),
             (192, 4, 3, 1, Pre::Relu, 14),
             (192, 8, 3, 1, Pre::Relu, 7),
+            (16, 16, 3, 1, Pre::ConcatElu, 28),
+            (48, 48, 3, 1, Pre::ConcatElu, 14),
+            (64, 64, 3, 1, Pre::ConcatElu, 7),
         ] {
             // `CONV_TIMING=192→4` times only the shapes whose label contains that text.
             let label = format!("{cx}→{co} {k}×{k} {pre:?} at {hw}×{hw}");
@@ -1163,6 +1355,17 @@ mod timing {
             });
             time("dw gemm", flop, || drop(conv_weight_grad(&x, &gy, &g)));
             time("dw direct", flop, || drop(weight_grad_direct(&x, &gy, &g)));
+            if (k, pad) == (3, 1) {
+                time("fwd winograd", flop, || {
+                    drop(forward_winograd(&x, &w, &b, &g))
+                });
+                time("dx winograd", flop, || {
+                    drop(input_grad_winograd(&gy, &w, &x, &g, t))
+                });
+                time("dw winograd", flop, || {
+                    drop(weight_grad_winograd(&x, &gy, &g))
+                });
+            }
             if std::env::var("CONV_TIMING_DW_ONLY").is_ok() {
                 for _ in 0..30 {
                     drop(weight_grad_direct(&x, &gy, &g));

@@ -12,6 +12,10 @@
 //!   L2-sized bands of output rows (the `gemm` crate, the one candle's matmul uses), with
 //!   `∂W = Σₙ Gₙ·colsₙᵀ` and the input gradient as the transposed convolution of `Gₙ`
 //!   (col2im of `Wᵀ·Gₙ` where that does not fit). Images are spread over rayon's threads.
+//!   3×3 padding-1 convolutions with enough channels and positions (the coupling
+//!   networks' hidden layers) run as Winograd F(2, 3) along rows (module `winograd`: 4
+//!   multiplications per output pair and kernel row instead of 6), forward and both
+//!   gradients; [`Kernels::Direct`] turns that off.
 //! - [`conv2d_concat_elu`], [`conv2d_relu`]: the same convolution of ConcatELU (or ReLU) of
 //!   its input, computed per image in scratch so the activation never becomes a tensor.
 //! - [`concat_elu`], [`gate`]: fused elementwise forward and backward.
@@ -27,7 +31,8 @@
 //!
 //! Every op falls back to the composed candle reference (module [`reference`](mod@reference)) on
 //! non-CPU devices, for dtypes other than f32/f64, and when [`set_kernels`] selects
-//! [`Kernels::Candle`] (`flowlab bench --kernels candle` measures that side by side).
+//! [`Kernels::Candle`] (`flowlab bench --kernels candle` measures that side by side;
+//! `--kernels direct` the fast kernels without Winograd).
 //! The tests compare values and gradients against the reference on several shapes.
 
 /// Runs a generic kernel on f32 or f64 CPU storages of one dtype.
@@ -55,6 +60,7 @@ mod norm;
 mod pool;
 pub mod reference;
 mod spline;
+mod winograd;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -75,6 +81,9 @@ pub use spline::{rq_spline, RqSplineSpec, MAX_SPLINE_BINS};
 pub enum Kernels {
     /// flowlab's fused CPU kernels (the default); candle's ops elsewhere.
     Fast,
+    /// The fused CPU kernels without the Winograd convolutions: every 3×3 convolution by
+    /// the direct kernels (to measure what Winograd gains).
+    Direct,
     /// candle's own ops everywhere (the reference; slower on CPU).
     Candle,
 }
@@ -86,7 +95,8 @@ pub fn set_kernels(k: Kernels) {
     KERNELS.store(
         match k {
             Kernels::Fast => 0,
-            Kernels::Candle => 1,
+            Kernels::Direct => 1,
+            Kernels::Candle => 2,
         },
         Ordering::Relaxed,
     );
@@ -96,13 +106,14 @@ pub fn set_kernels(k: Kernels) {
 pub fn kernels() -> Kernels {
     match KERNELS.load(Ordering::Relaxed) {
         0 => Kernels::Fast,
+        1 => Kernels::Direct,
         _ => Kernels::Candle,
     }
 }
 
 /// Whether the fast CPU path applies to these tensors.
 fn use_fast(ts: &[&Tensor]) -> bool {
-    kernels() == Kernels::Fast
+    kernels() != Kernels::Candle
         && ts
             .iter()
             .all(|t| t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64))

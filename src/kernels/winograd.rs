@@ -1,0 +1,484 @@
+//! Winograd F(2, 3) along image rows: stride-1, padding-1 3×3 convolutions with 1.5× fewer
+//! multiplications than the direct kernels (AVX-512 f32).
+//!
+//! Each output row is cut into pairs of pixels, `tw = ⌈W/2⌉` tiles per row. Tile `tx` of
+//! padded row `r` reads the four padded columns `2tx … 2tx+3`, `d₀…d₃`, and with
+//!
+//! ```text
+//! Bᵀ = ⎡1  0 −1  0⎤    G = ⎡ 1   0   0 ⎤    Aᵀ = ⎡1 1  1  0⎤
+//!      ⎢0  1  1  0⎥        ⎢ ½   ½   ½ ⎥         ⎣0 1 −1 −1⎦
+//!      ⎢0 −1  1  0⎥        ⎢ ½  −½   ½ ⎥
+//!      ⎣0  1  0 −1⎦        ⎣ 0   0   1 ⎦
+//! ```
+//!
+//! - input transform `V[ξ][c][r][tx] = (Bᵀ d)[ξ]` for ξ < 4, every channel and padded row,
+//! - weight transform `U[ξ][o][c][i] = (G w[o][c][i][·])[ξ]` (each kernel row),
+//! - for each ξ a GEMM over the taps `(c, i)`:
+//!   `M[ξ][o][y][tx] = Σ_{c,i} U[ξ][o][c][i] · V[ξ][c][y + i][tx]` — the direct
+//!   convolution's register-tiled kernel ([`direct::conv_rows`]) with the rows of `V[ξ]`
+//!   as its planes (tap offsets `c·(H+2)·tw + i·tw`),
+//! - output transform `y[o][y][2tx + j] = (Aᵀ M[·][o][y][tx])[j]` (+ bias).
+//!
+//! Per output pair, input channel and kernel row that is 4 multiplications instead of 6.
+//! Unlike F(2×2, 3×3) (16 transformed values per 4 outputs) the transformed input is only
+//! twice the input, which on this memory system decides it: a 2-D version of this module
+//! wrote its 4× larger `V` at the L2's bandwidth and gained 5–9 % over the direct kernels
+//! where this gains 25–35 % (`timing::winograd_vs_direct`). The transforms only add,
+//! subtract and halve: the output equals the direct convolution up to float rounding.
+//!
+//! The input gradient is the same computation on the output gradient with the flipped,
+//! transposed weights (a padding-1 3×3 convolution again); the weight gradient stays with
+//! the direct kernels.
+//!
+//! Layout: `V` is `[4][C][(H+2)·tw + slack]` and `M` `[4][Co][ms]`, with position
+//! `y·tw + tx`; the ξ blocks are padded so they do not fall 4 KiB apart. The transforms run
+//! 16 tiles of one row per vector, splitting even and odd columns with two-source permutes.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::direct::{self, Packed, Planes};
+
+/// f32 lanes per vector.
+const L: usize = 16;
+/// Transformed positions per tile.
+pub(super) const XI: usize = 4;
+
+/// Room after each ξ block: the GEMM's last vector and [`direct::weight_grad_t`]'s plane
+/// slack (`kw + MAX_TILE + 16` for the 3×1 taps).
+const V_SLACK: usize = 160;
+
+/// `G`, the weight transform (rows: the 4 transformed positions; columns: the 3 taps).
+const GM: [[f32; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 0.5],
+    [0.5, -0.5, 0.5],
+    [0.0, 0.0, 1.0],
+];
+
+/// The row tiles of an `h × w` map: pairs of output pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Tiles {
+    h: usize,
+    w: usize,
+    tw: usize,
+}
+
+impl Tiles {
+    pub fn new(h: usize, w: usize) -> Self {
+        Self {
+            h,
+            w,
+            tw: w.div_ceil(2),
+        }
+    }
+
+    /// GEMM positions per output channel: `H·tw`.
+    fn q(&self) -> usize {
+        self.h * self.tw
+    }
+
+    /// One channel's transformed rows, `(H+2)·tw`.
+    fn plane(&self) -> usize {
+        (self.h + 2) * self.tw
+    }
+
+    /// Distance between consecutive ξ blocks of `V` (for `c` channels) or `M` (`rows`
+    /// output rows of `q` positions): whole vectors and the GEMM's overrun, rounded up to
+    /// 4 KiB plus one cache line, so the four streams the transforms read or write at once
+    /// do not share L1 sets.
+    fn xi_stride(&self, len: usize) -> usize {
+        (len + V_SLACK).next_multiple_of(1024) + L
+    }
+
+    /// Elements of the plane buffer [`input_transform`] reads: `p.len()`, or more where the
+    /// last row's vectors reach past it (the caller zeroes the excess).
+    pub fn planes_len(&self, p: &Planes) -> usize {
+        p.len()
+            .max(p.c * p.plane() + 2 * ((self.tw.max(1) - 1) / L * L) + 2 * L + 2)
+    }
+
+    /// Elements of `V` for `c` channels.
+    pub fn v_len(&self, c: usize) -> usize {
+        XI * self.xi_stride(c * self.plane())
+    }
+
+    /// `V[ξ]` as planes for [`direct::weight_grad_t`]: `c` planes of `H+2` rows of `tw`
+    /// tiles, read by the 3×1 taps `(c, i)`.
+    fn v_planes(&self, c: usize) -> Planes {
+        Planes {
+            c,
+            h: self.h + 2,
+            w: self.tw,
+            pad: 0,
+            kh: 3,
+            kw: 1,
+        }
+    }
+
+    /// Elements of the weight gradient's `Ĝ` (`[4][H·tw][cs]`).
+    pub fn gh_len(&self, cs: usize) -> usize {
+        XI * self.xi_stride(self.q() * cs)
+    }
+
+    /// Row stride of `M`: whole vectors of positions.
+    fn ms(&self) -> usize {
+        self.q().next_multiple_of(L)
+    }
+
+    /// Elements of `M` for `co` output channels.
+    pub fn m_len(&self, co: usize) -> usize {
+        XI * self.xi_stride(co * self.ms())
+    }
+}
+
+/// Whether this CPU runs the kernels (AVX-512F).
+pub(super) fn available() -> bool {
+    direct::available()
+}
+
+/// `V = Bᵀ d` for every channel, padded row and tile of one image's padded planes (`p`:
+/// padding 1, 3×3, `p.len()` elements) into `v` ([`Tiles::v_len`]).
+pub(super) fn input_transform(planes: &[f32], p: &Planes, tl: &Tiles, v: &mut [f32]) {
+    assert!(available(), "winograd needs AVX-512F");
+    assert!((p.pad, p.kh, p.kw, p.h, p.w) == (1, 3, 3, tl.h, tl.w));
+    // The last vector of a row reads 2·(tw − 1 rounded down to 16) + 34 values from the
+    // row's start.
+    assert!(v.len() >= tl.v_len(p.c) && planes.len() >= tl.planes_len(p));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is present; loads end below the bound asserted above, masked
+    // stores stay inside row (ξ, c, r) of `v`.
+    unsafe {
+        input_avx512(planes.as_ptr(), p, tl, v.as_mut_ptr())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn input_avx512(x: *const f32, p: &Planes, tl: &Tiles, v: *mut f32) {
+    let (plane, wp, tw) = (p.plane(), p.wp(), tl.tw);
+    let (vp, xs) = (tl.plane(), tl.xi_stride(p.c * tl.plane()));
+    let (ie, io) = (even_idx(0), even_idx(1));
+    for c in 0..p.c {
+        for r in 0..tl.h + 2 {
+            let src = x.add(c * plane + r * wp);
+            let dst = v.add(c * vp + r * tw);
+            for tx0 in (0..tw).step_by(L) {
+                let mask = tail_mask((tw - tx0).min(L));
+                let s = src.add(2 * tx0);
+                let (lo, hi) = (_mm512_loadu_ps(s), _mm512_loadu_ps(s.add(L)));
+                let (lo2, hi2) = (_mm512_loadu_ps(s.add(2)), _mm512_loadu_ps(s.add(L + 2)));
+                // Columns 2tx, 2tx+1, 2tx+2, 2tx+3 for 16 tiles.
+                let t = bt([
+                    _mm512_permutex2var_ps(lo, ie, hi),
+                    _mm512_permutex2var_ps(lo, io, hi),
+                    _mm512_permutex2var_ps(lo2, ie, hi2),
+                    _mm512_permutex2var_ps(lo2, io, hi2),
+                ]);
+                for (xi, &val) in t.iter().enumerate() {
+                    _mm512_mask_storeu_ps(dst.add(xi * xs + tx0), mask, val);
+                }
+            }
+        }
+    }
+    // The GEMM's last vector reads up to 16 values past the last plane (and the weight
+    // gradient's tiles up to one row).
+    for xi in 0..XI {
+        for j in (0..tw + L).step_by(L) {
+            _mm512_storeu_ps(v.add(xi * xs + p.c * vp + j), _mm512_setzero_ps());
+        }
+    }
+}
+
+/// `Bᵀ·[d0, d1, d2, d3]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn bt([d0, d1, d2, d3]: [__m512; 4]) -> [__m512; 4] {
+    [
+        _mm512_sub_ps(d0, d2),
+        _mm512_add_ps(d1, d2),
+        _mm512_sub_ps(d2, d1),
+        _mm512_sub_ps(d1, d3),
+    ]
+}
+
+/// Permute indices picking lanes `first, first + 2, …` of a 32-lane pair.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn even_idx(first: i32) -> __m512i {
+    let f = first;
+    _mm512_setr_epi32(
+        f,
+        f + 2,
+        f + 4,
+        f + 6,
+        f + 8,
+        f + 10,
+        f + 12,
+        f + 14,
+        f + 16,
+        f + 18,
+        f + 20,
+        f + 22,
+        f + 24,
+        f + 26,
+        f + 28,
+        f + 30,
+    )
+}
+
+/// Permute indices interleaving lanes `8·half …` of two vectors: `a₀ b₀ a₁ b₁ …`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn interleave_idx(half: i32) -> __m512i {
+    let h = 8 * half;
+    _mm512_setr_epi32(
+        h,
+        h + 16,
+        h + 1,
+        h + 17,
+        h + 2,
+        h + 18,
+        h + 3,
+        h + 19,
+        h + 4,
+        h + 20,
+        h + 5,
+        h + 21,
+        h + 6,
+        h + 22,
+        h + 7,
+        h + 23,
+    )
+}
+
+/// The mask of the first `n ≤ 16` lanes.
+#[cfg(target_arch = "x86_64")]
+fn tail_mask(n: usize) -> __mmask16 {
+    ((1u32 << n.min(L)) - 1) as __mmask16
+}
+
+/// The four transformed weights `U[ξ]` of `w` (`[Co][C][3][3]`), each `[Co][C·3]` (taps
+/// `(c, i)`) packed for [`multiply`]'s GEMM, with the taps' offsets into `V[ξ]`.
+pub(super) struct Weights {
+    co: usize,
+    c: usize,
+    u: Vec<Packed>,
+    offs: Vec<usize>,
+}
+
+impl Weights {
+    pub fn new(w: &[f32], co: usize, c: usize, tl: &Tiles) -> Self {
+        assert_eq!(
+            w.len(),
+            co * c * 9,
+            "3×3 weights [{co}, {c}, 3, 3] expected"
+        );
+        let mut u = vec![vec![0.0f32; co * c * 3]; XI];
+        for (row, k) in w.chunks_exact(3).enumerate() {
+            for (xi, ux) in u.iter_mut().enumerate() {
+                ux[row] = (0..3).map(|j| GM[xi][j] * k[j]).sum();
+            }
+        }
+        let u = u
+            .iter()
+            .map(|ux| Packed::for_positions(ux, co, c * 3, tl.q()))
+            .collect();
+        let offs = (0..c)
+            .flat_map(|ch| (0..3).map(move |i| ch * tl.plane() + i * tl.tw))
+            .collect();
+        Self { co, c, u, offs }
+    }
+}
+
+/// `M[ξ] = U[ξ] ⋆ V[ξ]` for the four ξ.
+pub(super) fn multiply(v: &[f32], w: &Weights, tl: &Tiles, m: &mut [f32]) {
+    let (vs, ms) = (tl.xi_stride(w.c * tl.plane()), tl.xi_stride(w.co * tl.ms()));
+    assert!(v.len() >= tl.v_len(w.c) && m.len() >= tl.m_len(w.co));
+    for (xi, u) in w.u.iter().enumerate() {
+        let vx = &v[xi * vs..(xi + 1) * vs];
+        let mx = &mut m[xi * ms..(xi + 1) * ms];
+        direct::conv_rows(vx, &w.offs, u, mx, tl.ms(), tl.q(), true);
+    }
+}
+
+/// `y = Aᵀ M` per tile, plus `bias[o]` when given: `m` → `y` `[Co][H][W]` (every element
+/// written).
+pub(super) fn output_transform(
+    m: &[f32],
+    co: usize,
+    tl: &Tiles,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    assert!(available(), "winograd needs AVX-512F");
+    assert!(m.len() >= tl.m_len(co) && y.len() == co * tl.h * tl.w);
+    assert!(bias.is_none_or(|b| b.len() == co));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is present; loads are masked to the tiles of row (ξ, o, y) of `m`,
+    // stores to the W columns of row (o, y) of `y`.
+    unsafe {
+        output_avx512(m.as_ptr(), co, tl, bias, y.as_mut_ptr())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn output_avx512(m: *const f32, co: usize, tl: &Tiles, bias: Option<&[f32]>, y: *mut f32) {
+    let (h, w, tw) = (tl.h, tl.w, tl.tw);
+    let (ms, xs) = (tl.ms(), tl.xi_stride(co * tl.ms()));
+    let (ilo, ihi) = (interleave_idx(0), interleave_idx(1));
+    for o in 0..co {
+        let bv = _mm512_set1_ps(bias.map_or(0.0, |b| b[o]));
+        for r in 0..h {
+            let src = m.add(o * ms + r * tw);
+            let dst = y.add((o * h + r) * w);
+            for tx0 in (0..tw).step_by(L) {
+                let mask = tail_mask((tw - tx0).min(L));
+                let t: [__m512; 4] =
+                    std::array::from_fn(|xi| _mm512_maskz_loadu_ps(mask, src.add(xi * xs + tx0)));
+                let even = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(t[0], t[1]), t[2]), bv);
+                let odd = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(t[1], t[2]), t[3]), bv);
+                let cols = (w - 2 * tx0).min(2 * L);
+                let d = dst.add(2 * tx0);
+                _mm512_mask_storeu_ps(d, tail_mask(cols), _mm512_permutex2var_ps(even, ilo, odd));
+                if cols > L {
+                    let hi = _mm512_permutex2var_ps(even, ihi, odd);
+                    _mm512_mask_storeu_ps(d.add(L), tail_mask(cols - L), hi);
+                }
+            }
+        }
+    }
+}
+
+/// `Ĝ = A·∂y` per tile for the weight gradient: `t` is one image's output gradient
+/// transposed, `[H·W][cs]` (channels past Co zero); `gh[ξ]` is `[H·tw][cs]` with
+/// `Ĝ₀ = g₀, Ĝ₁ = g₀ + g₁, Ĝ₂ = g₀ − g₁, Ĝ₃ = −g₁` for the tile's pixels `g₀, g₁` (`g₁ = 0`
+/// past the last column).
+pub(super) fn grad_transform(t: &[f32], cs: usize, tl: &Tiles, gh: &mut [f32]) {
+    let (gs, w) = (tl.xi_stride(tl.q() * cs), tl.w);
+    assert!(t.len() == tl.h * w * cs && gh.len() >= tl.gh_len(cs));
+    let (g0, rest) = gh.split_at_mut(gs);
+    let (g1, rest) = rest.split_at_mut(gs);
+    let (g2, g3) = rest.split_at_mut(gs);
+    super::wide(|| {
+        for y in 0..tl.h {
+            for tx in 0..tl.tw {
+                let (p, e) = ((y * tl.tw + tx) * cs, (y * w + 2 * tx) * cs);
+                let ev = &t[e..e + cs];
+                let (d0, d1, d2, d3) = (
+                    &mut g0[p..p + cs],
+                    &mut g1[p..p + cs],
+                    &mut g2[p..p + cs],
+                    &mut g3[p..p + cs],
+                );
+                if 2 * tx + 1 < w {
+                    let od = &t[e + cs..e + 2 * cs];
+                    for k in 0..cs {
+                        let (a, b) = (ev[k], od[k]);
+                        (d0[k], d1[k], d2[k], d3[k]) = (a, a + b, a - b, -b);
+                    }
+                } else {
+                    for k in 0..cs {
+                        (d0[k], d1[k], d2[k], d3[k]) = (ev[k], ev[k], ev[k], 0.0);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `∂U[ξ] += Ĝ[ξ] ⋆ V[ξ]` for one image, by the direct weight-gradient kernel vectorised
+/// over output channels: `du` is `[4][C·3][cs]` (taps `(c, i)`).
+pub(super) fn weight_grad(v: &[f32], c: usize, gh: &[f32], cs: usize, tl: &Tiles, du: &mut [f32]) {
+    let (vs, gs, k) = (
+        tl.xi_stride(c * tl.plane()),
+        tl.xi_stride(tl.q() * cs),
+        3 * c,
+    );
+    assert!(v.len() >= tl.v_len(c) && gh.len() >= tl.gh_len(cs) && du.len() == XI * k * cs);
+    let p = tl.v_planes(c);
+    let offs = p.offsets();
+    for xi in 0..XI {
+        direct::weight_grad_t(
+            &v[xi * vs..(xi + 1) * vs],
+            &p,
+            &offs,
+            &gh[xi * gs..xi * gs + tl.q() * cs],
+            &mut du[xi * k * cs..(xi + 1) * k * cs],
+        );
+    }
+}
+
+/// `∂w[o][c][i][j] = Σ_ξ G[ξ][j]·∂U[ξ][(c, i)][o]`: `du` (`[4][C·3][cs]`) → `[Co][C][3][3]`.
+pub(super) fn weights_grad(du: &[f32], co: usize, c: usize, cs: usize) -> Vec<f32> {
+    assert_eq!(du.len(), XI * 3 * c * cs);
+    let mut dw = vec![0.0; co * c * 9];
+    for (oc, k) in dw.chunks_exact_mut(9).enumerate() {
+        let (o, ch) = (oc / c, oc % c);
+        for i in 0..3 {
+            for j in 0..3 {
+                k[3 * i + j] = (0..XI)
+                    .map(|xi| GM[xi][j] * du[(xi * 3 * c + 3 * ch + i) * cs + o])
+                    .sum();
+            }
+        }
+    }
+    dw
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// Per-phase time of one image on one core.
+    /// `cargo test --release --lib winograd_phases -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn winograd_phases() {
+        if !available() {
+            return;
+        }
+        for (c, co, hw) in [(64, 32, 28), (32, 64, 28), (96, 48, 14), (128, 64, 7)] {
+            let p = Planes {
+                c,
+                h: hw,
+                w: hw,
+                pad: 1,
+                kh: 3,
+                kw: 3,
+            };
+            let tl = Tiles::new(hw, hw);
+            let planes: Vec<f32> = (0..p.len()).map(|i| (i % 7) as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..co * c * 9).map(|i| (i % 5) as f32 * 0.01).collect();
+            let u = Weights::new(&w, co, c, &tl);
+            let mut v = vec![0.0f32; tl.v_len(c)];
+            let mut m = vec![0.0f32; tl.m_len(co)];
+            let mut y = vec![0.0f32; co * hw * hw];
+            let reps = 100;
+            let time = |f: &mut dyn FnMut()| {
+                (0..9)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        for _ in 0..reps {
+                            f();
+                        }
+                        t.elapsed().as_secs_f64() / reps as f64 * 1e6
+                    })
+                    .fold(f64::INFINITY, f64::min)
+            };
+            let ti = time(&mut || input_transform(&planes, &p, &tl, &mut v));
+            let tm = time(&mut || multiply(&v, &u, &tl, &mut m));
+            let to = time(&mut || output_transform(&m, co, &tl, None, &mut y));
+            let flop = 2.0 * (XI * co * c * 3 * tl.ms()) as f64;
+            eprintln!(
+                "{c}→{co} at {hw}: input {ti:.1} µs, gemm {tm:.1} µs ({:.1} GFLOP/s), output {to:.1} µs; direct-equivalent {:.1} GFLOP/s",
+                flop / tm / 1e3,
+                2.0 * (co * c * 9 * hw * hw) as f64 / (ti + tm + to) / 1e3
+            );
+        }
+    }
+}
