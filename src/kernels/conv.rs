@@ -218,6 +218,16 @@ impl Geom {
             && self.b >= rayon::current_num_threads()
     }
 
+    /// The Winograd input transform's view of the op's input: its channels and activation.
+    fn winograd_input(&self) -> (usize, winograd::Act) {
+        let act = match self.pre {
+            Pre::Identity => winograd::Act::Identity,
+            Pre::Relu => winograd::Act::Relu,
+            Pre::ConcatElu => winograd::Act::ConcatElu,
+        };
+        (self.ci / self.pre.channels(1), act)
+    }
+
     /// Writes the convolution's input `a` of image `xn` into the padded planes `buf`.
     fn fill_planes(&self, p: &Planes, xn: &[f32], buf: &mut [f32]) {
         p.fill(buf, xn, self.pre == Pre::Relu);
@@ -656,53 +666,43 @@ const WINOGRAD_MIN_K: usize = 16;
 /// GEMM positions per channel below which it loses.
 const WINOGRAD_MIN_Q: usize = 48;
 
-/// One image's padded planes of `a` (or of `Gₙ`), zero up to `tl.planes_len(p)`.
-fn winograd_planes(p: &Planes, tl: &Tiles, buf: &mut [f32], fill: impl FnOnce(&mut [f32])) {
-    fill(&mut buf[..p.len()]);
-    buf[p.len()..tl.planes_len(p)].fill(0.0);
-}
-
-/// [`forward_f32`] by row Winograd F(2, 3) (module `winograd`): per image, the padded
-/// planes of `a`, their transform `V`, the four GEMMs `M[ξ] = U[ξ] ⋆ V[ξ]` and the output
-/// transform plus bias.
+/// [`forward_f32`] by row Winograd F(2, 3) (module `winograd`): per image, the transform
+/// `V` of `a`, the four GEMMs `M[ξ] = U[ξ] ⋆ V[ξ]` and the output transform plus bias.
 fn forward_winograd(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
-    let (p, tl) = (g.planes(), Tiles::new(g.h, g.w));
+    let tl = Tiles::new(g.h, g.w);
     let u = winograd::Weights::new(w, g.co, g.ci, &tl);
-    let (plen, vl, ml) = (tl.planes_len(&p), tl.v_len(g.ci), tl.m_len(g.co));
+    let (vl, ml) = (tl.v_len(g.ci), tl.m_len(g.co));
+    let (cx, act) = g.winograd_input();
     per_image_out(
         g.b * g.co * g.out_hw(),
         g.co * g.out_hw(),
-        plen + vl + ml,
+        vl + ml,
         |n, y, scratch, _| {
-            let (planes, rest) = scratch.split_at_mut(plen);
-            let (v, m) = rest.split_at_mut(vl);
+            let (v, m) = scratch.split_at_mut(vl);
             let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
-            winograd_planes(&p, &tl, planes, |buf| g.fill_planes(&p, xn, buf));
-            winograd::input_transform(planes, &p, &tl, v);
+            winograd::input_transform(xn, cx, act, &tl, v);
             winograd::multiply(v, &u, &tl, m);
             winograd::output_transform(m, g.co, &tl, Some(b), y);
         },
     )
 }
 
-/// [`input_grad_f32`] by Winograd: the forward computation on the planes of `Gₙ` (`t`)
-/// with the flipped, transposed weights, then ∂x through the input transform's derivative.
-fn input_grad_winograd(gy: &[f32], w: &[f32], x: &[f32], g: &Geom, t: Planes) -> Vec<f32> {
+/// [`input_grad_f32`] by Winograd: the forward computation on `Gₙ` with the flipped,
+/// transposed weights (a padding-1 3×3 convolution again), then ∂x through the input
+/// transform's derivative.
+fn input_grad_winograd(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
     let (ohw, tl) = (g.out_hw(), Tiles::new(g.h, g.w));
-    debug_assert_eq!((t.h, t.w, t.pad), (g.h, g.w, 1));
     let u = winograd::Weights::new(&flip_transpose(w, g), g.ci, g.co, &tl);
-    let (plen, vl, ml) = (tl.planes_len(&t), tl.v_len(g.co), tl.m_len(g.ci));
+    let (vl, ml) = (tl.v_len(g.co), tl.m_len(g.ci));
     per_image_out(
         g.b * g.in_len(),
         g.in_len(),
-        plen + vl + ml + g.act_scratch(),
+        vl + ml + g.act_scratch(),
         |n, dxn, scratch, _| {
-            let (planes, rest) = scratch.split_at_mut(plen);
-            let (v, rest) = rest.split_at_mut(vl);
+            let (v, rest) = scratch.split_at_mut(vl);
             let (m, act) = rest.split_at_mut(ml);
             let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
-            winograd_planes(&t, &tl, planes, |buf| t.fill(buf, gn, false));
-            winograd::input_transform(planes, &t, &tl, v);
+            winograd::input_transform(gn, g.co, winograd::Act::Identity, &tl, v);
             winograd::multiply(v, &u, &tl, m);
             let da = g.da_target(&mut *dxn, &mut *act);
             winograd::output_transform(m, g.ci, &tl, None, &mut da[..g.act_len()]);
@@ -715,23 +715,22 @@ fn input_grad_winograd(gy: &[f32], w: &[f32], x: &[f32], g: &Geom, t: Planes) ->
 /// from `Gₙᵀ`, `∂U[ξ] += Ĝ[ξ] ⋆ V[ξ]` over fixed image groups, then `∂w = Σ_ξ G[ξ]·∂U[ξ]`;
 /// `[∂W; ∂b]`.
 fn weight_grad_winograd(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
-    let (p, tl, ohw) = (g.planes(), Tiles::new(g.h, g.w), g.out_hw());
+    let (tl, ohw) = (Tiles::new(g.h, g.w), g.out_hw());
     let cs = g.co.next_multiple_of(direct::CO_LANES);
-    let (plen, vl, gl) = (tl.planes_len(&p), tl.v_len(g.ci), tl.gh_len(cs));
+    let (vl, gl) = (tl.v_len(g.ci), tl.gh_len(cs));
     let ul = winograd::XI * 3 * g.ci * cs;
+    let (cx, act) = g.winograd_input();
     let sums = super::reduce_images(g.b, ul + g.co, |range| {
         let mut sums = vec![0.0; ul + g.co];
         let (du, db) = sums.split_at_mut(ul);
-        f32::with_scratch(plen + vl + ohw * cs + gl, |scratch| {
-            let (planes, rest) = scratch.split_at_mut(plen);
-            let (v, rest) = rest.split_at_mut(vl);
+        f32::with_scratch(vl + ohw * cs + gl, |scratch| {
+            let (v, rest) = scratch.split_at_mut(vl);
             let (gt, gh) = rest.split_at_mut(ohw * cs);
             // Channels past Co stay zero; the rest is rewritten per image.
             gt.fill(0.0);
             for n in range {
                 let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
-                winograd_planes(&p, &tl, planes, |buf| g.fill_planes(&p, xn, buf));
-                winograd::input_transform(planes, &p, &tl, v);
+                winograd::input_transform(xn, cx, act, &tl, v);
                 let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
                 transpose_grad(gn, ohw, cs, gt);
                 add_bias_grad(db, gn, ohw);
@@ -875,7 +874,7 @@ fn forward_f32(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
 /// `∂x` on f32 data, by the faster path for this geometry.
 fn input_grad_f32(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
     match g.transposed_planes() {
-        Some(t) if g.winograd(Some(Grad::Input)) => input_grad_winograd(gy, w, x, g, t),
+        Some(_) if g.winograd(Some(Grad::Input)) => input_grad_winograd(gy, w, x, g),
         Some(t) if g.direct(Some(Grad::Input)) => input_grad_direct(gy, w, x, g, t),
         _ => conv_input_grad(gy, w, x, g),
     }
@@ -1208,9 +1207,8 @@ mod tests {
                 &conv_forward(&x, &wt, &bias, &g),
                 "y",
             );
-            let t = g.transposed_planes().unwrap();
             close(
-                &input_grad_winograd(&gy, &wt, &x, &g, t),
+                &input_grad_winograd(&gy, &wt, &x, &g),
                 &conv_input_grad(&gy, &wt, &x, &g),
                 "∂x",
             );
@@ -1360,7 +1358,7 @@ mod timing {
                     drop(forward_winograd(&x, &w, &b, &g))
                 });
                 time("dx winograd", flop, || {
-                    drop(input_grad_winograd(&gy, &w, &x, &g, t))
+                    drop(input_grad_winograd(&gy, &w, &x, &g))
                 });
                 time("dw winograd", flop, || {
                     drop(weight_grad_winograd(&x, &gy, &g))

@@ -38,6 +38,7 @@
 use std::arch::x86_64::*;
 
 use super::direct::{self, Packed, Planes};
+use super::elementwise::concat_elu_row;
 
 /// f32 lanes per vector.
 const L: usize = 16;
@@ -91,13 +92,6 @@ impl Tiles {
         (len + V_SLACK).next_multiple_of(1024) + L
     }
 
-    /// Elements of the plane buffer [`input_transform`] reads: `p.len()`, or more where the
-    /// last row's vectors reach past it (the caller zeroes the excess).
-    pub fn planes_len(&self, p: &Planes) -> usize {
-        p.len()
-            .max(p.c * p.plane() + 2 * ((self.tw.max(1) - 1) / L * L) + 2 * L + 2)
-    }
-
     /// Elements of `V` for `c` channels.
     pub fn v_len(&self, c: usize) -> usize {
         XI * self.xi_stride(c * self.plane())
@@ -137,47 +131,78 @@ pub(super) fn available() -> bool {
     direct::available()
 }
 
-/// `V = Bᵀ d` for every channel, padded row and tile of one image's padded planes (`p`:
-/// padding 1, 3×3, `p.len()` elements) into `v` ([`Tiles::v_len`]).
-pub(super) fn input_transform(planes: &[f32], p: &Planes, tl: &Tiles, v: &mut [f32]) {
+/// What the convolution applies to its input before the transform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Act {
+    /// `a = x`.
+    Identity,
+    /// `a = max(x, 0)` (0 for NaN).
+    Relu,
+    /// `a = [elu(x), elu(−x)]` along channels.
+    ConcatElu,
+}
+
+/// `V = Bᵀ d` for every channel, padded row and tile of `act` of one image `xn`
+/// (`[Cx][H][W]`, zero-padded by one pixel; `C = Cx` channels, `2·Cx` for ConcatELU) into
+/// `v` ([`Tiles::v_len`] of C). Each row is activated into a small zero-bordered buffer and
+/// transformed from there, so the padded image is never written out.
+pub(super) fn input_transform(xn: &[f32], cx: usize, act: Act, tl: &Tiles, v: &mut [f32]) {
+    let c = if act == Act::ConcatElu { 2 * cx } else { cx };
     assert!(available(), "winograd needs AVX-512F");
-    assert!((p.pad, p.kh, p.kw, p.h, p.w) == (1, 3, 3, tl.h, tl.w));
-    // The last vector of a row reads 2·(tw − 1 rounded down to 16) + 34 values from the
-    // row's start.
-    assert!(v.len() >= tl.v_len(p.c) && planes.len() >= tl.planes_len(p));
+    assert!(xn.len() == cx * tl.h * tl.w && v.len() >= tl.v_len(c));
+    // One channel's activations (two for ConcatELU).
+    let mut buf = vec![0.0f32; 2 * tl.h * tl.w];
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is present; loads end below the bound asserted above, masked
-    // stores stay inside row (ξ, c, r) of `v`.
+    // SAFETY: AVX-512F is present; row loads are masked to the W values of each row,
+    // stores to row (ξ, c, r) of `v` (asserted above).
     unsafe {
-        input_avx512(planes.as_ptr(), p, tl, v.as_mut_ptr())
+        input_avx512(xn, cx, act, tl, &mut buf, v.as_mut_ptr())
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn input_avx512(x: *const f32, p: &Planes, tl: &Tiles, v: *mut f32) {
-    let (plane, wp, tw) = (p.plane(), p.wp(), tl.tw);
-    let (vp, xs) = (tl.plane(), tl.xi_stride(p.c * tl.plane()));
-    let (ie, io) = (even_idx(0), even_idx(1));
-    for c in 0..p.c {
-        for r in 0..tl.h + 2 {
-            let src = x.add(c * plane + r * wp);
-            let dst = v.add(c * vp + r * tw);
+unsafe fn input_avx512(xn: &[f32], cx: usize, act: Act, tl: &Tiles, buf: &mut [f32], v: *mut f32) {
+    let (h, w, tw, hw) = (tl.h, tl.w, tl.tw, tl.h * tl.w);
+    let c = if act == Act::ConcatElu { 2 * cx } else { cx };
+    let (vp, xs) = (tl.plane(), tl.xi_stride(c * tl.plane()));
+    let (a, b) = buf.split_at_mut(hw);
+    let zero_row = |dst: *mut f32| {
+        for xi in 0..XI {
             for tx0 in (0..tw).step_by(L) {
                 let mask = tail_mask((tw - tx0).min(L));
-                let s = src.add(2 * tx0);
-                let (lo, hi) = (_mm512_loadu_ps(s), _mm512_loadu_ps(s.add(L)));
-                let (lo2, hi2) = (_mm512_loadu_ps(s.add(2)), _mm512_loadu_ps(s.add(L + 2)));
-                // Columns 2tx, 2tx+1, 2tx+2, 2tx+3 for 16 tiles.
-                let t = bt([
-                    _mm512_permutex2var_ps(lo, ie, hi),
-                    _mm512_permutex2var_ps(lo, io, hi),
-                    _mm512_permutex2var_ps(lo2, ie, hi2),
-                    _mm512_permutex2var_ps(lo2, io, hi2),
-                ]);
-                for (xi, &val) in t.iter().enumerate() {
-                    _mm512_mask_storeu_ps(dst.add(xi * xs + tx0), mask, val);
+                _mm512_mask_storeu_ps(dst.add(xi * xs + tx0), mask, _mm512_setzero_ps());
+            }
+        }
+    };
+    // Padded rows 0 and H + 1 are zero; row r is image row r − 1.
+    let rows = |plane: &[f32], ch: usize| {
+        zero_row(v.add(ch * vp));
+        zero_row(v.add(ch * vp + (h + 1) * tw));
+        for r in 1..=h {
+            transform_row(
+                plane[(r - 1) * w..r * w].as_ptr(),
+                w,
+                v.add(ch * vp + r * tw),
+                xs,
+            );
+        }
+    };
+    for ch in 0..cx {
+        let src = &xn[ch * hw..(ch + 1) * hw];
+        match act {
+            Act::Identity => rows(src, ch),
+            Act::Relu => {
+                for (a, &x) in a.iter_mut().zip(src) {
+                    *a = if x > 0.0 { x } else { 0.0 };
                 }
+                rows(a, ch);
+            }
+            Act::ConcatElu => {
+                // Whole planes, so the exponential runs in full vectors.
+                concat_elu_row(src, a, b);
+                rows(a, ch);
+                rows(b, ch + cx);
             }
         }
     }
@@ -185,7 +210,41 @@ unsafe fn input_avx512(x: *const f32, p: &Planes, tl: &Tiles, v: *mut f32) {
     // gradient's tiles up to one row).
     for xi in 0..XI {
         for j in (0..tw + L).step_by(L) {
-            _mm512_storeu_ps(v.add(xi * xs + p.c * vp + j), _mm512_setzero_ps());
+            _mm512_storeu_ps(v.add(xi * xs + c * vp + j), _mm512_setzero_ps());
+        }
+    }
+}
+
+/// One image row `a` (`w` values) → its `tw` tiles' four transformed values, stored at
+/// `dst + ξ·xs`. The row is read as if zero-padded by one on each side: each vector is a
+/// load masked to the values inside the row (reading rows just written by the activation
+/// through a bordered copy stalled on store forwarding: 3× slower).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn transform_row(a: *const f32, w: usize, dst: *mut f32, xs: usize) {
+    let tw = w.div_ceil(2);
+    let (ie, io) = (even_idx(0), even_idx(1));
+    // Padded columns s … s + 15, i.e. a[s − 1 …], zero outside 0 … w − 1.
+    let padded = |s: usize| {
+        let first = 1usize.saturating_sub(s) as u32;
+        let end = (w + 1).saturating_sub(s).min(L) as u32;
+        let mask = (((1u32 << end) - 1) & !((1u32 << first) - 1)) as __mmask16;
+        _mm512_maskz_loadu_ps(mask, a.wrapping_add(s).wrapping_sub(1))
+    };
+    for tx0 in (0..tw).step_by(L) {
+        let mask = tail_mask((tw - tx0).min(L));
+        let s = 2 * tx0;
+        let (lo, hi, lo2, hi2) = (padded(s), padded(s + L), padded(s + 2), padded(s + L + 2));
+        // Columns 2tx, 2tx+1, 2tx+2, 2tx+3 for 16 tiles.
+        let t = bt([
+            _mm512_permutex2var_ps(lo, ie, hi),
+            _mm512_permutex2var_ps(lo, io, hi),
+            _mm512_permutex2var_ps(lo2, ie, hi2),
+            _mm512_permutex2var_ps(lo2, io, hi2),
+        ]);
+        for (xi, &val) in t.iter().enumerate() {
+            _mm512_mask_storeu_ps(dst.add(xi * xs + tx0), mask, val);
         }
     }
 }
@@ -443,16 +502,10 @@ mod timing {
             return;
         }
         for (c, co, hw) in [(64, 32, 28), (32, 64, 28), (96, 48, 14), (128, 64, 7)] {
-            let p = Planes {
-                c,
-                h: hw,
-                w: hw,
-                pad: 1,
-                kh: 3,
-                kw: 3,
-            };
             let tl = Tiles::new(hw, hw);
-            let planes: Vec<f32> = (0..p.len()).map(|i| (i % 7) as f32 * 0.1).collect();
+            let x: Vec<f32> = (0..c / 2 * hw * hw)
+                .map(|i| (i % 7) as f32 * 0.1 - 0.3)
+                .collect();
             let w: Vec<f32> = (0..co * c * 9).map(|i| (i % 5) as f32 * 0.01).collect();
             let u = Weights::new(&w, co, c, &tl);
             let mut v = vec![0.0f32; tl.v_len(c)];
@@ -470,7 +523,7 @@ mod timing {
                     })
                     .fold(f64::INFINITY, f64::min)
             };
-            let ti = time(&mut || input_transform(&planes, &p, &tl, &mut v));
+            let ti = time(&mut || input_transform(&x, c / 2, Act::ConcatElu, &tl, &mut v));
             let tm = time(&mut || multiply(&v, &u, &tl, &mut m));
             let to = time(&mut || output_transform(&m, co, &tl, None, &mut y));
             let flop = 2.0 * (XI * co * c * 3 * tl.ms()) as f64;
