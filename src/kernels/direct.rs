@@ -577,23 +577,31 @@ pub(super) fn weight_grad_t(
         }
         return;
     }
+    // Output rows in blocks whose slice of Gᵀ (≤ G_BLOCK_BYTES) stays in L1 across all
+    // taps, as in the 3×3 path above.
+    let (oh, ow, wp) = (p.oh(), p.ow(), p.wp());
+    let rows = (G_BLOCK_BYTES / (ow * cs * 4).max(1)).clamp(1, oh.max(1));
     #[cfg(target_arch = "x86_64")]
     for c0 in (0..cs).step_by(4 * CO_LANES) {
         let cv = (cs - c0).min(4 * CO_LANES) / CO_LANES;
-        let g = gt[c0..].as_ptr();
         // Taps at the end repeat the last one; the repeats are not stored.
         macro_rules! run {
             ($cv:literal, $nt:literal) => {
-                for t0 in (0..k).step_by($nt) {
-                    let taps = ($nt).min(k - t0);
-                    let x: [*const f32; $nt] =
-                        std::array::from_fn(|j| planes[offs[t0 + j.min(taps - 1)]..].as_ptr());
-                    let d = dwt[t0 * cs + c0..].as_mut_ptr();
-                    // SAFETY: AVX-512F is present; tap reads end below offₜ + q ≤
-                    // planes.len(), `gt` reads below ohw·cs, `dwt` writes below
-                    // (t0 + taps)·cs (all asserted above).
-                    unsafe {
-                        weight_grad_t_tile::<$cv, $nt>(&x, g, cs, d, taps, (p.oh(), p.ow(), p.wp()))
+                for y0 in (0..oh).step_by(rows) {
+                    let y1 = (y0 + rows).min(oh);
+                    let g = gt[y0 * ow * cs + c0..].as_ptr();
+                    for t0 in (0..k).step_by($nt) {
+                        let taps = ($nt).min(k - t0);
+                        let x: [*const f32; $nt] = std::array::from_fn(|j| {
+                            planes[offs[t0 + j.min(taps - 1)] + y0 * wp..].as_ptr()
+                        });
+                        let d = dwt[t0 * cs + c0..].as_mut_ptr();
+                        // SAFETY: AVX-512F is present; tap reads end below offₜ + q ≤
+                        // planes.len(), `gt` reads below ohw·cs, `dwt` writes below
+                        // (t0 + taps)·cs (all asserted above).
+                        unsafe {
+                            weight_grad_t_tile::<$cv, $nt>(&x, g, cs, d, taps, (y1 - y0, ow, wp))
+                        }
                     }
                 }
             };
