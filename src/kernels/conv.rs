@@ -1,7 +1,7 @@
 //! Stride-1 zero-padded 2-D convolution with bias, optionally of ConcatELU or ReLU of its
-//! input, with explicit weight/bias/input gradients: the direct kernels of `direct.rs`
-//! where they measured faster (f32, AVX-512, spatial kernels with enough taps), im2col +
-//! GEMM otherwise.
+//! input, with explicit weight/bias/input gradients: row Winograd (`winograd.rs`) for wide
+//! padding-1 3×3 layers, the direct kernels of `direct.rs` where they measured faster
+//! (f32, AVX-512, spatial kernels with enough taps), im2col + GEMM otherwise.
 //!
 //! Shapes: x `[B, Cx, H, W]`, w `[Co, Ci, kh, kw]`, b `[Co]`, y `[B, Co, H', W']` with
 //! `H' = H + 2p − kh + 1`, `W' = W + 2p − kw + 1`. The convolution's input is `a = x`

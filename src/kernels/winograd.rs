@@ -21,18 +21,25 @@
 //!
 //! Per output pair, input channel and kernel row that is 4 multiplications instead of 6.
 //! Unlike F(2×2, 3×3) (16 transformed values per 4 outputs) the transformed input is only
-//! twice the input, which on this memory system decides it: a 2-D version of this module
-//! wrote its 4× larger `V` at the L2's bandwidth and gained 5–9 % over the direct kernels
-//! where this gains 25–35 % (`timing::winograd_vs_direct`). The transforms only add,
-//! subtract and halve: the output equals the direct convolution up to float rounding.
+//! twice the input, which on this memory system decides it. A 2-D version of this module
+//! (session 10) wrote its 4× larger `V` at the L2's bandwidth (46–75 µs per 28×28 image of
+//! 64 channels, against 20 µs here) and its GEMMs had only `K = C`; it gained 5–9 % over the
+//! direct kernels forward and lost on ∂W. This one, at 64 → 32 channels on 28×28 maps,
+//! batch 64, two threads (`conv::timing::conv_op_timings`): forward 9.3 → 6.4 ms, ∂x
+//! 8.8 → 6.7 ms, ∂W 9.2 → 7.5–8.1 ms. The transforms only add, subtract and halve: the
+//! output equals the direct convolution up to float rounding.
 //!
 //! The input gradient is the same computation on the output gradient with the flipped,
-//! transposed weights (a padding-1 3×3 convolution again); the weight gradient stays with
-//! the direct kernels.
+//! transposed weights (a padding-1 3×3 convolution again). The weight gradient is
+//! `∂U[ξ][o][(c, i)] = Σ_{y,tx} Ĝ[ξ][o][y][tx] · V[ξ][c][y + i][tx]` with `Ĝ = A·∂y` per
+//! tile (`A = (Aᵀ)ᵀ`), run by the direct weight-gradient kernel over the rows of `V[ξ]`,
+//! then `∂w[o][c][i][j] = Σ_ξ G[ξ][j]·∂U[ξ][o][(c, i)]`.
 //!
 //! Layout: `V` is `[4][C][(H+2)·tw + slack]` and `M` `[4][Co][ms]`, with position
-//! `y·tw + tx`; the ξ blocks are padded so they do not fall 4 KiB apart. The transforms run
-//! 16 tiles of one row per vector, splitting even and odd columns with two-source permutes.
+//! `y·tw + tx`; the ξ blocks are padded so they do not fall 4 KiB apart. The input transform
+//! applies the convolution's activation (identity, ReLU, ConcatELU) plane by plane and
+//! transforms each row from there, 16 tiles per vector, splitting even and odd columns
+//! with two-source permutes; no padded copy of the image is written.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -45,8 +52,8 @@ const L: usize = 16;
 /// Transformed positions per tile.
 pub(super) const XI: usize = 4;
 
-/// Room after each ξ block: the GEMM's last vector and [`direct::weight_grad_t`]'s plane
-/// slack (`kw + MAX_TILE + 16` for the 3×1 taps).
+/// Room after each ξ block: at least the GEMM's last vector (16) and the plane slack
+/// [`direct::weight_grad_t`] asserts (`kw + MAX_TILE + 16` = 145 for the 3×1 taps).
 const V_SLACK: usize = 160;
 
 /// `G`, the weight transform (rows: the 4 transformed positions; columns: the 3 taps).
@@ -84,10 +91,9 @@ impl Tiles {
         (self.h + 2) * self.tw
     }
 
-    /// Distance between consecutive ξ blocks of `V` (for `c` channels) or `M` (`rows`
-    /// output rows of `q` positions): whole vectors and the GEMM's overrun, rounded up to
-    /// 4 KiB plus one cache line, so the four streams the transforms read or write at once
-    /// do not share L1 sets.
+    /// Distance between consecutive ξ blocks of `len` values (`V`, `M`, `Ĝ`): `len` plus
+    /// [`V_SLACK`], rounded up to 4 KiB plus one cache line, so the four streams the
+    /// transforms read or write at once do not share L1 sets.
     fn xi_stride(&self, len: usize) -> usize {
         (len + V_SLACK).next_multiple_of(1024) + L
     }
@@ -206,12 +212,10 @@ unsafe fn input_avx512(xn: &[f32], cx: usize, act: Act, tl: &Tiles, buf: &mut [f
             }
         }
     }
-    // The GEMM's last vector reads up to 16 values past the last plane (and the weight
-    // gradient's tiles up to one row).
+    // The GEMM's last vector reads up to 15 values past the last plane (into columns it
+    // drops); zeros there rather than stale scratch. The weight gradient reads none.
     for xi in 0..XI {
-        for j in (0..tw + L).step_by(L) {
-            _mm512_storeu_ps(v.add(xi * xs + c * vp + j), _mm512_setzero_ps());
-        }
+        _mm512_storeu_ps(v.add(xi * xs + c * vp), _mm512_setzero_ps());
     }
 }
 
