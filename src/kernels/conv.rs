@@ -1173,7 +1173,7 @@ mod tests {
         let vals =
             |n: usize, seed: u64| randn(seed, &[n], 1.0, DType::F32).to_vec1::<f32>().unwrap();
         // Even and odd heights and widths (a last tile half outside), 1×1 and 1×n maps, more
-        // than 16 tiles per tile row (two vectors of them), every input transform, output
+        // than 16 tiles per row (several vectors of them), every input activation, output
         // channel counts that leave partial GEMM blocks.
         for (b, cx, h, w, co, pre) in [
             (2, 16, 6, 6, 8, Pre::Identity),
@@ -1184,6 +1184,8 @@ mod tests {
             (2, 8, 9, 37, 16, Pre::ConcatElu),
             (2, 20, 34, 33, 10, Pre::Relu),
             (2, 32, 14, 14, 32, Pre::ConcatElu),
+            // A wide map: 151 tiles per row, past the buffers' fixed slack.
+            (1, 16, 2, 301, 16, Pre::Identity),
         ] {
             let g = Geom::new(&[b, cx, h, w], &[co, pre.channels(cx), 3, 3], 1, pre).unwrap();
             let (x, wt, bias) = (vals(b * g.in_len(), 1), vals(co * g.k(), 2), vals(co, 3));
