@@ -185,14 +185,7 @@ unsafe fn input_avx512(xn: &[f32], cx: usize, act: Act, tl: &Tiles, buf: &mut [f
     let rows = |plane: &[f32], ch: usize| {
         zero_row(v.add(ch * vp));
         zero_row(v.add(ch * vp + (h + 1) * tw));
-        for r in 1..=h {
-            transform_row(
-                plane[(r - 1) * w..r * w].as_ptr(),
-                w,
-                v.add(ch * vp + r * tw),
-                xs,
-            );
-        }
+        transform_rows(plane.as_ptr(), h, w, v.add(ch * vp + tw), xs);
     };
     for ch in 0..cx {
         let src = &xn[ch * hw..(ch + 1) * hw];
@@ -219,36 +212,44 @@ unsafe fn input_avx512(xn: &[f32], cx: usize, act: Act, tl: &Tiles, buf: &mut [f
     }
 }
 
-/// One image row `a` (`w` values) → its `tw` tiles' four transformed values, stored at
-/// `dst + ξ·xs`. The row is read as if zero-padded by one on each side: each vector is a
-/// load masked to the values inside the row (reading rows just written by the activation
-/// through a bordered copy stalled on store forwarding: 3× slower).
+/// The `h` rows of `w` values of one plane `a` → their `tw` tiles' four transformed values,
+/// row r stored at `dst + r·tw + ξ·xs`. Each row is read as if zero-padded by one on each
+/// side: every vector is a load masked to the values inside the row (reading rows just
+/// written by the activation through a bordered copy stalled on store forwarding: 3×
+/// slower). The masks depend only on the column, so the row loop runs inside the loop
+/// over vectors of tiles.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn transform_row(a: *const f32, w: usize, dst: *mut f32, xs: usize) {
+unsafe fn transform_rows(a: *const f32, h: usize, w: usize, dst: *mut f32, xs: usize) {
     let tw = w.div_ceil(2);
     let (ie, io) = (even_idx(0), even_idx(1));
-    // Padded columns s … s + 15, i.e. a[s − 1 …], zero outside 0 … w − 1.
-    let padded = |s: usize| {
+    // The mask of padded columns s … s + 15, i.e. a[s − 1 …], inside 0 … w − 1.
+    let inside = |s: usize| {
         let first = 1usize.saturating_sub(s) as u32;
         let end = (w + 1).saturating_sub(s).min(L) as u32;
-        let mask = (((1u32 << end) - 1) & !((1u32 << first) - 1)) as __mmask16;
-        _mm512_maskz_loadu_ps(mask, a.wrapping_add(s).wrapping_sub(1))
+        (((1u32 << end) - 1) & !((1u32 << first) - 1)) as __mmask16
     };
     for tx0 in (0..tw).step_by(L) {
         let mask = tail_mask((tw - tx0).min(L));
         let s = 2 * tx0;
-        let (lo, hi, lo2, hi2) = (padded(s), padded(s + L), padded(s + 2), padded(s + L + 2));
-        // Columns 2tx, 2tx+1, 2tx+2, 2tx+3 for 16 tiles.
-        let t = bt([
-            _mm512_permutex2var_ps(lo, ie, hi),
-            _mm512_permutex2var_ps(lo, io, hi),
-            _mm512_permutex2var_ps(lo2, ie, hi2),
-            _mm512_permutex2var_ps(lo2, io, hi2),
-        ]);
-        for (xi, &val) in t.iter().enumerate() {
-            _mm512_mask_storeu_ps(dst.add(xi * xs + tx0), mask, val);
+        let m = [inside(s), inside(s + L), inside(s + 2), inside(s + L + 2)];
+        let at = [s, s + L, s + 2, s + L + 2];
+        for r in 0..h {
+            let row = a.wrapping_add(r * w).wrapping_sub(1);
+            let [lo, hi, lo2, hi2]: [__m512; 4] =
+                std::array::from_fn(|k| _mm512_maskz_loadu_ps(m[k], row.wrapping_add(at[k])));
+            // Columns 2tx, 2tx+1, 2tx+2, 2tx+3 for 16 tiles.
+            let t = bt([
+                _mm512_permutex2var_ps(lo, ie, hi),
+                _mm512_permutex2var_ps(lo, io, hi),
+                _mm512_permutex2var_ps(lo2, ie, hi2),
+                _mm512_permutex2var_ps(lo2, io, hi2),
+            ]);
+            let d = dst.add(r * tw + tx0);
+            for (xi, &val) in t.iter().enumerate() {
+                _mm512_mask_storeu_ps(d.add(xi * xs), mask, val);
+            }
         }
     }
 }
