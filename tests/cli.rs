@@ -244,7 +244,8 @@ fn bench_prints_one_json_object_per_variant() {
             v["step_ms"].as_f64().unwrap() > 0.0 && v["gflop_per_step"].as_f64().unwrap() > 0.0
         );
     }
-    // `--variant V` (the spelling of `--only V`) benches that variant alone.
+    // `--variant V` (the spelling of `--only V`) benches that variant alone, and
+    // `--kernels` says which kernels ran.
     let (code, out, err) = flowlab(&[
         "bench",
         "experiments/ci_small.yaml",
@@ -255,13 +256,20 @@ fn bench_prints_one_json_object_per_variant() {
         "--steps",
         "1",
         "--json",
+        "--kernels",
+        "direct",
     ]);
     assert_eq!(code, 0, "{err}");
-    let variants: Vec<String> = out
+    let rows: Vec<serde_json::Value> = out
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["variant"].to_string())
+        .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(variants, ["\"glow\""], "{out}");
+    let variants: Vec<&str> = rows
+        .iter()
+        .map(|r| r["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(variants, ["glow"], "{out}");
+    assert_eq!(rows[0]["kernels"], "direct", "{out}");
 }
 
 #[test]
