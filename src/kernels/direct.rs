@@ -297,7 +297,8 @@ impl Packed {
 }
 
 /// `out[co][q] = Σₜ W[co][t] · planes[offₜ + q]` for every q of `p`'s padded-width output
-/// (and up to one tile beyond, into the stride's room). `out` is `[Co][p.out_stride()]`.
+/// (and up to the next whole vector, into the stride's room). `out` is
+/// `[Co][p.out_stride()]`.
 pub(super) fn conv(planes: &[f32], p: &Planes, offs: &[usize], w: &Packed, out: &mut [f32]) {
     assert!(planes.len() >= p.len());
     assert_eq!(w.block, p.block_co(), "weights packed for these planes");
