@@ -1105,14 +1105,37 @@ mod tests {
         check(&[2, 2, 3, 3], &[2, 2, 1, 1], 1, DType::F64, 1e-12);
     }
 
+    /// Random input, weights, bias and output gradient for geometry `g`, f32.
+    fn inputs(g: &Geom) -> [Vec<f32>; 4] {
+        let vals = |n: usize, seed: u64| randn(seed, &[n], 1.0, DType::F32).to_vec1().unwrap();
+        [
+            vals(g.b * g.in_len(), 1),
+            vals(g.co * g.k(), 2),
+            vals(g.co, 3),
+            vals(g.b * g.co * g.out_hw(), 4),
+        ]
+    }
+
+    /// `a` equals `e` to within `tol` of e's largest magnitude (or of 1).
+    fn assert_close(a: &[f32], e: &[f32], tol: f32, what: &str, g: &Geom) {
+        assert_eq!(a.len(), e.len());
+        let scale = e.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let err = a
+            .iter()
+            .zip(e)
+            .fold(0.0f32, |m, (a, e)| m.max((a - e).abs()));
+        assert!(
+            err <= tol * scale,
+            "{what} {g:?}: error {err}, scale {scale}"
+        );
+    }
+
     #[test]
     fn direct_kernels_match_the_gemm_path() {
         if !direct::available() {
             eprintln!("skipped: no AVX-512F");
             return;
         }
-        let vals =
-            |n: usize, seed: u64| randn(seed, &[n], 1.0, DType::F32).to_vec1::<f32>().unwrap();
         // Odd sizes, every forward block size (Co 1..8 and 8 + remainder), Co below, at
         // and above 16 (both weight-gradient kernels), 3×3 and other kernels, paddings 0..2,
         // both input transforms.
@@ -1131,20 +1154,8 @@ mod tests {
             (2, 4, 5, 5, 3, 3, 1, Pre::Relu),
         ] {
             let g = Geom::new(&[b, cx, h, w], &[co, pre.channels(cx), k, k], pad, pre).unwrap();
-            let (x, wt, bias) = (vals(b * g.in_len(), 1), vals(co * g.k(), 2), vals(co, 3));
-            let gy = vals(b * co * g.out_hw(), 4);
-            let close = |a: &[f32], e: &[f32], what: &str| {
-                assert_eq!(a.len(), e.len());
-                let scale = e.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-                let err = a
-                    .iter()
-                    .zip(e)
-                    .fold(0.0f32, |m, (a, e)| m.max((a - e).abs()));
-                assert!(
-                    err <= 1e-5 * scale,
-                    "{what} {g:?}: error {err}, scale {scale}"
-                );
-            };
+            let [x, wt, bias, gy] = inputs(&g);
+            let close = |a: &[f32], e: &[f32], what: &str| assert_close(a, e, 1e-5, what, &g);
             close(
                 &forward_direct(&x, &wt, &bias, &g),
                 &conv_forward(&x, &wt, &bias, &g),
@@ -1170,8 +1181,6 @@ mod tests {
             eprintln!("skipped: no AVX-512F");
             return;
         }
-        let vals =
-            |n: usize, seed: u64| randn(seed, &[n], 1.0, DType::F32).to_vec1::<f32>().unwrap();
         // Even and odd heights and widths (a last tile half outside), 1×1 and 1×n maps, more
         // than 16 tiles per row (several vectors of them), every input activation, output
         // channel counts that leave partial GEMM blocks.
@@ -1188,22 +1197,10 @@ mod tests {
             (1, 16, 2, 301, 16, Pre::Identity),
         ] {
             let g = Geom::new(&[b, cx, h, w], &[co, pre.channels(cx), 3, 3], 1, pre).unwrap();
-            let (x, wt, bias) = (vals(b * g.in_len(), 1), vals(co * g.k(), 2), vals(co, 3));
-            let gy = vals(b * co * g.out_hw(), 4);
-            // Winograd's transforms add up to 16 products per term; its error against the
-            // exact value is a few ulps of the largest partial sums.
-            let close = |a: &[f32], e: &[f32], what: &str| {
-                assert_eq!(a.len(), e.len());
-                let scale = e.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-                let err = a
-                    .iter()
-                    .zip(e)
-                    .fold(0.0f32, |m, (a, e)| m.max((a - e).abs()));
-                assert!(
-                    err <= 2e-5 * scale,
-                    "{what} {g:?}: error {err}, scale {scale}"
-                );
-            };
+            let [x, wt, bias, gy] = inputs(&g);
+            // The transforms add and subtract up to four values per term (and halve the
+            // weights): a few ulps of the largest partial sums more than a direct sum.
+            let close = |a: &[f32], e: &[f32], what: &str| assert_close(a, e, 2e-5, what, &g);
             close(
                 &forward_winograd(&x, &wt, &bias, &g),
                 &conv_forward(&x, &wt, &bias, &g),
