@@ -150,8 +150,9 @@ pub(super) enum Act {
 
 /// `V = Bᵀ d` for every channel, padded row and tile of `act` of one image `xn`
 /// (`[Cx][H][W]`, zero-padded by one pixel; `C = Cx` channels, `2·Cx` for ConcatELU) into
-/// `v` ([`Tiles::v_len`] of C). Each row is activated into a small zero-bordered buffer and
-/// transformed from there, so the padded image is never written out.
+/// `v` ([`Tiles::v_len`] of C). Each channel plane is activated into a plane-sized buffer
+/// (read in place for the identity) and its rows transformed from there with loads masked
+/// to the row, so no padded copy of the image is written.
 pub(super) fn input_transform(xn: &[f32], cx: usize, act: Act, tl: &Tiles, v: &mut [f32]) {
     let c = if act == Act::ConcatElu { 2 * cx } else { cx };
     assert!(available(), "winograd needs AVX-512F");
