@@ -107,7 +107,8 @@ impl CheckReport {
     }
 }
 
-fn max_abs(t: &Tensor) -> Result<f64> {
+/// The largest absolute value of `t` (any float dtype), as f64.
+pub fn max_abs(t: &Tensor) -> Result<f64> {
     Ok(t.abs()?
         .flatten_all()?
         .max(0)?

@@ -698,6 +698,7 @@ mod tests {
     use super::super::{randn, with_kernels, Kernels};
     use super::*;
     use crate::flow::spline::{params_per_element, rq_spline as spline, rq_spline_nchw};
+    use crate::testing::max_abs;
     use candle_core::{DType, Device};
 
     fn spec(bins: usize) -> RqSplineSpec {
@@ -799,44 +800,18 @@ mod tests {
             .broadcast_as(x.shape())
             .unwrap();
         let kept = |t: &Tensor| t.broadcast_mul(&keep).unwrap();
-        let diff = (kept(&y) - kept(&x))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert_eq!(
-            diff.to_scalar::<f64>().unwrap(),
-            0.0,
-            "masked elements are x"
-        );
-        let ldm = kept(&ld).abs().unwrap().max_all().unwrap();
-        assert_eq!(
-            ldm.to_scalar::<f64>().unwrap(),
-            0.0,
-            "with log-derivative 0"
-        );
+        let diff = max_abs(&(kept(&y) - kept(&x)).unwrap()).unwrap();
+        assert_eq!(diff, 0.0, "masked elements are x");
+        assert_eq!(max_abs(&kept(&ld)).unwrap(), 0.0, "with log-derivative 0");
         // Parameters of masked elements (every channel's 3K−1 planes at masked pixels).
         let gm = g
             .reshape((2, 2, per, 4, 4))
             .unwrap()
             .broadcast_mul(&keep.reshape((2, 2, 1, 4, 4)).unwrap())
             .unwrap();
-        let gmax = gm
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let gmax = max_abs(&gm).unwrap();
         assert_eq!(gmax, 0.0, "no gradient to masked elements' parameters");
-        let gall = g
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let gall = max_abs(&g).unwrap();
         assert!(
             gall > 1e-6,
             "the transformed elements' parameters get gradients"
@@ -863,16 +838,7 @@ mod tests {
         let [x, raw] = inputs(&[5, 2, 7], 8, 3.0, 1.5, DType::F64);
         let run = |k| with_kernels(k, || spline(&x, &raw, 8, 3.0, true).unwrap());
         let ((xf, lf), (xr, lr)) = (run(Kernels::Fast), run(Kernels::Candle));
-        let err = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
+        let err = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap()).unwrap();
         assert!(err(&xf, &xr) < 1e-9 && err(&lf, &lr) < 1e-9);
         let msg = with_kernels(Kernels::Fast, || {
             let v = candle_core::Var::from_tensor(&raw).unwrap();
