@@ -102,12 +102,7 @@ impl Planes {
         self.oh() * self.wp()
     }
 
-    /// Output channels per forward block for this geometry: [`BLOCK_CO`], or 6 where the
-    /// 8 × 3 tiles would end in a tile of one vector and 6 × 4 tiles would not. A one-vector
-    /// tile has 8 accumulators and as many loads as FMAs; on a 7×7 map (63 positions, 4
-    /// vectors) one 6 × 4 tile replaces an 8 × 3 and an 8 × 1, and the forward kernel ran
-    /// 156 instead of 115 GFLOP/s on one core (128→48 channels, `timing::microkernel_rate`).
-    /// Tiles do not change any output's sum, so neither does this choice.
+    /// Output channels per forward block for this geometry ([`block_co_for`] its positions).
     pub fn block_co(&self) -> usize {
         block_co_for(self.q())
     }
@@ -311,9 +306,9 @@ pub(super) fn conv(planes: &[f32], p: &Planes, offs: &[usize], w: &Packed, out: 
 ///
 /// `tiles_outer` runs each tile of positions through all full blocks of output channels
 /// before the next tile, so the tile's inputs (`K` × 16R values) are read from L2 once
-/// rather than once per block; for short `K` (Winograd's GEMMs: `K` = channels) that was
-/// 9 % faster (64 → 32 channels, 196 positions; `winograd::timing`). Either order computes
-/// every output with the same sum.
+/// rather than once per block; for the row-Winograd GEMMs at 28×28 that was 0–5 % faster
+/// on one core (`winograd::timing::winograd_phases`). Either order computes every output
+/// with the same sum.
 pub(super) fn conv_rows(
     x: &[f32],
     offs: &[usize],
@@ -373,6 +368,9 @@ pub(super) fn conv_rows(
     }
 }
 
+/// [`conv_rows`]' tiles-outer order: the first `blocks` blocks of `M` output channels,
+/// each 16R-position tile through all of them before the next ([`conv_block`] on one
+/// tile's positions).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -385,24 +383,11 @@ unsafe fn blocks_per_tile<const M: usize, const R: usize>(
     q: usize,
     blocks: usize,
 ) {
-    let full = q / (LANES * R);
-    for i in 0..full {
+    for q0 in (0..q).step_by(LANES * R) {
+        let n = (q - q0).min(LANES * R);
         for bl in 0..blocks {
             let wb = w.data.as_ptr().add(bl * M * w.k);
-            conv_tile::<M, R>(x, offs, wb, out.add(bl * M * rs), rs, i * LANES * R);
-        }
-    }
-    let q0 = full * LANES * R;
-    if q0 < q {
-        for bl in 0..blocks {
-            let wb = w.data.as_ptr().add(bl * M * w.k);
-            let o = out.add(bl * M * rs);
-            match (q - q0).div_ceil(LANES) {
-                1 => conv_tile::<M, 1>(x, offs, wb, o, rs, q0),
-                2 => conv_tile::<M, 2>(x, offs, wb, o, rs, q0),
-                3 => conv_tile::<M, 3>(x, offs, wb, o, rs, q0),
-                _ => conv_tile::<M, 4>(x, offs, wb, o, rs, q0),
-            }
+            conv_block::<M, R>(x.add(q0), offs, wb, out.add(bl * M * rs + q0), rs, n);
         }
     }
 }
