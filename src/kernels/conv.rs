@@ -25,7 +25,7 @@ use crate::Result;
 
 /// What the convolution applies to its input first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pre {
+pub(super) enum Pre {
     /// `a = x`.
     Identity,
     /// `a = [elu(x), elu(−x)]` along channels.
@@ -36,7 +36,7 @@ enum Pre {
 
 impl Pre {
     /// Channels of the convolution's input for `cx` input channels.
-    fn channels(self, cx: usize) -> usize {
+    pub(super) fn channels(self, cx: usize) -> usize {
         match self {
             Pre::Identity | Pre::Relu => cx,
             Pre::ConcatElu => 2 * cx,
@@ -216,16 +216,6 @@ impl Geom {
             && self.h * self.w.div_ceil(2) >= WINOGRAD_MIN_Q
             && winograd::available()
             && self.b >= rayon::current_num_threads()
-    }
-
-    /// The Winograd input transform's view of the op's input: its channels and activation.
-    fn winograd_input(&self) -> (usize, winograd::Act) {
-        let act = match self.pre {
-            Pre::Identity => winograd::Act::Identity,
-            Pre::Relu => winograd::Act::Relu,
-            Pre::ConcatElu => winograd::Act::ConcatElu,
-        };
-        (self.ci / self.pre.channels(1), act)
     }
 
     /// Writes the convolution's input `a` of image `xn` into the padded planes `buf`.
@@ -672,7 +662,6 @@ fn forward_winograd(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
     let tl = Tiles::new(g.h, g.w);
     let u = winograd::Weights::new(w, g.co, g.ci, &tl);
     let (vl, ml) = (tl.v_len(g.ci), tl.m_len(g.co));
-    let (cx, act) = g.winograd_input();
     per_image_out(
         g.b * g.co * g.out_hw(),
         g.co * g.out_hw(),
@@ -680,7 +669,7 @@ fn forward_winograd(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
         |n, y, scratch, _| {
             let (v, m) = scratch.split_at_mut(vl);
             let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
-            winograd::input_transform(xn, cx, act, &tl, v);
+            winograd::input_transform(xn, g.pre, &tl, v);
             winograd::multiply(v, &u, &tl, m);
             winograd::output_transform(m, g.co, &tl, Some(b), y);
         },
@@ -702,7 +691,7 @@ fn input_grad_winograd(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
             let (v, rest) = scratch.split_at_mut(vl);
             let (m, act) = rest.split_at_mut(ml);
             let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
-            winograd::input_transform(gn, g.co, winograd::Act::Identity, &tl, v);
+            winograd::input_transform(gn, Pre::Identity, &tl, v);
             winograd::multiply(v, &u, &tl, m);
             let da = g.da_target(&mut *dxn, &mut *act);
             winograd::output_transform(m, g.ci, &tl, None, &mut da[..g.act_len()]);
@@ -719,7 +708,6 @@ fn weight_grad_winograd(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
     let cs = g.co.next_multiple_of(direct::CO_LANES);
     let (vl, gl) = (tl.v_len(g.ci), tl.gh_len(cs));
     let ul = winograd::XI * 3 * g.ci * cs;
-    let (cx, act) = g.winograd_input();
     let sums = super::reduce_images(g.b, ul + g.co, |range| {
         let mut sums = vec![0.0; ul + g.co];
         let (du, db) = sums.split_at_mut(ul);
@@ -730,7 +718,7 @@ fn weight_grad_winograd(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
             gt.fill(0.0);
             for n in range {
                 let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
-                winograd::input_transform(xn, cx, act, &tl, v);
+                winograd::input_transform(xn, g.pre, &tl, v);
                 let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
                 transpose_grad(gn, ohw, cs, gt);
                 add_bias_grad(db, gn, ohw);

@@ -44,6 +44,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use super::conv::Pre;
 use super::direct::{self, Packed, Planes};
 use super::elementwise::concat_elu_row;
 
@@ -137,41 +138,32 @@ pub(super) fn available() -> bool {
     direct::available()
 }
 
-/// What the convolution applies to its input before the transform.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Act {
-    /// `a = x`.
-    Identity,
-    /// `a = max(x, 0)` (0 for NaN).
-    Relu,
-    /// `a = [elu(x), elu(−x)]` along channels.
-    ConcatElu,
-}
-
-/// `V = Bᵀ d` for every channel, padded row and tile of `act` of one image `xn`
-/// (`[Cx][H][W]`, zero-padded by one pixel; `C = Cx` channels, `2·Cx` for ConcatELU) into
+/// `V = Bᵀ d` for every channel, padded row and tile of `pre` of one image `xn`
+/// (`[Cx][H][W]`, zero-padded by one pixel; `C = pre.channels(Cx)` channels) into
 /// `v` ([`Tiles::v_len`] of C). Each channel plane is activated into a plane-sized buffer
 /// (read in place for the identity) and its rows transformed from there with loads masked
 /// to the row, so no padded copy of the image is written.
-pub(super) fn input_transform(xn: &[f32], cx: usize, act: Act, tl: &Tiles, v: &mut [f32]) {
-    let c = if act == Act::ConcatElu { 2 * cx } else { cx };
+pub(super) fn input_transform(xn: &[f32], pre: Pre, tl: &Tiles, v: &mut [f32]) {
+    let hw = tl.h * tl.w;
     assert!(available(), "winograd needs AVX-512F");
-    assert!(xn.len() == cx * tl.h * tl.w && v.len() >= tl.v_len(c));
+    assert!(hw > 0 && xn.len().is_multiple_of(hw));
+    let cx = xn.len() / hw;
+    assert!(v.len() >= tl.v_len(pre.channels(cx)));
     // One channel's activations (two for ConcatELU).
     let mut buf = vec![0.0f32; 2 * tl.h * tl.w];
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX-512F is present; row loads are masked to the W values of each row,
     // stores to row (ξ, c, r) of `v` (asserted above).
     unsafe {
-        input_avx512(xn, cx, act, tl, &mut buf, v.as_mut_ptr())
+        input_avx512(xn, cx, pre, tl, &mut buf, v.as_mut_ptr())
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn input_avx512(xn: &[f32], cx: usize, act: Act, tl: &Tiles, buf: &mut [f32], v: *mut f32) {
+unsafe fn input_avx512(xn: &[f32], cx: usize, pre: Pre, tl: &Tiles, buf: &mut [f32], v: *mut f32) {
     let (h, w, tw, hw) = (tl.h, tl.w, tl.tw, tl.h * tl.w);
-    let c = if act == Act::ConcatElu { 2 * cx } else { cx };
+    let c = pre.channels(cx);
     let (vp, xs) = (tl.plane(), tl.xi_stride(c * tl.plane()));
     let (a, b) = buf.split_at_mut(hw);
     let zero_row = |dst: *mut f32| {
@@ -190,15 +182,15 @@ unsafe fn input_avx512(xn: &[f32], cx: usize, act: Act, tl: &Tiles, buf: &mut [f
     };
     for ch in 0..cx {
         let src = &xn[ch * hw..(ch + 1) * hw];
-        match act {
-            Act::Identity => rows(src, ch),
-            Act::Relu => {
+        match pre {
+            Pre::Identity => rows(src, ch),
+            Pre::Relu => {
                 for (a, &x) in a.iter_mut().zip(src) {
                     *a = if x > 0.0 { x } else { 0.0 };
                 }
                 rows(a, ch);
             }
-            Act::ConcatElu => {
+            Pre::ConcatElu => {
                 // Whole planes, so the exponential runs in full vectors.
                 concat_elu_row(src, a, b);
                 rows(a, ch);
@@ -529,7 +521,7 @@ mod timing {
                     })
                     .fold(f64::INFINITY, f64::min)
             };
-            let ti = time(&mut || input_transform(&x, c / 2, Act::ConcatElu, &tl, &mut v));
+            let ti = time(&mut || input_transform(&x, Pre::ConcatElu, &tl, &mut v));
             let tm = time(&mut || multiply(&v, &u, &tl, &mut m));
             let to = time(&mut || output_transform(&m, co, &tl, None, &mut y));
             let flop = 2.0 * (XI * co * c * 3 * tl.ms()) as f64;
