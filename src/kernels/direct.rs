@@ -209,10 +209,10 @@ unsafe fn map_row(dst: *mut f32, src: *const f32, n: usize, f: impl Fn(__m512) -
     }
 }
 
-/// The mask of the first `n < 16` lanes.
+/// The mask of the first `min(n, 16)` lanes.
 #[cfg(target_arch = "x86_64")]
-fn tail_mask(n: usize) -> __mmask16 {
-    ((1u32 << n) - 1) as __mmask16
+pub(super) fn tail_mask(n: usize) -> __mmask16 {
+    ((1u32 << n.min(LANES)) - 1) as __mmask16
 }
 
 /// Copies `rows` rows of `w` floats: row i goes from `src[s..s + w]` to `dst[d..d + w]`,

@@ -45,6 +45,8 @@
 use std::arch::x86_64::*;
 
 use super::conv::Pre;
+#[cfg(target_arch = "x86_64")]
+use super::direct::tail_mask;
 use super::direct::{self, Packed, Planes};
 use super::elementwise::concat_elu_row;
 
@@ -310,12 +312,6 @@ unsafe fn interleave_idx(half: i32) -> __m512i {
         h + 7,
         h + 23,
     )
-}
-
-/// The mask of the first `n ≤ 16` lanes.
-#[cfg(target_arch = "x86_64")]
-fn tail_mask(n: usize) -> __mmask16 {
-    ((1u32 << n.min(L)) - 1) as __mmask16
 }
 
 /// The four transformed weights `U[ξ]` of `w` (`[Co][C][3][3]`), each `[Co][C·3]` (taps
