@@ -1093,29 +1093,37 @@ mod tests {
         check(&[2, 2, 3, 3], &[2, 2, 1, 1], 1, DType::F64, 1e-12);
     }
 
-    /// Random input, weights, bias and output gradient for geometry `g`, f32.
-    fn inputs(g: &Geom) -> [Vec<f32>; 4] {
+    /// One path's forward pass, ∂x and `[∂W; ∂b]` against the im2col + GEMM path on random
+    /// f32 data of geometry `g`, each to within `tol` of its largest magnitude (or of 1).
+    fn assert_matches_gemm_path(
+        g: &Geom,
+        tol: f32,
+        fwd: impl Fn(&[f32], &[f32], &[f32], &Geom) -> Vec<f32>,
+        dx: impl Fn(&[f32], &[f32], &[f32], &Geom) -> Vec<f32>,
+        dw: impl Fn(&[f32], &[f32], &Geom) -> Vec<f32>,
+    ) {
         let vals = |n: usize, seed: u64| randn(seed, &[n], 1.0, DType::F32).to_vec1().unwrap();
-        [
+        let (x, w, b) = (
             vals(g.b * g.in_len(), 1),
             vals(g.co * g.k(), 2),
             vals(g.co, 3),
-            vals(g.b * g.co * g.out_hw(), 4),
-        ]
-    }
-
-    /// `a` equals `e` to within `tol` of e's largest magnitude (or of 1).
-    fn assert_close(a: &[f32], e: &[f32], tol: f32, what: &str, g: &Geom) {
-        assert_eq!(a.len(), e.len());
-        let scale = e.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        let err = a
-            .iter()
-            .zip(e)
-            .fold(0.0f32, |m, (a, e)| m.max((a - e).abs()));
-        assert!(
-            err <= tol * scale,
-            "{what} {g:?}: error {err}, scale {scale}"
         );
+        let gy = vals(g.b * g.co * g.out_hw(), 4);
+        let close = |a: &[f32], e: &[f32], what: &str| {
+            assert_eq!(a.len(), e.len());
+            let scale = e.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let err = a
+                .iter()
+                .zip(e)
+                .fold(0.0f32, |m, (a, e)| m.max((a - e).abs()));
+            assert!(
+                err <= tol * scale,
+                "{what} {g:?}: error {err}, scale {scale}"
+            );
+        };
+        close(&fwd(&x, &w, &b, g), &conv_forward(&x, &w, &b, g), "y");
+        close(&dx(&gy, &w, &x, g), &conv_input_grad(&gy, &w, &x, g), "∂x");
+        close(&dw(&x, &gy, g), &conv_weight_grad(&x, &gy, g), "∂W");
     }
 
     #[test]
@@ -1142,24 +1150,9 @@ mod tests {
             (2, 4, 5, 5, 3, 3, 1, Pre::Relu),
         ] {
             let g = Geom::new(&[b, cx, h, w], &[co, pre.channels(cx), k, k], pad, pre).unwrap();
-            let [x, wt, bias, gy] = inputs(&g);
-            let close = |a: &[f32], e: &[f32], what: &str| assert_close(a, e, 1e-5, what, &g);
-            close(
-                &forward_direct(&x, &wt, &bias, &g),
-                &conv_forward(&x, &wt, &bias, &g),
-                "y",
-            );
             let t = g.transposed_planes().unwrap();
-            close(
-                &input_grad_direct(&gy, &wt, &x, &g, t),
-                &conv_input_grad(&gy, &wt, &x, &g),
-                "∂x",
-            );
-            close(
-                &weight_grad_direct(&x, &gy, &g),
-                &conv_weight_grad(&x, &gy, &g),
-                "∂W",
-            );
+            let dx = |gy: &[f32], w: &[f32], x: &[f32], g: &Geom| input_grad_direct(gy, w, x, g, t);
+            assert_matches_gemm_path(&g, 1e-5, forward_direct, dx, weight_grad_direct);
         }
     }
 
@@ -1185,24 +1178,14 @@ mod tests {
             (1, 16, 2, 301, 16, Pre::Identity),
         ] {
             let g = Geom::new(&[b, cx, h, w], &[co, pre.channels(cx), 3, 3], 1, pre).unwrap();
-            let [x, wt, bias, gy] = inputs(&g);
             // The transforms add and subtract up to four values per term (and halve the
             // weights): a few ulps of the largest partial sums more than a direct sum.
-            let close = |a: &[f32], e: &[f32], what: &str| assert_close(a, e, 2e-5, what, &g);
-            close(
-                &forward_winograd(&x, &wt, &bias, &g),
-                &conv_forward(&x, &wt, &bias, &g),
-                "y",
-            );
-            close(
-                &input_grad_winograd(&gy, &wt, &x, &g),
-                &conv_input_grad(&gy, &wt, &x, &g),
-                "∂x",
-            );
-            close(
-                &weight_grad_winograd(&x, &gy, &g),
-                &conv_weight_grad(&x, &gy, &g),
-                "∂W",
+            assert_matches_gemm_path(
+                &g,
+                2e-5,
+                forward_winograd,
+                input_grad_winograd,
+                weight_grad_winograd,
             );
         }
     }
