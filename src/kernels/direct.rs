@@ -23,6 +23,9 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::avx2;
+
 /// f32 lanes per vector.
 const LANES: usize = 16;
 /// The widest forward tile, in positions (`16·R` for the largest `R`).
@@ -34,13 +37,23 @@ const BLOCK_CO: usize = 8;
 const WG_CO: usize = 4;
 const WG_TAPS: usize = 4;
 
-/// Output channels per forward block for `q` positions: [`BLOCK_CO`], or 6 where the
+/// Output channels per forward block for `q` positions: `avx2::BLOCK_CO` for the AVX2
+/// kernels, else [`block_co_avx512`].
+pub(super) fn block_co_for(q: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Some(Isa::Avx2) {
+        return avx2::BLOCK_CO;
+    }
+    block_co_avx512(q)
+}
+
+/// The AVX-512 forward block for `q` positions: [`BLOCK_CO`], or 6 where the
 /// 8 × 3 tiles would end in a tile of one vector and 6 × 4 tiles would not. A one-vector
 /// tile has 8 accumulators and as many loads as FMAs; on a 7×7 map (63 positions, 4
 /// vectors) one 6 × 4 tile replaces an 8 × 3 and an 8 × 1, and the forward kernel ran
 /// 156 instead of 115 GFLOP/s on one core (128→48 channels, `timing::microkernel_rate`).
 /// Tiles do not change any output's sum, so neither does this choice.
-pub(super) fn block_co_for(q: usize) -> usize {
+fn block_co_avx512(q: usize) -> usize {
     let v = q.div_ceil(LANES);
     if v % 3 == 1 && v % 4 != 1 {
         6
@@ -49,15 +62,48 @@ pub(super) fn block_co_for(q: usize) -> usize {
     }
 }
 
-/// Whether this CPU runs the microkernels (AVX-512F), checked once.
-pub(super) fn available() -> bool {
+/// The vector extension the microkernels run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Isa {
+    /// AVX-512F: the kernels in this file and `winograd.rs`.
+    Avx512,
+    /// AVX2 with FMA: the kernels in `avx2.rs`.
+    Avx2,
+}
+
+/// The widest extension this CPU has for the microkernels, checked once; `None` where it
+/// has neither (then the convolutions run as im2col + GEMM). To test and compare them,
+/// `FLOWLAB_SIMD=avx2` picks the AVX2 kernels on an AVX-512 CPU and `FLOWLAB_SIMD=none`
+/// turns the microkernels off.
+pub(super) fn isa() -> Option<Isa> {
     #[cfg(target_arch = "x86_64")]
     {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+        static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma");
+            let forced = std::env::var("FLOWLAB_SIMD").ok();
+            match forced.as_deref() {
+                Some("none") => return None,
+                Some("avx2") if avx2 => return Some(Isa::Avx2),
+                _ => {}
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                Some(Isa::Avx512)
+            } else if avx2 {
+                Some(Isa::Avx2)
+            } else {
+                None
+            }
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
-    false
+    None
+}
+
+/// Whether this CPU runs the microkernels (AVX-512F, or AVX2 with FMA).
+pub(super) fn available() -> bool {
+    isa().is_some()
 }
 
 /// The padded-plane geometry of one image for a stride-1 `kh × kw` convolution with zero
@@ -142,18 +188,23 @@ impl Planes {
     /// pass instead of a `memcpy`/`memset` call per row.
     pub fn fill(&self, buf: &mut [f32], src: &[f32], relu: bool) {
         let (hw, plen) = (self.h * self.w, self.len());
-        assert!(available(), "direct conv needs AVX-512F");
+        assert!(available(), "direct conv needs AVX-512F or AVX2");
         assert!(hw > 0 && src.len().is_multiple_of(hw) && src.len() / hw <= self.c);
         assert!(buf.len() >= plen);
         let k = src.len() / hw;
         let (planes, slack) = buf[..plen].split_at_mut(self.c * self.plane());
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX-512F is present; `fill_avx512` writes exactly the first k planes of
-        // `planes` (k·Hp·Wp ≤ its length) and reads k·H·W = src.len() elements; the slack
-        // is zeroed within its own slice.
+        // SAFETY: the CPU has the ISA's features; `fill_*` writes exactly the first k planes
+        // of `planes` (k·Hp·Wp ≤ its length) and reads k·H·W = src.len() elements; the
+        // slack is zeroed within its own slice.
         unsafe {
-            fill_avx512(self, planes.as_mut_ptr(), src.as_ptr(), k, relu);
-            zero_run(slack.as_mut_ptr(), slack.len());
+            if isa() == Some(Isa::Avx2) {
+                avx2::fill(self, planes.as_mut_ptr(), src.as_ptr(), k, relu);
+                avx2::zero(slack.as_mut_ptr(), slack.len());
+            } else {
+                fill_avx512(self, planes.as_mut_ptr(), src.as_ptr(), k, relu);
+                zero_run(slack.as_mut_ptr(), slack.len());
+            }
         }
     }
 }
@@ -226,11 +277,15 @@ pub(super) fn copy_rows(
     at: impl Fn(usize) -> (usize, usize, f32),
     relu: bool,
 ) {
-    assert!(available(), "direct conv needs AVX-512F");
+    assert!(available(), "direct conv needs AVX-512F or AVX2");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is present; the row slices are bounds-checked inside.
+    // SAFETY: the CPU has the ISA's features; the row slices are bounds-checked inside.
     unsafe {
-        copy_rows_avx512(dst, src, rows, w, &at, relu)
+        if isa() == Some(Isa::Avx2) {
+            avx2::copy_rows(dst, src, rows, w, &at, relu)
+        } else {
+            copy_rows_avx512(dst, src, rows, w, &at, relu)
+        }
     };
 }
 
@@ -265,10 +320,10 @@ unsafe fn copy_rows_avx512(
 /// output channels ([`Planes::block_co`] of the planes it will run on), so the forward tile
 /// broadcasts its `m` weights of one tap from one cache line.
 pub(super) struct Packed {
-    co: usize,
-    k: usize,
+    pub(super) co: usize,
+    pub(super) k: usize,
     block: usize,
-    data: Vec<f32>,
+    pub(super) data: Vec<f32>,
 }
 
 impl Packed {
@@ -319,12 +374,18 @@ pub(super) fn conv_rows(
     tiles_outer: bool,
 ) {
     let qv = q.next_multiple_of(LANES);
-    assert!(available(), "direct conv needs AVX-512F");
+    assert!(available(), "direct conv needs AVX-512F or AVX2");
     assert_eq!(offs.len(), w.k, "one offset per tap");
     assert_eq!(w.block, block_co_for(q), "weights packed for {q} positions");
     assert!(rs >= qv && (w.co == 0 || out.len() >= (w.co - 1) * rs + qv));
     // Every read is below offs.max() + qv ≤ x.len(), every write below (co − 1)·rs + qv.
     assert!(offs.iter().all(|&o| o + qv <= x.len()));
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Some(Isa::Avx2) {
+        // SAFETY: AVX2 and FMA are present; reads and writes are bounded as asserted above.
+        unsafe { avx2::conv_rows(x.as_ptr(), offs, w, out.as_mut_ptr(), rs, q, tiles_outer) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     // Full blocks run tile by tile when asked (and there are several); the rest, and
     // everything otherwise, block by block below.
@@ -474,13 +535,19 @@ pub(super) fn weight_grad(
     dw: &mut [f32],
 ) {
     let (gs, k, plen) = (p.grad_stride(), offs.len(), p.len());
-    assert!(available(), "direct conv needs AVX-512F");
+    assert!(available(), "direct conv needs AVX-512F or AVX2");
     assert!(imgs > 0 && planes.len() >= imgs * plen && k > 0);
     assert!(gz.len().is_multiple_of(imgs * gs));
     let co = gz.len() / (imgs * gs);
     assert_eq!(dw.len(), co * k);
     assert!(offs.iter().all(|&o| o + gs <= plen));
     let strides = (plen, co * gs);
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Some(Isa::Avx2) {
+        // SAFETY: AVX2 and FMA are present; reads are bounded as asserted above.
+        unsafe { avx2::weight_grad(planes, (plen, gs), offs, gz, imgs, dw) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     for c0 in (0..co).step_by(WG_CO) {
         let rows = WG_CO.min(co - c0);
@@ -529,9 +596,16 @@ pub(super) fn weight_grad_t(
         p.oh() * p.ow(),
         gt.len() / (p.oh() * p.ow()).max(1),
     );
-    assert!(available(), "direct conv needs AVX-512F");
+    assert!(available(), "direct conv needs AVX-512F or AVX2");
     assert!(cs % CO_LANES == 0 && gt.len() == ohw * cs && dwt.len() == k * cs && k > 0);
     assert!(planes.len() >= p.len() && offs.iter().all(|&o| o + p.q() <= p.len()));
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Some(Isa::Avx2) {
+        let rows = (G_BLOCK_BYTES / (p.ow() * cs * 4).max(1)).clamp(1, p.oh().max(1));
+        // SAFETY: AVX2 and FMA are present; reads and writes are bounded as asserted above.
+        unsafe { avx2::weight_grad_t(planes, p, offs, gt, dwt, rows) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if p.kh == 3 && p.kw == 3 {
         // One channel's 9 taps per tile, addressed from one base pointer (on 14×14 and 7×7
@@ -798,18 +872,11 @@ mod tests {
 
     #[test]
     fn block_sizes_avoid_one_vector_tiles() {
-        let planes = |hw: usize| Planes {
-            c: 4,
-            h: hw,
-            w: hw,
-            pad: 1,
-            kh: 3,
-            kw: 3,
-        };
-        // 28×28: 53 vectors (8 × 3 leaves 2); 14×14: 14 (leaves 2); 7×7: 4 (8 × 3 would
-        // leave 1, 6 × 4 leaves none); 2×2: 1 vector either way.
+        // Padded-width positions H·(W + 2) of 3×3 padding-1 maps. 28×28: 53 vectors (8 × 3
+        // leaves 2); 14×14: 14 (leaves 2); 7×7: 4 (8 × 3 would leave 1, 6 × 4 leaves
+        // none); 2×2: 1 vector either way.
         for (hw, block) in [(28, 8), (14, 8), (7, 6), (2, 8)] {
-            assert_eq!(planes(hw).block_co(), block, "{hw}×{hw}");
+            assert_eq!(block_co_avx512(hw * (hw + 2)), block, "{hw}×{hw}");
         }
     }
 

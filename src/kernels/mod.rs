@@ -52,6 +52,7 @@ pub(crate) use dispatch;
 mod adam;
 mod affine;
 mod alloc;
+mod avx2;
 mod conv;
 mod direct;
 mod elementwise;

@@ -70,9 +70,9 @@ const GM: [[f32; 3]; 4] = [
 /// The row tiles of an `h × w` map: pairs of output pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Tiles {
-    h: usize,
-    w: usize,
-    tw: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) tw: usize,
 }
 
 impl Tiles {
@@ -90,14 +90,14 @@ impl Tiles {
     }
 
     /// One channel's transformed rows, `(H+2)·tw`.
-    fn plane(&self) -> usize {
+    pub(super) fn plane(&self) -> usize {
         (self.h + 2) * self.tw
     }
 
     /// Distance between consecutive ξ blocks of `len` values (`V`, `M`, `Ĝ`): `len` plus
     /// [`V_SLACK`], rounded up to 4 KiB plus one cache line, so the four streams the
     /// transforms read or write at once do not share L1 sets.
-    fn xi_stride(&self, len: usize) -> usize {
+    pub(super) fn xi_stride(&self, len: usize) -> usize {
         (len + V_SLACK).next_multiple_of(1024) + L
     }
 
@@ -125,7 +125,7 @@ impl Tiles {
     }
 
     /// Row stride of `M`: whole vectors of positions.
-    fn ms(&self) -> usize {
+    pub(super) fn ms(&self) -> usize {
         self.q().next_multiple_of(L)
     }
 
@@ -147,17 +147,65 @@ pub(super) fn available() -> bool {
 /// to the row, so no padded copy of the image is written.
 pub(super) fn input_transform(xn: &[f32], pre: Pre, tl: &Tiles, v: &mut [f32]) {
     let hw = tl.h * tl.w;
-    assert!(available(), "winograd needs AVX-512F");
+    assert!(available(), "winograd needs AVX-512F or AVX2");
     assert!(hw > 0 && xn.len().is_multiple_of(hw));
     let cx = xn.len() / hw;
     assert!(v.len() >= tl.v_len(pre.channels(cx)));
     // One channel's activations (two for ConcatELU).
     let mut buf = vec![0.0f32; 2 * tl.h * tl.w];
     #[cfg(target_arch = "x86_64")]
+    if direct::isa() == Some(direct::Isa::Avx2) {
+        input_avx2(xn, cx, pre, tl, &mut buf, v);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX-512F is present; row loads are masked to the W values of each row,
     // stores to row (ξ, c, r) of `v` (asserted above).
     unsafe {
         input_avx512(xn, cx, pre, tl, &mut buf, v.as_mut_ptr())
+    }
+}
+
+/// [`input_transform`] by the AVX2 kernels: each channel plane activated into `buf` (the
+/// elementwise code vectorises by itself), its rows transformed by `avx2::transform_rows`.
+#[cfg(target_arch = "x86_64")]
+fn input_avx2(xn: &[f32], cx: usize, pre: Pre, tl: &Tiles, buf: &mut [f32], v: &mut [f32]) {
+    let (h, w, tw, hw) = (tl.h, tl.w, tl.tw, tl.h * tl.w);
+    let c = pre.channels(cx);
+    let (vp, xs) = (tl.plane(), tl.xi_stride(c * tl.plane()));
+    let (a, b) = buf.split_at_mut(hw);
+    let v = v.as_mut_ptr();
+    // SAFETY: AVX2 and FMA are present (the caller checked the ISA); the planes are H·W
+    // values, and every store is to row (ξ, ch, r) of `v`, inside `Tiles::v_len`
+    // (asserted by the caller).
+    let rows = |plane: &[f32], ch: usize| unsafe {
+        super::avx2::zero_v_row(v.add(ch * vp), tw, xs);
+        super::avx2::zero_v_row(v.add(ch * vp + (h + 1) * tw), tw, xs);
+        super::avx2::transform_rows(plane.as_ptr(), h, w, v.add(ch * vp + tw), xs);
+    };
+    for ch in 0..cx {
+        let src = &xn[ch * hw..(ch + 1) * hw];
+        match pre {
+            Pre::Identity => rows(src, ch),
+            Pre::Relu => {
+                super::wide(|| {
+                    for (a, &x) in a.iter_mut().zip(src) {
+                        *a = if x > 0.0 { x } else { 0.0 };
+                    }
+                });
+                rows(a, ch);
+            }
+            Pre::ConcatElu => {
+                super::wide(|| concat_elu_row(src, a, b));
+                rows(a, ch);
+                rows(b, ch + cx);
+            }
+        }
+    }
+    // The GEMM's last vector reads up to 15 values past the last plane: zeros there.
+    for xi in 0..XI {
+        // SAFETY: each ξ block has V_SLACK ≥ 16 values after its C planes.
+        unsafe { std::ptr::write_bytes(v.add(xi * xs + c * vp), 0, L) };
     }
 }
 
@@ -367,14 +415,19 @@ pub(super) fn output_transform(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    assert!(available(), "winograd needs AVX-512F");
+    assert!(available(), "winograd needs AVX-512F or AVX2");
     assert!(m.len() >= tl.m_len(co) && y.len() == co * tl.h * tl.w);
     assert!(bias.is_none_or(|b| b.len() == co));
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is present; loads are masked to the tiles of row (ξ, o, y) of `m`,
-    // stores to the W columns of row (o, y) of `y`.
+    // SAFETY: the CPU has the ISA's features; loads are masked to the tiles of row
+    // (ξ, o, y) of `m`, stores to the W columns of row (o, y) of `y`.
     unsafe {
-        output_avx512(m.as_ptr(), co, tl, bias, y.as_mut_ptr())
+        if direct::isa() == Some(direct::Isa::Avx2) {
+            let strides = (tl.ms(), tl.xi_stride(co * tl.ms()));
+            super::avx2::output_transform(m.as_ptr(), co, tl, strides, bias, y.as_mut_ptr())
+        } else {
+            output_avx512(m.as_ptr(), co, tl, bias, y.as_mut_ptr())
+        }
     }
 }
 
