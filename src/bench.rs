@@ -21,6 +21,9 @@ pub struct BenchRow {
     pub batch: usize,
     /// `fast` (flowlab's CPU kernels) or `candle` (stock ops); see [`crate::kernels`].
     pub kernels: String,
+    /// The convolution microkernels' vector extension: `avx512`, `avx2` or `none` (see
+    /// [`crate::kernels::simd`]).
+    pub simd: String,
     /// Worker threads (rayon's pool: `RAYON_NUM_THREADS`, default = logical cores).
     pub threads: usize,
     pub fwd_ms: f64,
@@ -189,6 +192,7 @@ pub fn bench_run(
             crate::kernels::Kernels::Candle => "candle",
         }
         .into(),
+        simd: crate::kernels::simd().into(),
         threads: rayon::current_num_threads(),
         fwd_ms: median(fwd),
         bwd_ms: median(bwd),

@@ -270,6 +270,35 @@ fn bench_prints_one_json_object_per_variant() {
         .collect();
     assert_eq!(variants, ["glow"], "{out}");
     assert_eq!(rows[0]["kernels"], "direct", "{out}");
+    let simd = rows[0]["simd"].as_str().unwrap();
+    assert!(["avx512", "avx2", "none"].contains(&simd), "{out}");
+}
+
+#[test]
+fn bench_reports_the_vector_extension_chosen_by_flowlab_simd() {
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "experiments/ci_small.yaml",
+            "--variant",
+            "glow",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--json",
+        ])
+        .env("FLOWLAB_SIMD", "none")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(row["simd"], "none", "{stdout}");
 }
 
 #[test]

@@ -538,14 +538,27 @@ fn forward_direct(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
 }
 
 /// `gt[i·cs + c] = gn[c·ohw + i]`: one image's output gradient `[Co][ohw]` transposed
-/// into rows of `cs` channels (columns past Co untouched). Sequential writes, 16-position
-/// runs of Co read streams.
+/// into rows of `cs` channels (columns past Co untouched). Channels go in blocks of 8: the
+/// block's 8 planes are read as sequential streams and each row of `gt` gets 8 consecutive
+/// values. (Runs of 16 positions of all Co planes at once — 32 read streams at Co = 32 —
+/// defeated the AMD machine's prefetcher: 2.6 ns per element, 5 % of a tutorial coupling
+/// step in `perf`.)
 fn transpose_grad(gn: &[f32], ohw: usize, cs: usize, gt: &mut [f32]) {
-    for i0 in (0..ohw).step_by(16) {
-        let i1 = (i0 + 16).min(ohw);
-        for (c, plane) in gn.chunks_exact(ohw).enumerate() {
-            for (i, &v) in (i0..i1).zip(&plane[i0..i1]) {
-                gt[i * cs + c] = v;
+    const BLOCK: usize = 8;
+    for (b, planes) in gn.chunks(BLOCK * ohw).enumerate() {
+        let c0 = b * BLOCK;
+        if planes.len() == BLOCK * ohw {
+            let p: [&[f32]; BLOCK] = std::array::from_fn(|k| &planes[k * ohw..(k + 1) * ohw]);
+            for (i, row) in gt.chunks_exact_mut(cs).take(ohw).enumerate() {
+                for (d, pk) in row[c0..c0 + BLOCK].iter_mut().zip(&p) {
+                    *d = pk[i];
+                }
+            }
+        } else {
+            for (k, plane) in planes.chunks_exact(ohw).enumerate() {
+                for (row, &v) in gt.chunks_exact_mut(cs).zip(plane) {
+                    row[c0 + k] = v;
+                }
             }
         }
     }
@@ -1071,6 +1084,22 @@ mod tests {
                 |t| conv2d_concat_elu(&t[0], &t[1], &t[2], pad),
                 tol,
             );
+        }
+    }
+
+    #[test]
+    fn transpose_grad_moves_every_value_and_leaves_the_padding_columns() {
+        // Full 8-channel blocks and a partial one; rows wider than the channels.
+        for (co, ohw, cs) in [(8, 3, 16), (11, 5, 16), (19, 7, 32), (3, 1, 16)] {
+            let gn: Vec<f32> = (0..co * ohw).map(|v| v as f32).collect();
+            let mut gt = vec![-1.0; ohw * cs];
+            transpose_grad(&gn, ohw, cs, &mut gt);
+            for i in 0..ohw {
+                for c in 0..cs {
+                    let want = if c < co { gn[c * ohw + i] } else { -1.0 };
+                    assert_eq!(gt[i * cs + c], want, "co {co}, ohw {ohw}: ({i}, {c})");
+                }
+            }
         }
     }
 

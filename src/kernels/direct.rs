@@ -1,4 +1,5 @@
-//! Direct stride-1 convolution of zero-padded planes: f32 microkernels for AVX-512 CPUs.
+//! Direct stride-1 convolution of zero-padded planes: f32 microkernels for AVX-512 CPUs (and,
+//! through the same entry points, their AVX2 versions in `avx2.rs`; see [`isa`]).
 //!
 //! One image's convolution input `a` (`[C, H, W]`) is written into padded planes
 //! `[C, Hp, Wp]` (`Hp = H + 2p`, `Wp = W + 2p`, zero border) followed by zeroed slack.

@@ -7,7 +7,9 @@
 //! - [`conv2d`]: stride-1 zero-padded convolution with bias. On AVX-512 CPUs (f32, spatial
 //!   kernels with enough taps) it runs as a direct convolution of zero-padded planes with
 //!   register-tiled microkernels (module `direct`): forward, the input gradient as the
-//!   transposed convolution, and the weight gradient vectorised over output channels.
+//!   transposed convolution, and the weight gradient vectorised over output channels. CPUs
+//!   with AVX2 and FMA but no AVX-512 run the same kernels in 8-lane vectors (module
+//!   `avx2`; [`simd`] says which).
 //!   Elsewhere — 1×1 and few-tap kernels, f64, other CPUs — it is im2col + GEMM per image in
 //!   L2-sized bands of output rows (the `gemm` crate, the one candle's matmul uses), with
 //!   `∂W = Σₙ Gₙ·colsₙᵀ` and the input gradient as the transposed convolution of `Gₙ`
@@ -109,6 +111,17 @@ pub fn kernels() -> Kernels {
         0 => Kernels::Fast,
         1 => Kernels::Direct,
         _ => Kernels::Candle,
+    }
+}
+
+/// The vector extension the convolution microkernels run on in this process: `avx512`,
+/// `avx2` (AVX2 with FMA), or `none` (im2col + GEMM only). Chosen once from the CPU;
+/// `FLOWLAB_SIMD=avx2` or `none` picks a narrower one (to test and compare them).
+pub fn simd() -> &'static str {
+    match direct::isa() {
+        Some(direct::Isa::Avx512) => "avx512",
+        Some(direct::Isa::Avx2) => "avx2",
+        None => "none",
     }
 }
 

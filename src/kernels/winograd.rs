@@ -1,5 +1,5 @@
 //! Winograd F(2, 3) along image rows: stride-1, padding-1 3×3 convolutions with 1.5× fewer
-//! multiplications than the direct kernels (AVX-512 f32).
+//! multiplications than the direct kernels (f32; AVX-512 here, AVX2 in `avx2.rs`).
 //!
 //! Each output row is cut into pairs of pixels, `tw = ⌈W/2⌉` tiles per row. Tile `tx` of
 //! padded row `r` reads the four padded columns `2tx … 2tx+3`, `d₀…d₃`, and with
@@ -135,7 +135,7 @@ impl Tiles {
     }
 }
 
-/// Whether this CPU runs the kernels (AVX-512F).
+/// Whether this CPU runs the kernels (AVX-512F, or AVX2 with FMA).
 pub(super) fn available() -> bool {
     direct::available()
 }
