@@ -7,7 +7,16 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_flowlab");
 
 fn flowlab(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
+    flowlab_env(args, &[])
+}
+
+/// [`flowlab`] with extra environment variables.
+fn flowlab_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -246,19 +255,7 @@ fn bench_prints_one_json_object_per_variant() {
     }
     // `--variant V` (the spelling of `--only V`) benches that variant alone, and
     // `--kernels` says which kernels ran.
-    let (code, out, err) = flowlab(&[
-        "bench",
-        "experiments/ci_small.yaml",
-        "--variant",
-        "glow",
-        "--batch",
-        "2",
-        "--steps",
-        "1",
-        "--json",
-        "--kernels",
-        "direct",
-    ]);
+    let (code, out, err) = flowlab(&[GLOW_BENCH, &["--kernels", "direct"]].concat());
     assert_eq!(code, 0, "{err}");
     let rows: Vec<serde_json::Value> = out
         .lines()
@@ -274,31 +271,25 @@ fn bench_prints_one_json_object_per_variant() {
     assert!(["avx512", "avx2", "none"].contains(&simd), "{out}");
 }
 
+/// `flowlab bench` of ci_small's Glow, one step of batch 2, as JSON.
+const GLOW_BENCH: &[&str] = &[
+    "bench",
+    "experiments/ci_small.yaml",
+    "--variant",
+    "glow",
+    "--batch",
+    "2",
+    "--steps",
+    "1",
+    "--json",
+];
+
 #[test]
 fn bench_reports_the_vector_extension_chosen_by_flowlab_simd() {
-    let out = Command::new(BIN)
-        .args([
-            "bench",
-            "experiments/ci_small.yaml",
-            "--variant",
-            "glow",
-            "--batch",
-            "2",
-            "--steps",
-            "1",
-            "--json",
-        ])
-        .env("FLOWLAB_SIMD", "none")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let row: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
-    assert_eq!(row["simd"], "none", "{stdout}");
+    let (code, out, err) = flowlab_env(GLOW_BENCH, &[("FLOWLAB_SIMD", "none")]);
+    assert_eq!(code, 0, "{err}");
+    let row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(row["simd"], "none", "{out}");
 }
 
 #[test]
