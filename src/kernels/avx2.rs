@@ -10,9 +10,11 @@
 //! - weight gradient over output channels ([`weight_grad_t`]): one 3×3 input channel's 9 taps
 //!   × 8 channels, or 6 taps × 16 channels.
 //!
-//! Every output is the same sum in the same order as its AVX-512 counterpart computes it
-//! per lane, up to the order of the partial sums a tile combines, so results agree to float
-//! rounding (the tests compare both against the im2col + GEMM path).
+//! Results agree with the AVX-512 kernels to float rounding: the forward kernel and the
+//! channel-vectorised weight gradient add the same terms in the same order, the
+//! position-vectorised weight gradient reduces 8-lane instead of 16-lane partial sums, and
+//! the Winograd transforms are the same arithmetic (the tests compare every kernel with
+//! the im2col + GEMM path).
 //!
 //! Every function here is `unsafe`: the caller checks that the CPU has AVX2 and FMA
 //! ([`super::direct::isa`]) and that every pointer reaches the elements it is documented
