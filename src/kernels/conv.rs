@@ -1,7 +1,7 @@
 //! Stride-1 zero-padded 2-D convolution with bias, optionally of ConcatELU or ReLU of its
 //! input, with explicit weight/bias/input gradients: row Winograd (`winograd.rs`) for wide
 //! padding-1 3×3 layers, the direct kernels of `direct.rs` where they measured faster
-//! (f32, AVX-512, spatial kernels with enough taps), im2col + GEMM otherwise.
+//! (f32, AVX-512 or AVX2, spatial kernels with enough taps), im2col + GEMM otherwise.
 //!
 //! Shapes: x `[B, Cx, H, W]`, w `[Co, Ci, kh, kw]`, b `[Co]`, y `[B, Co, H', W']` with
 //! `H' = H + 2p − kh + 1`, `W' = W + 2p − kw + 1`. The convolution's input is `a = x`
@@ -182,7 +182,7 @@ impl Geom {
     }
 
     /// Whether the direct kernels take this f32 gradient (or the forward pass, `None`):
-    /// an AVX-512 CPU, at least one image per thread (they parallelise over images only),
+    /// an AVX-512 or AVX2 CPU, at least one image per thread (they parallelise over images only),
     /// a spatial kernel and enough taps. 1×1 convolutions are plain GEMMs, which the `gemm`
     /// crate runs faster, and so are convolutions with few taps: forward and ∂W with
     /// `K = Ci·kh·kw < 64` (a 1- or 2-channel input layer), ∂x with `Co·kh·kw < 128` (the
@@ -198,8 +198,8 @@ impl Geom {
     }
 
     /// Whether the row-Winograd kernels (module `winograd`) take this f32 op (the forward
-    /// pass for `None`) of a 3×3 kernel with padding 1 on an AVX-512 CPU, at least one
-    /// image per thread, enough channels on both sides of the transformed GEMM
+    /// pass for `None`) of a 3×3 kernel with padding 1 on an AVX-512 or AVX2 CPU, at least
+    /// one image per thread, enough channels on both sides of the transformed GEMM
     /// (`[Co, 3C]·[3C, H·⌈W/2⌉]`; for ∂x the transposed convolution's `[C, 3Co]·…`) and
     /// enough positions (`H·⌈W/2⌉ ≥ 48`, three vectors: on a 7×7 map the GEMM streams its
     /// weights per tile and loses). Measured by `timing::conv_op_timings`: 32→16 at 28×28 and
@@ -283,7 +283,7 @@ impl Geom {
 /// `a = max(x, 0)` in one pass (a copy and then an in-place pass cost a `memcpy` of each
 /// image: 3.5 % of a Glow step, `perf record`).
 #[inline(always)]
-fn relu_row<T: Real>(x: &[T], a: &mut [T]) {
+pub(super) fn relu_row<T: Real>(x: &[T], a: &mut [T]) {
     for (a, &v) in a.iter_mut().zip(x) {
         *a = if v > T::ZERO { v } else { T::ZERO };
     }
@@ -1158,7 +1158,7 @@ mod tests {
     #[test]
     fn direct_kernels_match_the_gemm_path() {
         if !direct::available() {
-            eprintln!("skipped: no AVX-512F");
+            eprintln!("skipped: neither AVX-512F nor AVX2");
             return;
         }
         // Odd sizes, every forward block size (Co 1..8 and 8 + remainder), Co below, at
@@ -1188,7 +1188,7 @@ mod tests {
     #[test]
     fn winograd_kernels_match_the_gemm_path() {
         if !winograd::available() {
-            eprintln!("skipped: no AVX-512F");
+            eprintln!("skipped: neither AVX-512F nor AVX2");
             return;
         }
         // Even and odd heights and widths (a last tile half outside), 1×1 and 1×n maps, more

@@ -600,9 +600,12 @@ pub(super) fn weight_grad_t(
     assert!(available(), "direct conv needs AVX-512F or AVX2");
     assert!(cs % CO_LANES == 0 && gt.len() == ohw * cs && dwt.len() == k * cs && k > 0);
     assert!(planes.len() >= p.len() && offs.iter().all(|&o| o + p.q() <= p.len()));
+    // Output rows go in blocks whose slice of Gᵀ (≤ G_BLOCK_BYTES) stays in L1 across all
+    // taps (input channels, for the 3×3 tile).
+    let (oh, ow, wp) = (p.oh(), p.ow(), p.wp());
+    let rows = (G_BLOCK_BYTES / (ow * cs * 4).max(1)).clamp(1, oh.max(1));
     #[cfg(target_arch = "x86_64")]
     if isa() == Some(Isa::Avx2) {
-        let rows = (G_BLOCK_BYTES / (p.ow() * cs * 4).max(1)).clamp(1, p.oh().max(1));
         // SAFETY: AVX2 and FMA are present; reads and writes are bounded as asserted above.
         unsafe { avx2::weight_grad_t(planes, p, offs, gt, dwt, rows) };
         return;
@@ -611,10 +614,6 @@ pub(super) fn weight_grad_t(
     if p.kh == 3 && p.kw == 3 {
         // One channel's 9 taps per tile, addressed from one base pointer (on 14×14 and 7×7
         // maps 3–8 % faster than the generic 12-tap tile below, measured interleaved).
-        // Output rows go in blocks whose slice of Gᵀ (≤ G_BLOCK_BYTES) stays in L1 across
-        // all input channels.
-        let (oh, ow, wp) = (p.oh(), p.ow(), p.wp());
-        let rows = (G_BLOCK_BYTES / (ow * cs * 4).max(1)).clamp(1, oh.max(1));
         for c0 in (0..cs).step_by(2 * CO_LANES) {
             for y0 in (0..oh).step_by(rows) {
                 let y1 = (y0 + rows).min(oh);
@@ -638,10 +637,6 @@ pub(super) fn weight_grad_t(
         }
         return;
     }
-    // Output rows in blocks whose slice of Gᵀ (≤ G_BLOCK_BYTES) stays in L1 across all
-    // taps, as in the 3×3 path above.
-    let (oh, ow, wp) = (p.oh(), p.ow(), p.wp());
-    let rows = (G_BLOCK_BYTES / (ow * cs * 4).max(1)).clamp(1, oh.max(1));
     #[cfg(target_arch = "x86_64")]
     for c0 in (0..cs).step_by(4 * CO_LANES) {
         let cv = (cs - c0).min(4 * CO_LANES) / CO_LANES;
@@ -884,7 +879,7 @@ mod tests {
     #[test]
     fn forward_and_weight_gradient_match_the_definition() {
         if !available() {
-            eprintln!("skipped: no AVX-512F");
+            eprintln!("skipped: neither AVX-512F nor AVX2");
             return;
         }
         // Every forward block size (1..8 and 8 + remainder), square and non-square kernels,
@@ -1020,7 +1015,7 @@ mod tests {
     #[test]
     fn copy_rows_copies_every_length() {
         if !available() {
-            eprintln!("skipped: no AVX-512F");
+            eprintln!("skipped: neither AVX-512F nor AVX2");
             return;
         }
         for w in 1..50 {
@@ -1048,7 +1043,7 @@ mod tests {
     #[test]
     fn fill_writes_border_interior_and_slack() {
         if !available() {
-            eprintln!("skipped: no AVX-512F");
+            eprintln!("skipped: neither AVX-512F nor AVX2");
             return;
         }
         // 5×4 image, padding 2; 3 planes of which the first 2 are filled from `src`.
@@ -1097,7 +1092,7 @@ mod timing {
     #[ignore]
     fn microkernel_rate() {
         if !available() {
-            eprintln!("skipped: no AVX-512F");
+            eprintln!("skipped: neither AVX-512F nor AVX2");
             return;
         }
         for (c, hw, co) in [(64, 28, 32), (64, 14, 32), (64, 7, 32), (16, 28, 32)] {

@@ -44,7 +44,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::conv::Pre;
+use super::conv::{relu_row, Pre};
 #[cfg(target_arch = "x86_64")]
 use super::direct::tail_mask;
 use super::direct::{self, Packed, Planes};
@@ -150,49 +150,49 @@ pub(super) fn input_transform(xn: &[f32], pre: Pre, tl: &Tiles, v: &mut [f32]) {
     assert!(available(), "winograd needs AVX-512F or AVX2");
     assert!(hw > 0 && xn.len().is_multiple_of(hw));
     let cx = xn.len() / hw;
-    assert!(v.len() >= tl.v_len(pre.channels(cx)));
-    // One channel's activations (two for ConcatELU).
-    let mut buf = vec![0.0f32; 2 * tl.h * tl.w];
+    let c = pre.channels(cx);
+    assert!(v.len() >= tl.v_len(c));
     #[cfg(target_arch = "x86_64")]
-    if direct::isa() == Some(direct::Isa::Avx2) {
-        input_avx2(xn, cx, pre, tl, &mut buf, v);
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is present; row loads are masked to the W values of each row,
-    // stores to row (ξ, c, r) of `v` (asserted above).
-    unsafe {
-        input_avx512(xn, cx, pre, tl, &mut buf, v.as_mut_ptr())
+    {
+        let (h, w, tw) = (tl.h, tl.w, tl.tw);
+        let (vp, xs) = (tl.plane(), tl.xi_stride(c * tl.plane()));
+        let v = v.as_mut_ptr();
+        let avx2 = direct::isa() == Some(direct::Isa::Avx2);
+        // Plane `ch` of `V[ξ]`: padded rows 0 and H + 1 zero, row r image row r − 1.
+        // SAFETY: the CPU has the ISA's features; `plane` holds H·W values, and every store
+        // is to row (ξ, ch, r) of `v`, inside `Tiles::v_len` (asserted above).
+        let rows = |plane: &[f32], ch: usize| unsafe {
+            let dst = v.add(ch * vp);
+            if avx2 {
+                super::avx2::zero_v_row(dst, tw, xs);
+                super::avx2::zero_v_row(dst.add((h + 1) * tw), tw, xs);
+                super::avx2::transform_rows(plane.as_ptr(), h, w, dst.add(tw), xs);
+            } else {
+                plane_avx512(plane.as_ptr(), tl, dst, xs);
+            }
+        };
+        for_each_activated_plane(xn, pre, hw, rows);
+        // The GEMM's last vector reads up to 15 values past the last plane (into columns it
+        // drops); zeros there rather than stale scratch. The weight gradient reads none.
+        for xi in 0..XI {
+            // SAFETY: each ξ block has V_SLACK ≥ 16 values after its C planes.
+            unsafe { std::ptr::write_bytes(v.add(xi * xs + c * vp), 0, L) };
+        }
     }
 }
 
-/// [`input_transform`] by the AVX2 kernels: each channel plane activated into `buf` (the
-/// elementwise code vectorises by itself), its rows transformed by `avx2::transform_rows`.
-#[cfg(target_arch = "x86_64")]
-fn input_avx2(xn: &[f32], cx: usize, pre: Pre, tl: &Tiles, buf: &mut [f32], v: &mut [f32]) {
-    let (h, w, tw, hw) = (tl.h, tl.w, tl.tw, tl.h * tl.w);
-    let c = pre.channels(cx);
-    let (vp, xs) = (tl.plane(), tl.xi_stride(c * tl.plane()));
+/// Calls `rows(plane, ch)` for each channel plane of `pre(xn)` (`xn` `[Cx][hw]`; ConcatELU's
+/// two halves are channels `ch` and `ch + Cx`). Each plane is activated into a plane-sized
+/// buffer, whole, so the exponential runs in full vectors; the identity is read in place.
+fn for_each_activated_plane(xn: &[f32], pre: Pre, hw: usize, rows: impl Fn(&[f32], usize)) {
+    let cx = xn.len() / hw;
+    let mut buf = vec![0.0f32; 2 * hw];
     let (a, b) = buf.split_at_mut(hw);
-    let v = v.as_mut_ptr();
-    // SAFETY: AVX2 and FMA are present (the caller checked the ISA); the planes are H·W
-    // values, and every store is to row (ξ, ch, r) of `v`, inside `Tiles::v_len`
-    // (asserted by the caller).
-    let rows = |plane: &[f32], ch: usize| unsafe {
-        super::avx2::zero_v_row(v.add(ch * vp), tw, xs);
-        super::avx2::zero_v_row(v.add(ch * vp + (h + 1) * tw), tw, xs);
-        super::avx2::transform_rows(plane.as_ptr(), h, w, v.add(ch * vp + tw), xs);
-    };
-    for ch in 0..cx {
-        let src = &xn[ch * hw..(ch + 1) * hw];
+    for (ch, src) in xn.chunks_exact(hw).enumerate() {
         match pre {
             Pre::Identity => rows(src, ch),
             Pre::Relu => {
-                super::wide(|| {
-                    for (a, &x) in a.iter_mut().zip(src) {
-                        *a = if x > 0.0 { x } else { 0.0 };
-                    }
-                });
+                super::wide(|| relu_row(src, a));
                 rows(a, ch);
             }
             Pre::ConcatElu => {
@@ -202,20 +202,14 @@ fn input_avx2(xn: &[f32], cx: usize, pre: Pre, tl: &Tiles, buf: &mut [f32], v: &
             }
         }
     }
-    // The GEMM's last vector reads up to 15 values past the last plane: zeros there.
-    for xi in 0..XI {
-        // SAFETY: each ξ block has V_SLACK ≥ 16 values after its C planes.
-        unsafe { std::ptr::write_bytes(v.add(xi * xs + c * vp), 0, L) };
-    }
 }
 
+/// One channel's plane of `V[ξ]` at `dst` from its activated image plane `a`: the zero
+/// padded rows 0 and H + 1, and [`transform_rows`] between them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn input_avx512(xn: &[f32], cx: usize, pre: Pre, tl: &Tiles, buf: &mut [f32], v: *mut f32) {
-    let (h, w, tw, hw) = (tl.h, tl.w, tl.tw, tl.h * tl.w);
-    let c = pre.channels(cx);
-    let (vp, xs) = (tl.plane(), tl.xi_stride(c * tl.plane()));
-    let (a, b) = buf.split_at_mut(hw);
+unsafe fn plane_avx512(a: *const f32, tl: &Tiles, dst: *mut f32, xs: usize) {
+    let (h, w, tw) = (tl.h, tl.w, tl.tw);
     let zero_row = |dst: *mut f32| {
         for xi in 0..XI {
             for tx0 in (0..tw).step_by(L) {
@@ -224,35 +218,9 @@ unsafe fn input_avx512(xn: &[f32], cx: usize, pre: Pre, tl: &Tiles, buf: &mut [f
             }
         }
     };
-    // Padded rows 0 and H + 1 are zero; row r is image row r − 1.
-    let rows = |plane: &[f32], ch: usize| {
-        zero_row(v.add(ch * vp));
-        zero_row(v.add(ch * vp + (h + 1) * tw));
-        transform_rows(plane.as_ptr(), h, w, v.add(ch * vp + tw), xs);
-    };
-    for ch in 0..cx {
-        let src = &xn[ch * hw..(ch + 1) * hw];
-        match pre {
-            Pre::Identity => rows(src, ch),
-            Pre::Relu => {
-                for (a, &x) in a.iter_mut().zip(src) {
-                    *a = if x > 0.0 { x } else { 0.0 };
-                }
-                rows(a, ch);
-            }
-            Pre::ConcatElu => {
-                // Whole planes, so the exponential runs in full vectors.
-                concat_elu_row(src, a, b);
-                rows(a, ch);
-                rows(b, ch + cx);
-            }
-        }
-    }
-    // The GEMM's last vector reads up to 15 values past the last plane (into columns it
-    // drops); zeros there rather than stale scratch. The weight gradient reads none.
-    for xi in 0..XI {
-        _mm512_storeu_ps(v.add(xi * xs + c * vp), _mm512_setzero_ps());
-    }
+    zero_row(dst);
+    zero_row(dst.add((h + 1) * tw));
+    transform_rows(a, h, w, dst.add(tw), xs);
 }
 
 /// The `h` rows of `w` values of one plane `a` → their `tw` tiles' four transformed values,
