@@ -15,12 +15,14 @@
 //!   is `Co·kh·kw`); kernels it does not fit (non-square, `p ≥ kh`) use `col2im(Wᵀ·Gₙ)`;
 //! - `∂xₙ = ∂aₙ` or, through ConcatELU, `∂a₁·elu′(x) − ∂a₂·elu′(−x)`.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::direct::{self, Packed, Planes};
 use super::elementwise::{concat_elu_grad_row, concat_elu_row, concat_elu_split};
 use super::winograd::{self, Tiles};
-use super::{per_image_out, slice, wide, Real};
+use super::{as_uninit, per_image_out, per_image_write, slice, wide, Real};
 use crate::Result;
 
 /// What the convolution applies to its input first.
@@ -246,6 +248,8 @@ impl Geom {
             Pre::Identity => {}
             Pre::ConcatElu => {
                 let (g1, g2) = act.split_at(xn.len());
+                // SAFETY: `concat_elu_grad_row` writes f32 values only.
+                let dxn = unsafe { as_uninit(dxn) };
                 wide(|| concat_elu_grad_row(xn, g1, g2, dxn));
             }
             Pre::Relu => wide(|| relu_grad_row(xn, &act[..xn.len()], dxn)),
@@ -675,18 +679,16 @@ fn forward_winograd(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
     let tl = Tiles::new(g.h, g.w);
     let u = winograd::Weights::new(w, g.co, g.ci, &tl);
     let (vl, ml) = (tl.v_len(g.ci), tl.m_len(g.co));
-    per_image_out(
-        g.b * g.co * g.out_hw(),
-        g.co * g.out_hw(),
-        vl + ml,
-        |n, y, scratch, _| {
-            let (v, m) = scratch.split_at_mut(vl);
-            let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
-            winograd::input_transform(xn, g.pre, &tl, v);
-            winograd::multiply(v, &u, &tl, m);
-            winograd::output_transform(m, g.co, &tl, Some(b), y);
-        },
-    )
+    let image = |n: usize, y: &mut [MaybeUninit<f32>], scratch: &mut [f32], _| {
+        let (v, m) = scratch.split_at_mut(vl);
+        let xn = &x[n * g.in_len()..(n + 1) * g.in_len()];
+        winograd::input_transform(xn, g.pre, &tl, v);
+        winograd::multiply(v, &u, &tl, m);
+        winograd::output_transform(m, g.co, &tl, Some(b), y);
+    };
+    let (len, chunk) = (g.b * g.co * g.out_hw(), g.co * g.out_hw());
+    // SAFETY: `output_transform` writes every element of `y`.
+    unsafe { per_image_write(len, chunk, vl + ml, image) }
 }
 
 /// [`input_grad_f32`] by Winograd: the forward computation on `Gₙ` with the flipped,
@@ -707,7 +709,9 @@ fn input_grad_winograd(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
             winograd::input_transform(gn, Pre::Identity, &tl, v);
             winograd::multiply(v, &u, &tl, m);
             let da = g.da_target(&mut *dxn, &mut *act);
-            winograd::output_transform(m, g.ci, &tl, None, &mut da[..g.act_len()]);
+            // SAFETY: `output_transform` writes f32 values only.
+            let da = unsafe { as_uninit(&mut da[..g.act_len()]) };
+            winograd::output_transform(m, g.ci, &tl, None, da);
             g.pre_grad(&x[n * g.in_len()..(n + 1) * g.in_len()], act, dxn);
         },
     )

@@ -7,9 +7,11 @@
 //! - Gate: `y = x + v·σ(g)` with `[v, g] = h` split along channels (`h`: `[B, 2C, …]`);
 //!   `∂x = G`, `∂v = G·σ(g)`, `∂g = G·v·σ(g)(1 − σ(g))`.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
-use super::{per_image_out, slice, wide, Real};
+use super::{per_image_out, per_image_write, slice, wide, Real};
 use crate::Result;
 
 /// `e^(−|v|)`: the one exponential both halves of ConcatELU (and their derivatives) need.
@@ -47,15 +49,18 @@ pub(super) fn concat_elu_split<T: Real>(pos: &mut [T], neg: &mut [T]) {
     }
 }
 
-/// `d = g₁·elu′(x) − g₂·elu′(−x)`.
+/// `d = g₁·elu′(x) − g₂·elu′(−x)`, written into every element of `d` (which may start
+/// uninitialised; `d` as long as `x`).
 #[inline(always)]
-pub(super) fn concat_elu_grad_row<T: Real>(x: &[T], g1: &[T], g2: &[T], d: &mut [T]) {
+pub(super) fn concat_elu_grad_row<T: Real>(x: &[T], g1: &[T], g2: &[T], d: &mut [MaybeUninit<T>]) {
+    // Every element of `d` is written (its callers rely on it).
+    assert!(x.len() == d.len() && g1.len() >= d.len() && g2.len() >= d.len());
     for (((d, &v), &a), &c) in d.iter_mut().zip(x).zip(g1).zip(g2) {
         let e = exp_neg_abs(v);
         let up = v > T::ZERO;
         let dp = if up { T::ONE } else { e };
         let dn = if up { e } else { T::ONE };
-        *d = a * dp - c * dn;
+        d.write(a * dp - c * dn);
     }
 }
 
@@ -114,12 +119,13 @@ fn concat_elu_fwd<T: Real>(x: &[T], b: usize, len: usize) -> Vec<T> {
 }
 
 fn concat_elu_bwd<T: Real>(x: &[T], gy: &[T], b: usize, len: usize) -> Vec<T> {
-    let dx = per_image_out(b * len, len, 0, |n, d, _, _| {
+    let image = |n: usize, d: &mut [MaybeUninit<T>], _: &mut [T], _| {
         let xn = &x[n * len..(n + 1) * len];
         let (g1, g2) = gy[2 * n * len..2 * (n + 1) * len].split_at(len);
         wide(|| concat_elu_grad_row(xn, g1, g2, d));
-    });
-    dx
+    };
+    // SAFETY: `concat_elu_grad_row` writes every element of `d`.
+    unsafe { per_image_write(b * len, len, 0, image) }
 }
 
 struct ConcatElu;

@@ -29,6 +29,8 @@
 //! The parameter gradients are summed over fixed groups of images in order, so they do not
 //! depend on the thread count.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use super::conv::{add_bias_grad, matmul, Mat};
@@ -36,7 +38,9 @@ use super::elementwise::{
     concat_elu_grad_row, concat_elu_row, gate_grad_sigma_row, gate_row_keep_sigma,
 };
 use super::norm::{image_fwd, image_grads};
-use super::{dims3, per_image_out, per_image_with_sums, slice, wide, Real};
+use super::{
+    assume_init_mut, dims3, per_image_with_sums_write, per_image_write, slice, wide, Real,
+};
 use crate::Result;
 
 /// `(B, C, P)`: images, channels, positions per channel.
@@ -99,7 +103,7 @@ fn image_head<T: Real>(
 /// `z` for the whole batch.
 fn tail_fwd<T: Real>(u: &[T], x: &[T], params: &[T], (b, c, p): Dims, eps: T) -> Vec<T> {
     let (img, pr) = (c * p, Params::new(params, c));
-    per_image_out(b * img, img, 5 * img + 2 * p, |n, zn, s, par| {
+    let image = |n: usize, zn: &mut [MaybeUninit<T>], s: &mut [T], par| {
         let (a, s) = s.split_at_mut(2 * img);
         let (h, s) = s.split_at_mut(2 * img);
         let (y, s) = s.split_at_mut(img);
@@ -107,7 +111,9 @@ fn tail_fwd<T: Real>(u: &[T], x: &[T], params: &[T], (b, c, p): Dims, eps: T) ->
         let (un, xn) = (&u[n * img..(n + 1) * img], &x[n * img..(n + 1) * img]);
         image_head(un, xn, &pr, (c, p), a, h, y, par);
         image_fwd(y, pr.ln_w, pr.ln_b, c, p, eps, mean, rstd, zn);
-    })
+    };
+    // SAFETY: `image_fwd` writes every element of `zn`.
+    unsafe { per_image_write(b * img, img, 5 * img + 2 * p, image) }
 }
 
 /// `[∂u; ∂x; ∂params]` (`2·B·C·P + 4C² + 4C` values) for the output gradient `gz`.
@@ -120,12 +126,8 @@ fn tail_grads<T: Real>(
     eps: T,
 ) -> Vec<T> {
     let (img, np, pr) = (c * p, param_len(c), Params::new(params, c));
-    per_image_with_sums(
-        b,
-        img,
-        7 * img + 4 * p,
-        np,
-        |n, [dun, dxn], s, sums, par| {
+    let image =
+        |n: usize, [dun, dxn]: [&mut [MaybeUninit<T>]; 2], s: &mut [T], sums: &mut [T], par| {
             let (dw, rest) = sums.split_at_mut(4 * c * c);
             let (db, rest) = rest.split_at_mut(2 * c);
             let (dln_w, dln_b) = rest.split_at_mut(c);
@@ -138,6 +140,8 @@ fn tail_grads<T: Real>(
             // ∂y (= ∂x) through the LayerNorm.
             let gzn = &gz[n * img..(n + 1) * img];
             image_grads(y, gzn, pr.ln_w, c, p, eps, ls, dxn, dln_w, dln_b);
+            // SAFETY: `image_grads` initialised all of `dxn`.
+            let dxn = unsafe { assume_init_mut(dxn) };
             let (hv, sg) = h.split_at(img);
             let (dhv, dhg) = dh.split_at_mut(img);
             wide(|| gate_grad_sigma_row(hv, sg, dxn, dhv, dhg));
@@ -149,8 +153,10 @@ fn tail_grads<T: Real>(
             matmul(h, p, (2 * c, p, 2 * c), wt, grad, false, par);
             let (da1, da2) = h.split_at(img);
             wide(|| concat_elu_grad_row(un, da1, da2, dun));
-        },
-    )
+        };
+    // SAFETY: `image_grads` writes every element of `dxn` and `concat_elu_grad_row` every
+    // element of `dun`.
+    unsafe { per_image_with_sums_write(b, img, 7 * img + 4 * p, np, image) }
 }
 
 /// Refuses `u`, `x` and parameters that do not fit together; `(B, C, P)`.

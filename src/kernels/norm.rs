@@ -7,11 +7,13 @@
 //! The forward pass is one kernel; the backward pass is one more, which computes the
 //! statistics once per image and all three gradients from them.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::{
-    dims3, per_image_out, per_image_with_sums, slice, split_grads, sum_lanes, wide_fn, Real,
-    SUM_LANES,
+    dims3, per_image_with_sums_write, per_image_write, slice, split_grads, sum_lanes, wide_fn,
+    Real, SUM_LANES,
 };
 use crate::Result;
 
@@ -48,16 +50,18 @@ fn norm_fwd<T: Real>(
     (b, c, p): (usize, usize, usize),
     eps: T,
 ) -> Vec<T> {
-    per_image_out(b * c * p, c * p, 2 * p, |n, y, s, _| {
+    let image = |n: usize, y: &mut [MaybeUninit<T>], s: &mut [T], _| {
         let xn = &x[n * c * p..(n + 1) * c * p];
         let (mean, rstd) = s.split_at_mut(p);
         image_fwd(xn, w, bias, c, p, eps, mean, rstd, y);
-    })
+    };
+    // SAFETY: `image_fwd` writes every element of `y`.
+    unsafe { per_image_write(b * c * p, c * p, 2 * p, image) }
 }
 
 wide_fn! {
     /// `y = x̂·w + b` for one image (`x`, `y` `[c, p]`), with `mean`, `rstd` (length p) as
-    /// scratch.
+    /// scratch. Writes every element of `y` and reads none.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn image_fwd<T: Real>(
         x: &[T],
@@ -68,13 +72,15 @@ wide_fn! {
         eps: T,
         mean: &mut [T],
         rstd: &mut [T],
-        y: &mut [T],
+        y: &mut [MaybeUninit<T>],
     ) {
+        // Every element of `y` is written (its callers rely on it).
+        assert!(y.len() == c * p && x.len() == c * p && mean.len() >= p && rstd.len() >= p);
         stats(x, c, p, eps, mean, rstd);
         for (ch, (yr, xr)) in y.chunks_mut(p).zip(x.chunks(p)).enumerate() {
             let (wc, bc) = (w[ch], bias[ch]);
             for (((y, &v), &m), &r) in yr.iter_mut().zip(xr).zip(&*mean).zip(&*rstd) {
-                *y = (v - m) * r * wc + bc;
+                y.write((v - m) * r * wc + bc);
             }
         }
     }
@@ -82,7 +88,8 @@ wide_fn! {
 
 wide_fn! {
     /// `∂x`, `∂w` and `∂b` of `y = x̂·w + b` for one image (`x`, `gy`, `dx` `[c, p]`),
-    /// adding `Σ G·x̂` and `Σ G` per channel to `dw` and `db`. `s` is scratch of `4p`.
+    /// adding `Σ G·x̂` and `Σ G` per channel to `dw` and `db`. `s` is scratch of `4p`. Writes
+    /// every element of `dx` and reads none.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn image_grads<T: Real>(
         x: &[T],
@@ -92,10 +99,12 @@ wide_fn! {
         p: usize,
         eps: T,
         s: &mut [T],
-        dx: &mut [T],
+        dx: &mut [MaybeUninit<T>],
         dw: &mut [T],
         db: &mut [T],
     ) {
+        // Every element of `dx` is written (its callers rely on it).
+        assert!(dx.len() == c * p && x.len() == c * p && gy.len() == c * p);
         let inv_c = T::ONE / T::from_usize(c);
         let (mean, rest) = s.split_at_mut(p);
         let (rstd, rest) = rest.split_at_mut(p);
@@ -115,7 +124,7 @@ wide_fn! {
             let (mean, rstd, mg, mgx) = (&mean[..p], &rstd[..p], &mg[..p], &mgx[..p]);
             for i in 0..p {
                 let xh = (xr[i] - mean[i]) * rstd[i];
-                dr[i] = rstd[i] * (gr[i] * wc - mg[i] * inv_c - xh * mgx[i] * inv_c);
+                dr[i].write(rstd[i] * (gr[i] * wc - mg[i] * inv_c - xh * mgx[i] * inv_c));
             }
         }
     }
@@ -207,11 +216,13 @@ fn norm_grads<T: Real>(
     eps: T,
 ) -> Vec<T> {
     let img = c * p;
-    per_image_with_sums(b, img, 4 * p, 2 * c, |n, [dxn], s, sums, _| {
+    let image = |n: usize, [dxn]: [&mut [MaybeUninit<T>]; 1], s: &mut [T], sums: &mut [T], _| {
         let (dw, db) = sums.split_at_mut(c);
         let (xn, gn) = (&x[n * img..(n + 1) * img], &gy[n * img..(n + 1) * img]);
         image_grads(xn, gn, w, c, p, eps, s, dxn, dw, db);
-    })
+    };
+    // SAFETY: `image_grads` writes every element of `dxn`.
+    unsafe { per_image_with_sums_write(b, img, 4 * p, 2 * c, image) }
 }
 
 /// Channel LayerNorm with affine parameters: `(x, w, b) → x̂·w + b`, w and b `[1, C, 1, 1]`.

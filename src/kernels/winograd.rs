@@ -374,14 +374,14 @@ pub(super) fn multiply(v: &[f32], w: &Weights, tl: &Tiles, m: &mut [f32]) {
     }
 }
 
-/// `y = Aᵀ M` per tile, plus `bias[o]` when given: `m` → `y` `[Co][H][W]` (every element
-/// written).
+/// `y = Aᵀ M` per tile, plus `bias[o]` when given: `m` → `y` `[Co][H][W]`. Every element of
+/// `y` is written (with f32 values only) and none is read, so `y` may start uninitialised.
 pub(super) fn output_transform(
     m: &[f32],
     co: usize,
     tl: &Tiles,
     bias: Option<&[f32]>,
-    y: &mut [f32],
+    y: &mut [std::mem::MaybeUninit<f32>],
 ) {
     assert!(available(), "winograd needs AVX-512F or AVX2");
     assert!(m.len() >= tl.m_len(co) && y.len() == co * tl.h * tl.w);
@@ -392,9 +392,10 @@ pub(super) fn output_transform(
     unsafe {
         if direct::isa() == Some(direct::Isa::Avx2) {
             let strides = (tl.ms(), tl.xi_stride(co * tl.ms()));
-            super::avx2::output_transform(m.as_ptr(), co, tl, strides, bias, y.as_mut_ptr())
+            let y = y.as_mut_ptr().cast::<f32>();
+            super::avx2::output_transform(m.as_ptr(), co, tl, strides, bias, y)
         } else {
-            output_avx512(m.as_ptr(), co, tl, bias, y.as_mut_ptr())
+            output_avx512(m.as_ptr(), co, tl, bias, y.as_mut_ptr().cast())
         }
     }
 }
@@ -525,7 +526,7 @@ mod timing {
             let u = Weights::new(&w, co, c, &tl);
             let mut v = vec![0.0f32; tl.v_len(c)];
             let mut m = vec![0.0f32; tl.m_len(co)];
-            let mut y = vec![0.0f32; co * hw * hw];
+            let mut y = vec![std::mem::MaybeUninit::<f32>::uninit(); co * hw * hw];
             let reps = 100;
             let time = |f: &mut dyn FnMut()| {
                 (0..9)
