@@ -193,19 +193,29 @@ impl Planes {
         assert!(hw > 0 && src.len().is_multiple_of(hw) && src.len() / hw <= self.c);
         assert!(buf.len() >= plen);
         let k = src.len() / hw;
+        #[cfg(target_arch = "x86_64")]
+        if isa() == Some(Isa::Avx2) {
+            let planes = self.c * self.plane();
+            // What the AVX2 fill may spill into: its k planes, and the slack (zeroed next)
+            // when those are all the planes.
+            let reach = if k == self.c { plen } else { k * self.plane() };
+            let dst = buf[..plen].as_mut_ptr();
+            // SAFETY: AVX2 and FMA are present; the fill writes below dst + reach ≤ dst + plen
+            // and reads k·H·W = src.len() elements; the slack is [planes, plen) of `buf`.
+            unsafe {
+                avx2::fill(self, dst, reach, src.as_ptr(), k, relu);
+                avx2::zero(dst.add(planes), plen - planes);
+            }
+            return;
+        }
         let (planes, slack) = buf[..plen].split_at_mut(self.c * self.plane());
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has the ISA's features; `fill_*` writes exactly the first k planes
-        // of `planes` (k·Hp·Wp ≤ its length) and reads k·H·W = src.len() elements; the
-        // slack is zeroed within its own slice.
+        // SAFETY: the CPU has AVX-512F; `fill_avx512` writes exactly the first k planes of
+        // `planes` (k·Hp·Wp ≤ its length) and reads k·H·W = src.len() elements; the slack is
+        // zeroed within its own slice.
         unsafe {
-            if isa() == Some(Isa::Avx2) {
-                avx2::fill(self, planes.as_mut_ptr(), src.as_ptr(), k, relu);
-                avx2::zero(slack.as_mut_ptr(), slack.len());
-            } else {
-                fill_avx512(self, planes.as_mut_ptr(), src.as_ptr(), k, relu);
-                zero_run(slack.as_mut_ptr(), slack.len());
-            }
+            fill_avx512(self, planes.as_mut_ptr(), src.as_ptr(), k, relu);
+            zero_run(slack.as_mut_ptr(), slack.len());
         }
     }
 }
@@ -1046,36 +1056,51 @@ mod tests {
             eprintln!("skipped: neither AVX-512F nor AVX2");
             return;
         }
-        // 5×4 image, padding 2; 3 planes of which the first 2 are filled from `src`.
-        let p = Planes {
-            c: 3,
-            h: 5,
-            w: 4,
-            pad: 2,
-            kh: 5,
-            kw: 5,
-        };
-        let src: Vec<f32> = (0..2 * 5 * 4).map(|i| i as f32 - 20.0).collect();
-        for relu in [false, true] {
-            let mut buf = vec![f32::NAN; p.len()];
-            p.fill(&mut buf, &src, relu);
-            for c in 0..3 {
-                for y in 0..p.hp() {
-                    for x in 0..p.wp() {
-                        let v = buf[c * p.plane() + y * p.wp() + x];
-                        let inside = (2..7).contains(&y) && (2..6).contains(&x);
-                        if c == 2 {
-                            assert!(v.is_nan(), "plane 2 is the caller's");
-                        } else if inside {
-                            let s = src[(c * 5 + y - 2) * 4 + x - 2];
-                            assert_eq!(v, if relu { s.max(0.0) } else { s });
-                        } else {
-                            assert_eq!(v, 0.0, "border ({c}, {y}, {x})");
+        // (C, H, W, padding, planes filled from `src`): some planes left to the caller, or
+        // all of them (then the last row's spill lands in the slack); rows narrower than a
+        // vector, exactly one, and one and a bit.
+        for (c, h, w, pad, k) in [
+            (3, 5, 4, 2, 2),
+            (2, 3, 13, 1, 2),
+            (2, 4, 8, 1, 1),
+            (1, 2, 7, 1, 1),
+            (2, 6, 17, 1, 2),
+            (2, 3, 5, 0, 1),
+            (2, 3, 5, 0, 2),
+        ] {
+            let p = Planes {
+                c,
+                h,
+                w,
+                pad,
+                kh: 2 * pad + 1,
+                kw: 2 * pad + 1,
+            };
+            let src: Vec<f32> = (0..k * h * w).map(|i| i as f32 - 20.0).collect();
+            for relu in [false, true] {
+                // Garbage everywhere, and past the buffer's end, which must stay untouched.
+                let mut buf = vec![f32::NAN; p.len() + 32];
+                p.fill(&mut buf, &src, relu);
+                for ch in 0..c {
+                    for y in 0..p.hp() {
+                        for x in 0..p.wp() {
+                            let v = buf[ch * p.plane() + y * p.wp() + x];
+                            let inside = (pad..pad + h).contains(&y) && (pad..pad + w).contains(&x);
+                            if ch >= k {
+                                assert!(v.is_nan(), "plane {ch} is the caller's");
+                            } else if inside {
+                                let s = src[(ch * h + y - pad) * w + x - pad];
+                                assert_eq!(v, if relu { s.max(0.0) } else { s });
+                            } else {
+                                assert_eq!(v, 0.0, "border ({ch}, {y}, {x}) of {c}×{h}×{w}");
+                            }
                         }
                     }
                 }
+                let (slack, past) = buf[c * p.plane()..].split_at(p.len() - c * p.plane());
+                assert!(slack.iter().all(|&v| v == 0.0), "slack");
+                assert!(past.iter().all(|v| v.is_nan()), "written past the buffer");
             }
-            assert!(buf[3 * p.plane()..].iter().all(|&v| v == 0.0), "slack");
         }
     }
 }
