@@ -609,7 +609,7 @@ where
 /// the thread that finishes first steals single images rather than waiting while the other
 /// works through a block of several. With a minimum of `pieces / (4 · threads)` (8 images
 /// at batch 64 on 2 threads) a core idled at the end of each op: the tutorial coupling
-/// step ran at 1.84–1.87 CPUs utilised (`perf stat`), and without it at 1.88–1.90 and
+/// step ran at 1.83–1.87 CPUs utilised (`perf stat`), and without it at 1.88–1.90 and
 /// faster in 6 of 6 interleaved rounds (median 258 → 222 ms); the simple flow and the
 /// multi-scale flow gained 2–3 % (4 of 4 rounds each), Glow nothing measurable.
 fn for_chunks<T: Real, U: Send, F>(out: &mut [U], chunk: usize, scratch_len: usize, f: F)
