@@ -71,13 +71,21 @@ fn gate_row<T: Real>(x: &[T], v: &[T], g: &[T], y: &mut [T]) {
     }
 }
 
-/// [`gate_row`] that also turns `g` into `σ(g)` in place, for [`gate_grad_sigma_row`].
+/// [`gate_row`] of one channel row whose `v` and `g` still lack their biases `bv` and `bg`:
+/// adds them in place, turns `g` into `σ(g + bg)` (for [`gate_grad_sigma_row`]), and writes
+/// `y = x + (v + bv)·σ(g + bg)`.
 #[inline(always)]
-pub(super) fn gate_row_keep_sigma<T: Real>(x: &[T], v: &[T], g: &mut [T], y: &mut [T]) {
-    for (((y, &x), &v), g) in y.iter_mut().zip(x).zip(v).zip(g) {
-        let s = sigmoid(*g);
+pub(super) fn gate_row_keep_sigma<T: Real>(
+    x: &[T],
+    (v, bv): (&mut [T], T),
+    (g, bg): (&mut [T], T),
+    y: &mut [T],
+) {
+    for (((y, &x), v), g) in y.iter_mut().zip(x).zip(v).zip(g) {
+        let s = sigmoid(*g + bg);
+        *v += bv;
         *g = s;
-        *y = x + v * s;
+        *y = x + *v * s;
     }
 }
 

@@ -84,20 +84,25 @@ fn image_head<T: Real>(
     let img = c * p;
     let (pos, neg) = a.split_at_mut(img);
     wide(|| concat_elu_row(un, pos, neg));
-    for (row, &bv) in h.chunks_exact_mut(p).zip(pr.b) {
-        row.fill(bv);
-    }
+    // W·a without the bias (the GEMM neither reads h nor needs it filled first), then the
+    // bias added in the gate's pass: the same sums, rounded the same way, as filling h with
+    // the bias and accumulating into it.
     matmul(
         h,
         p,
         (2 * c, p, 2 * c),
         Mat::rows(pr.w, 2 * c),
         Mat::rows(a, p),
-        true,
+        false,
         par,
     );
     let (hv, hg) = h.split_at_mut(img);
-    wide(|| gate_row_keep_sigma(xn, hv, hg, y));
+    let rows = hv.chunks_exact_mut(p).zip(hg.chunks_exact_mut(p));
+    let rows = rows.zip(xn.chunks_exact(p).zip(y.chunks_exact_mut(p)));
+    for (ch, ((v, g), (x, y))) in rows.enumerate() {
+        let (bv, bg) = (pr.b[ch], pr.b[c + ch]);
+        wide(|| gate_row_keep_sigma(x, (v, bv), (g, bg), y));
+    }
 }
 
 /// `z` for the whole batch.
