@@ -109,12 +109,19 @@ pub(super) unsafe fn fill(
     }
 }
 
+/// Whether a whole vector at `p` (`p ≤ end`) ends at or below `end`. Compared as addresses:
+/// `p.add(L)` could point past the allocation, which `add` must not.
+#[inline(always)]
+fn vector_fits(p: *const f32, end: *const f32) -> bool {
+    (end as usize).saturating_sub(p as usize) >= L * std::mem::size_of::<f32>()
+}
+
 /// [`zero_run`] with the last vector whole when it ends at or below `end`.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn zero_run_spill(dst: *mut f32, n: usize, end: *const f32) {
     let mut j = 0;
-    while j < n && dst.add(j + L) as *const f32 <= end {
+    while j < n && vector_fits(dst.add(j), end) {
         _mm256_storeu_ps(dst.add(j), _mm256_setzero_ps());
         j += L;
     }
@@ -140,12 +147,12 @@ unsafe fn map_row_spill(
         return;
     }
     let (d, s) = (dst.add(full), src.add(full));
-    let v = if s.add(L) <= src_end {
+    let v = if vector_fits(s, src_end) {
         _mm256_loadu_ps(s)
     } else {
         _mm256_maskload_ps(s, lanes(0, n - full))
     };
-    if d.add(L) as *const f32 <= end {
+    if vector_fits(d, end) {
         _mm256_storeu_ps(d, f(v));
     } else {
         _mm256_maskstore_ps(d, lanes(0, n - full), f(v));
