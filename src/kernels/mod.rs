@@ -375,12 +375,12 @@ fn per_image_with_sums<T: Real, const K: usize, F>(
 where
     F: Fn(usize, [&mut [T]; K], &mut [T], &mut [T], gemm::Parallelism) + Send + Sync,
 {
-    // SAFETY: every output chunk is zeroed before `f` sees it.
-    unsafe {
-        per_image_with_sums_write(n, img, scratch_len, sums_len, |i, outs, s, sums, par| {
+    let zeroed =
+        |i: usize, outs: [&mut [std::mem::MaybeUninit<T>]; K], s: &mut [T], sums: &mut [T], par| {
             f(i, outs.map(|o| init_zeroed(o)), s, sums, par)
-        })
-    }
+        };
+    // SAFETY: `zeroed` zeroes every output chunk before `f` sees it.
+    unsafe { per_image_with_sums_write(n, img, scratch_len, sums_len, zeroed) }
 }
 
 /// [`per_image_with_sums`] without zeroing the outputs, as [`per_image_write`] is to
@@ -567,12 +567,11 @@ where
         per_image(&mut out, chunk, scratch_len, f);
         return out;
     }
-    // SAFETY: the closure zeroes each chunk before `f` sees it.
-    unsafe {
-        per_image_write(len, chunk, scratch_len, |n, o, s, par| {
-            f(n, init_zeroed(o), s, par)
-        })
-    }
+    let zeroed = |n: usize, o: &mut [std::mem::MaybeUninit<T>], s: &mut [T], par| {
+        f(n, init_zeroed(o), s, par)
+    };
+    // SAFETY: `zeroed` zeroes each chunk before `f` sees it.
+    unsafe { per_image_write(len, chunk, scratch_len, zeroed) }
 }
 
 /// [`per_image_out`] without the zeroing, for kernels that write every element of their
