@@ -5,8 +5,10 @@
 //! The buffers keep the AVX-512 layout (rows and strides in whole 16-value vectors), which
 //! are also whole 8-value vectors. Register tiles, with at most 16 registers live:
 //! - forward ([`conv_rows`]): `M` output channels × `R` vectors of 8 positions with
-//!   `M·R + R + 1 ≤ 16` (6 × 2 for full blocks of [`BLOCK_CO`] channels);
-//! - weight gradient over positions ([`weight_grad`]): 3 output channels × 4 taps;
+//!   `M·R + min(M, R) + 1 ≤ 15` (6 × 2 for full blocks of [`BLOCK_CO`] channels; 4 × 2,
+//!   3 × 3, 2 × 6 or 1 × 7 for the rest);
+//! - weight gradient over positions ([`weight_grad`]): 4 output channels × 3 taps, 3 × 4, 2 × 6
+//!   or 1 × 8, by the channel count;
 //! - weight gradient over output channels ([`weight_grad_t`]): one 3×3 input channel's 9 taps
 //!   × 8 channels, or 6 taps × 16 channels.
 //!
@@ -31,9 +33,6 @@ use super::winograd::{Tiles, XI};
 const L: usize = 8;
 /// Output channels per full forward block.
 pub(super) const BLOCK_CO: usize = 6;
-/// The position-vectorised weight-gradient tile: output channels × taps.
-const WG_CO: usize = 3;
-const WG_TAPS: usize = 4;
 
 /// The mask of lanes `first ≤ i < min(end, 8)` (all bits set in a selected lane).
 #[target_feature(enable = "avx2,fma")]
@@ -224,12 +223,15 @@ pub(super) unsafe fn conv_rows(
         let m = BLOCK_CO.min(w.co - c0);
         let wb = w.data[c0 * w.k..(c0 + m) * w.k].as_ptr();
         let o = out.add(c0 * rs);
+        // 16 live registers (4 × 3, 2 × 5) ran at half the rate of these tiles: 192 → 4 at
+        // 14×14 went 36.9 → 61.3 GFLOP/s and 64 → 2 at 28×28 32.2 → 55.5
+        // (`microkernel_rate`, one core).
         match m {
             6 => conv_block::<6, 2>(x, offs, wb, o, rs, q),
             5 => conv_block::<5, 2>(x, offs, wb, o, rs, q),
-            4 => conv_block::<4, 3>(x, offs, wb, o, rs, q),
+            4 => conv_block::<4, 2>(x, offs, wb, o, rs, q),
             3 => conv_block::<3, 3>(x, offs, wb, o, rs, q),
-            2 => conv_block::<2, 5>(x, offs, wb, o, rs, q),
+            2 => conv_block::<2, 6>(x, offs, wb, o, rs, q),
             _ => conv_block::<1, 7>(x, offs, wb, o, rs, q),
         }
     }
@@ -281,14 +283,29 @@ unsafe fn conv_tile<const M: usize, const R: usize>(
     let mut wt = w;
     for &off in offs {
         let src = base.add(off);
-        let mut v = [_mm256_setzero_ps(); R];
-        for r in 0..R {
-            v[r] = _mm256_loadu_ps(src.add(L * r));
-        }
-        for m in 0..M {
-            let b = _mm256_broadcast_ss(&*wt.add(m));
+        // The shorter side's vectors stay in registers; the longer side's are loaded one at
+        // a time (for 2 × 6: 12 accumulators + 2 weights + 1 input vector).
+        if M < R {
+            let mut b = [_mm256_setzero_ps(); M];
+            for m in 0..M {
+                b[m] = _mm256_broadcast_ss(&*wt.add(m));
+            }
             for r in 0..R {
-                acc[m][r] = _mm256_fmadd_ps(b, v[r], acc[m][r]);
+                let v = _mm256_loadu_ps(src.add(L * r));
+                for m in 0..M {
+                    acc[m][r] = _mm256_fmadd_ps(b[m], v, acc[m][r]);
+                }
+            }
+        } else {
+            let mut v = [_mm256_setzero_ps(); R];
+            for r in 0..R {
+                v[r] = _mm256_loadu_ps(src.add(L * r));
+            }
+            for m in 0..M {
+                let b = _mm256_broadcast_ss(&*wt.add(m));
+                for r in 0..R {
+                    acc[m][r] = _mm256_fmadd_ps(b, v[r], acc[m][r]);
+                }
             }
         }
         wt = wt.add(M);
@@ -301,7 +318,8 @@ unsafe fn conv_tile<const M: usize, const R: usize>(
 }
 
 /// [`super::direct::weight_grad`]: `dw[co][t] += Σₙ Σ_q gz[n][co][q] · planes[n][offₜ + q]`
-/// over `imgs` images (`gs` positions per gradient row, `plen` per plane buffer).
+/// over `imgs` images (`gs` positions per gradient row, `plen` per plane buffer), in tiles
+/// of output channels × taps shaped to the channel count (see [`wg_rows`]).
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn weight_grad(
     planes: &[f32],
@@ -311,32 +329,74 @@ pub(super) unsafe fn weight_grad(
     imgs: usize,
     dw: &mut [f32],
 ) {
-    let k = offs.len();
-    let co = dw.len() / k;
-    for c0 in (0..co).step_by(WG_CO) {
-        let rows = WG_CO.min(co - c0);
-        let g: [*const f32; WG_CO] =
-            std::array::from_fn(|r| gz[(c0 + r.min(rows - 1)) * gs..].as_ptr());
-        for t0 in (0..k).step_by(WG_TAPS) {
-            let taps = WG_TAPS.min(k - t0);
-            let x: [*const f32; WG_TAPS] =
-                std::array::from_fn(|j| planes[offs[t0 + j.min(taps - 1)]..].as_ptr());
-            let mut total = [[_mm256_setzero_ps(); WG_TAPS]; WG_CO];
-            for n in 0..imgs {
-                let part = weight_grad_image(
-                    &g.map(|p| p.add(n * co * gs)),
-                    &x.map(|p| p.add(n * plen)),
-                    gs / L,
-                );
-                for r in 0..WG_CO {
-                    for j in 0..WG_TAPS {
-                        total[r][j] = _mm256_add_ps(total[r][j], part[r][j]);
-                    }
-                }
-            }
+    let co = dw.len() / offs.len();
+    let block = wg_rows(co);
+    for c0 in (0..co).step_by(block) {
+        let tile = WgTile {
+            planes,
+            plen,
+            gs,
+            offs,
+            gz,
+            imgs,
+            c0,
+            rows: block.min(co - c0),
+        };
+        match tile.rows {
+            4 => tile.run::<4, 3>(dw),
+            3 => tile.run::<3, 4>(dw),
+            2 => tile.run::<2, 6>(dw),
+            _ => tile.run::<1, 8>(dw),
+        }
+    }
+}
+
+/// Output channels per tile of [`weight_grad`] for `co` channels: 4 (× 3 taps) or 3 (× 4
+/// taps), whichever divides `co`, so that no tile computes rows it drops (Glow's 192 → 4
+/// output convolution ran 3 + 1 rows, a third of its second tile's work wasted); a last
+/// tile of 1 or 2 rows uses 1 × 8 or 2 × 6. Every tile keeps 12 (1 × 8: 8) accumulators and
+/// the loads of its shorter side in registers, at most 16.
+fn wg_rows(co: usize) -> usize {
+    if !co.is_multiple_of(4) && co.is_multiple_of(3) {
+        3
+    } else {
+        4
+    }
+}
+
+/// One block of `rows` output channels from `c0` of [`weight_grad`].
+struct WgTile<'a> {
+    planes: &'a [f32],
+    plen: usize,
+    gs: usize,
+    offs: &'a [usize],
+    gz: &'a [f32],
+    imgs: usize,
+    c0: usize,
+    rows: usize,
+}
+
+impl WgTile<'_> {
+    /// The block in tiles of `RC` channels (≥ `rows`; the extra ones repeat the last row
+    /// and are not stored) × `TP` taps (the last tile repeats its last tap likewise).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run<const RC: usize, const TP: usize>(&self, dw: &mut [f32]) {
+        let (k, co, gs, rows) = (
+            self.offs.len(),
+            dw.len() / self.offs.len(),
+            self.gs,
+            self.rows,
+        );
+        let g: [*const f32; RC] =
+            std::array::from_fn(|r| self.gz[(self.c0 + r.min(rows - 1)) * gs..].as_ptr());
+        for t0 in (0..k).step_by(TP) {
+            let taps = TP.min(k - t0);
+            let x: [*const f32; TP] =
+                std::array::from_fn(|j| self.planes[self.offs[t0 + j.min(taps - 1)]..].as_ptr());
+            let total = weight_grad_tile::<RC, TP>(&g, &x, gs / L, self.imgs, (co * gs, self.plen));
             for (r, row) in total.iter().enumerate().take(rows) {
                 for (j, &v) in row.iter().enumerate().take(taps) {
-                    dw[(c0 + r) * k + t0 + j] += sum(v);
+                    dw[(self.c0 + r) * k + t0 + j] += sum(v);
                 }
             }
         }
@@ -352,28 +412,54 @@ unsafe fn sum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
 }
 
-/// One image of [`weight_grad`]'s tile, as vectors of 8 partial sums.
+/// One [`weight_grad`] tile over `imgs` images (`g` and `x` advance by `gstride` and
+/// `xstride` per image), as vectors of 8 partial sums that run on across the images, in
+/// image order. The shorter side's vectors (gradient rows or taps) are loaded once per
+/// position vector and kept in registers; the longer side's are loaded one at a time.
+/// (Returning one image's sums per call, to be added up by the caller, cost 40–50 cycles
+/// per image and tile, against 48 for the loop itself on a 7×7 map: Glow's 192 → 8 ∂W at
+/// 7×7 ran at 36 instead of 55 GFLOP/s, `conv_op_timings`.)
 #[target_feature(enable = "avx2,fma")]
 #[inline(never)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn weight_grad_image(
-    g: &[*const f32; WG_CO],
-    x: &[*const f32; WG_TAPS],
+unsafe fn weight_grad_tile<const RC: usize, const TP: usize>(
+    g: &[*const f32; RC],
+    x: &[*const f32; TP],
     nv: usize,
-) -> [[__m256; WG_TAPS]; WG_CO] {
-    let mut acc = [[_mm256_setzero_ps(); WG_TAPS]; WG_CO];
-    for v in 0..nv {
-        let o = L * v;
-        let mut gv = [_mm256_setzero_ps(); WG_CO];
-        for r in 0..WG_CO {
-            gv[r] = _mm256_loadu_ps(g[r].add(o));
-        }
-        for j in 0..WG_TAPS {
-            let xv = _mm256_loadu_ps(x[j].add(o));
-            for r in 0..WG_CO {
-                acc[r][j] = _mm256_fmadd_ps(gv[r], xv, acc[r][j]);
+    imgs: usize,
+    (gstride, xstride): (usize, usize),
+) -> [[__m256; TP]; RC] {
+    let mut acc = [[_mm256_setzero_ps(); TP]; RC];
+    let (mut g, mut x) = (*g, *x);
+    for _ in 0..imgs {
+        for v in 0..nv {
+            let o = L * v;
+            if RC <= TP {
+                let mut gv = [_mm256_setzero_ps(); RC];
+                for r in 0..RC {
+                    gv[r] = _mm256_loadu_ps(g[r].add(o));
+                }
+                for j in 0..TP {
+                    let xv = _mm256_loadu_ps(x[j].add(o));
+                    for r in 0..RC {
+                        acc[r][j] = _mm256_fmadd_ps(gv[r], xv, acc[r][j]);
+                    }
+                }
+            } else {
+                let mut xv = [_mm256_setzero_ps(); TP];
+                for j in 0..TP {
+                    xv[j] = _mm256_loadu_ps(x[j].add(o));
+                }
+                for r in 0..RC {
+                    let gv = _mm256_loadu_ps(g[r].add(o));
+                    for j in 0..TP {
+                        acc[r][j] = _mm256_fmadd_ps(gv, xv[j], acc[r][j]);
+                    }
+                }
             }
         }
+        g = g.map(|p| p.add(gstride));
+        x = x.map(|p| p.add(xstride));
     }
     acc
 }

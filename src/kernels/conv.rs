@@ -1165,9 +1165,10 @@ mod tests {
             eprintln!("skipped: neither AVX-512F nor AVX2");
             return;
         }
-        // Odd sizes, every forward block size (Co 1..8 and 8 + remainder), Co below, at
-        // and above 16 (both weight-gradient kernels), 3×3 and other kernels, paddings 0..2,
-        // both input transforms.
+        // Odd sizes, every forward block size (Co 1..8 and 8 + remainder), every
+        // few-channel weight-gradient tile (Co 1..10: blocks of 4, 3, 2, 1), Co below, at and
+        // above 16 (both weight-gradient kernels), 3×3 and other kernels, paddings 0..2, all
+        // three input activations.
         for (b, cx, h, w, co, k, pad, pre) in [
             (3, 3, 5, 7, 13, 3, 1, Pre::Identity),
             (2, 4, 7, 3, 2, 3, 1, Pre::ConcatElu),
@@ -1181,6 +1182,12 @@ mod tests {
             (2, 3, 4, 4, 16, 5, 1, Pre::Identity),
             (3, 5, 7, 6, 19, 3, 1, Pre::Relu),
             (2, 4, 5, 5, 3, 3, 1, Pre::Relu),
+            (3, 4, 6, 7, 4, 3, 1, Pre::Relu),
+            (2, 3, 5, 6, 6, 3, 1, Pre::ConcatElu),
+            (4, 2, 7, 7, 8, 3, 1, Pre::Relu),
+            (2, 3, 5, 4, 10, 3, 1, Pre::Identity),
+            (3, 2, 4, 6, 5, 3, 1, Pre::Identity),
+            (2, 2, 3, 5, 1, 3, 1, Pre::ConcatElu),
         ] {
             let g = Geom::new(&[b, cx, h, w], &[co, pre.channels(cx), k, k], pad, pre).unwrap();
             let t = g.transposed_planes().unwrap();

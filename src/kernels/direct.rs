@@ -1120,7 +1120,14 @@ mod timing {
             eprintln!("skipped: neither AVX-512F nor AVX2");
             return;
         }
-        for (c, hw, co) in [(64, 28, 32), (64, 14, 32), (64, 7, 32), (16, 28, 32)] {
+        for (c, hw, co) in [
+            (64, 28, 32),
+            (64, 14, 32),
+            (64, 7, 32),
+            (16, 28, 32),
+            (192, 14, 4),
+            (64, 28, 2),
+        ] {
             let p = Planes {
                 c,
                 h: hw,
