@@ -1257,9 +1257,15 @@ mod tests {
         // Training must be reproducible and resumable exactly, so batch reductions may not
         // depend on rayon's scheduling. With 9 images (≥ 8 threads) the path is the same for
         // every thread count: gemm for 4 input channels (36 taps); the direct kernels for 8
-        // (72 taps), with both ∂W kernels (3 and 16 output channels) and the direct ∂x (16);
-        // Winograd for 16 → 16 channels on a 12×9 map.
-        for (ci, co, h, w) in [(4, 3, 6, 5), (8, 3, 6, 5), (8, 16, 6, 5), (16, 16, 12, 9)] {
+        // (72 taps), with both ∂W kernels (3, 4 and 16 output channels) and the direct ∂x
+        // (16); Winograd for 16 → 16 channels on a 12×9 map.
+        for (ci, co, h, w) in [
+            (4, 3, 6, 5),
+            (8, 3, 6, 5),
+            (8, 4, 6, 5),
+            (8, 16, 6, 5),
+            (16, 16, 12, 9),
+        ] {
             thread_count_invariant(ci, co, h, w);
         }
     }
