@@ -9,8 +9,7 @@
 //!   3 × 3, 2 × 6 or 1 × 7 for the rest);
 //! - weight gradient over positions ([`weight_grad`]): 4 output channels × 3 taps, 3 × 4, 2 × 6
 //!   or 1 × 8, by the channel count;
-//! - weight gradient over output channels ([`weight_grad_t`]): one 3×3 input channel's 9 taps
-//!   × 8 channels, or 6 taps × 16 channels.
+//! - weight gradient over output channels ([`weight_grad_t`]): 6 taps × 16 channels.
 //!
 //! Results agree with the AVX-512 kernels to float rounding: the forward kernel and the
 //! channel-vectorised weight gradient add the same terms in the same order, the
@@ -477,23 +476,13 @@ pub(super) unsafe fn weight_grad_t(
 ) {
     let (k, oh, ow, wp) = (offs.len(), p.oh(), p.ow(), p.wp());
     let cs = dwt.len() / k;
-    if p.kh == 3 && p.kw == 3 {
-        // One channel's 9 taps × 8 output channels per tile.
-        for c0 in (0..cs).step_by(L) {
-            for y0 in (0..oh).step_by(rows) {
-                let y1 = (y0 + rows).min(oh);
-                let g = gt[y0 * ow * cs + c0..].as_ptr();
-                for c in 0..p.c {
-                    let x = planes[offs[9 * c] + y0 * wp..].as_ptr();
-                    let d = dwt[9 * c * cs + c0..].as_mut_ptr();
-                    weight_grad_t_3x3(x, g, cs, d, (y1 - y0, ow, wp));
-                }
-            }
-        }
-        return;
-    }
     // 6 taps × 16 output channels per tile (`cs` is a multiple of 16); taps at the end
-    // repeat the last one and the repeats are not stored.
+    // repeat the last one and the repeats are not stored. 3×3 kernels too: a tile of one
+    // input channel's 9 taps × 8 channels (9 accumulators, a broadcast per FMA: 10 loads
+    // per 9 FMAs, against 8 per 12 here) was 7–24 % slower in 19 of 20 comparisons (5
+    // shapes from 7×7 to 28×28, 4 runs of one process alternating the two, best of 8 each;
+    // e.g. 64 → 64 at 7×7 52.2 vs 61.8 GFLOP/s, 48 → 48 at 14×14 80.3 vs 96.9), with
+    // bit-identical sums.
     const NT: usize = 6;
     for c0 in (0..cs).step_by(2 * L) {
         for y0 in (0..oh).step_by(rows) {
@@ -508,36 +497,6 @@ pub(super) unsafe fn weight_grad_t(
                 weight_grad_t_tile(&x, g, cs, d, taps, (y1 - y0, ow, wp));
             }
         }
-    }
-}
-
-/// The 9 taps of one 3×3 input channel (`x` at tap (0, 0)) × 8 output channels, added
-/// into `d` (9 rows `cs` apart).
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn weight_grad_t_3x3(
-    x: *const f32,
-    g: *const f32,
-    cs: usize,
-    d: *mut f32,
-    (oh, ow, wp): (usize, usize, usize),
-) {
-    let mut acc = [_mm256_setzero_ps(); 9];
-    for y in 0..oh {
-        let (xr, gr) = (x.add(y * wp), g.add(y * ow * cs));
-        for xx in 0..ow {
-            let (xp, gv) = (xr.add(xx), _mm256_loadu_ps(gr.add(xx * cs)));
-            for i in 0..3 {
-                for j in 0..3 {
-                    let b = _mm256_broadcast_ss(&*xp.add(i * wp + j));
-                    acc[3 * i + j] = _mm256_fmadd_ps(b, gv, acc[3 * i + j]);
-                }
-            }
-        }
-    }
-    for (t, &a) in acc.iter().enumerate() {
-        let dp = d.add(t * cs);
-        _mm256_storeu_ps(dp, _mm256_add_ps(_mm256_loadu_ps(dp), a));
     }
 }
 
