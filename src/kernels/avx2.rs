@@ -13,7 +13,8 @@
 //!
 //! Results agree with the AVX-512 kernels to float rounding: the forward kernel and the
 //! channel-vectorised weight gradient add the same terms in the same order, the
-//! position-vectorised weight gradient reduces 8-lane instead of 16-lane partial sums, and
+//! position-vectorised weight gradient reduces 8-lane partial sums that run across a
+//! group's images instead of 16-lane ones per image, and
 //! the Winograd transforms are the same arithmetic (the tests compare every kernel with
 //! the im2col + GEMM path).
 //!
@@ -561,7 +562,7 @@ pub(super) unsafe fn transform_rows(a: *const f32, h: usize, w: usize, dst: *mut
     let tw = w.div_ceil(2);
     // Padded columns s … s + 7, i.e. a[s − 1 …], inside 0 … w − 1.
     let inside = |s: usize| lanes(1usize.saturating_sub(s), (w + 1).saturating_sub(s));
-    let plane = (a as usize, a as usize + h * w * std::mem::size_of::<f32>());
+    let plane_end = a.wrapping_add(h * w);
     for tx0 in (0..tw).step_by(L).rev() {
         let mask = lanes(0, tw - tx0);
         let s = 2 * tx0;
@@ -575,9 +576,7 @@ pub(super) unsafe fn transform_rows(a: *const f32, h: usize, w: usize, dst: *mut
                 let p = row.wrapping_add(at[k]);
                 if in_row[k] {
                     _mm256_loadu_ps(p)
-                } else if p as usize >= plane.0
-                    && p as usize + L * std::mem::size_of::<f32>() <= plane.1
-                {
+                } else if p >= a && vector_fits(p, plane_end) {
                     // Whole inside the plane: a plain load, then the columns outside the
                     // row zeroed.
                     _mm256_and_ps(_mm256_loadu_ps(p), _mm256_castsi256_ps(m[k]))
