@@ -1120,24 +1120,27 @@ mod timing {
             eprintln!("skipped: neither AVX-512F nor AVX2");
             return;
         }
-        for (c, hw, co) in [
-            (64, 28, 32),
-            (64, 14, 32),
-            (64, 7, 32),
-            (16, 28, 32),
-            (192, 14, 4),
-            (64, 28, 2),
+        for (c, hw, co, kk) in [
+            (64, 28, 32, 3),
+            (64, 14, 32, 3),
+            (64, 7, 32, 3),
+            (16, 28, 32, 3),
+            (192, 14, 4, 3),
+            (64, 28, 2, 3),
+            (192, 14, 192, 1),
+            (192, 7, 192, 1),
+            (64, 28, 64, 1),
         ] {
             let p = Planes {
                 c,
                 h: hw,
                 w: hw,
-                pad: 1,
-                kh: 3,
-                kw: 3,
+                pad: kk / 2,
+                kh: kk,
+                kw: kk,
             };
             let planes: Vec<f32> = (0..p.len()).map(|i| (i % 7) as f32 * 0.1).collect();
-            let k = c * 9;
+            let k = c * kk * kk;
             let w: Vec<f32> = (0..co * k).map(|i| (i % 5) as f32 * 0.01).collect();
             let (wk, offs) = (Packed::new(&w, co, k, &p), p.offsets());
             let mut out = vec![0.0f32; co * p.out_stride()];
@@ -1154,7 +1157,7 @@ mod timing {
                 .fold(f64::INFINITY, f64::min);
             let rate = |positions: usize| 2.0 * (co * k * positions * reps) as f64 / best / 1e9;
             eprintln!(
-                "{c}→{co} 3×3 at {hw}×{hw} (planes {} KB): {:.1} GFLOP/s computed, {:.1} real",
+                "{c}→{co} {kk}×{kk} at {hw}×{hw} (planes {} KB): {:.1} GFLOP/s computed, {:.1} real",
                 p.len() * 4 / 1024,
                 rate(p.q()),
                 rate(hw * hw)

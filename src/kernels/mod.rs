@@ -60,6 +60,7 @@ mod direct;
 mod elementwise;
 mod gated;
 mod norm;
+mod pointwise;
 mod pool;
 pub mod reference;
 mod spline;
