@@ -258,12 +258,17 @@ impl Geom {
 
     /// `∂xₙ` from `∂aₙ` (in `act`) through the input transform's derivative at `xₙ`.
     fn pre_grad<T: Real>(&self, xn: &[T], act: &[T], dxn: &mut [T]) {
+        // SAFETY: `pre_grad_into` writes initialised values only.
+        self.pre_grad_into(xn, act, unsafe { as_uninit(dxn) });
+    }
+
+    /// [`Geom::pre_grad`] into an output not yet written: every element of `dxn` is written
+    /// unless the transform is the identity (then `∂aₙ` was written there).
+    fn pre_grad_into<T: Real>(&self, xn: &[T], act: &[T], dxn: &mut [MaybeUninit<T>]) {
         match self.pre {
             Pre::Identity => {}
             Pre::ConcatElu => {
                 let (g1, g2) = act.split_at(xn.len());
-                // SAFETY: `concat_elu_grad_row` writes f32 values only.
-                let dxn = unsafe { as_uninit(dxn) };
                 wide(|| concat_elu_grad_row(xn, g1, g2, dxn));
             }
             Pre::Relu => wide(|| relu_grad_row(xn, &act[..xn.len()], dxn)),
@@ -309,9 +314,9 @@ pub(super) fn relu_row<T: Real>(x: &[T], a: &mut [T]) {
 
 /// `d = g·[x > 0]`.
 #[inline(always)]
-fn relu_grad_row<T: Real>(x: &[T], g: &[T], d: &mut [T]) {
+fn relu_grad_row<T: Real>(x: &[T], g: &[T], d: &mut [MaybeUninit<T>]) {
     for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
-        *d = if x > T::ZERO { g } else { T::ZERO };
+        d.write(if x > T::ZERO { g } else { T::ZERO });
     }
 }
 
@@ -703,26 +708,26 @@ fn input_grad_pointwise(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> 
             *d = w[o * g.ci + c];
         }
     }
-    per_image_out(
-        g.b * g.in_len(),
-        g.in_len(),
-        g.act_scratch(),
-        |n, dxn, act, _| {
-            let gn = &gy[n * g.co * hw..(n + 1) * g.co * hw];
-            let da = g.da_target(&mut *dxn, &mut *act);
-            // SAFETY: `product` writes f32 values only.
-            let da = unsafe { as_uninit(&mut da[..g.act_len()]) };
-            let (wv, gv) = (
-                View {
-                    data: &wt,
-                    rs: g.co,
-                },
-                View { data: gn, rs: hw },
-            );
-            pointwise::product(wv, gv, (g.ci, hw, g.co), da, hw, None);
-            g.pre_grad(&x[n * g.in_len()..(n + 1) * g.in_len()], act, dxn);
-        },
-    )
+    let image = |n: usize, dxn: &mut [MaybeUninit<f32>], act: &mut [f32], _| {
+        let gn = &gy[n * g.co * hw..(n + 1) * g.co * hw];
+        let (wv, gv) = (
+            View {
+                data: &wt,
+                rs: g.co,
+            },
+            View { data: gn, rs: hw },
+        );
+        if g.pre == Pre::Identity {
+            return pointwise::product(wv, gv, (g.ci, hw, g.co), dxn, hw, None);
+        }
+        // SAFETY: `product` writes f32 values only.
+        let da = unsafe { as_uninit(&mut act[..g.act_len()]) };
+        pointwise::product(wv, gv, (g.ci, hw, g.co), da, hw, None);
+        g.pre_grad_into(&x[n * g.in_len()..(n + 1) * g.in_len()], act, dxn);
+    };
+    // SAFETY: `product` writes all of ∂xₙ (the identity) or of ∂aₙ, from which
+    // `pre_grad_into` writes all of ∂xₙ.
+    unsafe { per_image_write(g.b * g.in_len(), g.in_len(), g.act_scratch(), image) }
 }
 
 /// Output channels (rows of the transformed GEMM) below which the Winograd path loses to
