@@ -25,7 +25,9 @@ use super::direct::{self, Packed, Planes};
 use super::elementwise::{concat_elu_grad_row, concat_elu_row, concat_elu_split};
 use super::pointwise::{self, View};
 use super::winograd::{self, Tiles};
-use super::{as_uninit, per_image_out, per_image_write, slice, wide, Real};
+use super::{
+    as_uninit, assume_init_mut, init_zeroed, per_image_out, per_image_write, slice, wide, Real,
+};
 use crate::Result;
 
 /// What the convolution applies to its input first.
@@ -247,23 +249,9 @@ impl Geom {
         }
     }
 
-    /// Where the input gradient's GEMM writes `∂aₙ`: `∂xₙ` itself when `a = x`, else the
-    /// activation scratch (then [`Geom::pre_grad`] turns it into `∂xₙ`).
-    fn da_target<'a, T>(&self, dxn: &'a mut [T], act: &'a mut [T]) -> &'a mut [T] {
-        match self.pre {
-            Pre::Identity => dxn,
-            Pre::ConcatElu | Pre::Relu => act,
-        }
-    }
-
-    /// `∂xₙ` from `∂aₙ` (in `act`) through the input transform's derivative at `xₙ`.
-    fn pre_grad<T: Real>(&self, xn: &[T], act: &[T], dxn: &mut [T]) {
-        // SAFETY: `pre_grad_into` writes initialised values only.
-        self.pre_grad_into(xn, act, unsafe { as_uninit(dxn) });
-    }
-
-    /// [`Geom::pre_grad`] into an output not yet written: every element of `dxn` is written
-    /// unless the transform is the identity (then `∂aₙ` was written there).
+    /// `∂xₙ` from `∂aₙ` (in `act`) through the input transform's derivative at `xₙ`, into
+    /// an output not yet written: every element of `dxn` is written unless the transform
+    /// is the identity (then `∂aₙ` was written there).
     fn pre_grad_into<T: Real>(&self, xn: &[T], act: &[T], dxn: &mut [MaybeUninit<T>]) {
         match self.pre {
             Pre::Identity => {}
@@ -273,6 +261,33 @@ impl Geom {
             }
             Pre::Relu => wide(|| relu_grad_row(xn, &act[..xn.len()], dxn)),
         }
+    }
+
+    /// `∂x` image by image: `f(n, da, scratch, par)` writes all of `∂aₙ` into `da`, which is
+    /// `∂xₙ` itself when `a = x` (zeroed first) and otherwise the activation scratch, from
+    /// which [`Geom::pre_grad_into`] then writes `∂xₙ` (so it is not zeroed: that pass was
+    /// most of the `memset` samples of a Glow step). `scratch` is `scratch_len` long.
+    fn input_grad_images<T: Real>(
+        &self,
+        x: &[T],
+        scratch_len: usize,
+        f: impl Fn(usize, &mut [T], &mut [T], gemm::Parallelism) + Send + Sync,
+    ) -> Vec<T> {
+        let image = |n: usize, dxn: &mut [MaybeUninit<T>], scratch: &mut [T], par| {
+            let (s, act) = scratch.split_at_mut(scratch_len);
+            match self.pre {
+                Pre::Identity => f(n, init_zeroed(dxn), s, par),
+                Pre::ConcatElu | Pre::Relu => {
+                    f(n, &mut act[..self.act_len()], s, par);
+                    let xn = &x[n * self.in_len()..(n + 1) * self.in_len()];
+                    self.pre_grad_into(xn, act, dxn);
+                }
+            }
+        };
+        let scratch = scratch_len + self.act_scratch();
+        // SAFETY: `∂xₙ` is zeroed before `f` (the identity) or written whole by
+        // `pre_grad_into`.
+        unsafe { per_image_write(self.b * self.in_len(), self.in_len(), scratch, image) }
     }
 
     /// For kernel column j: the output columns `[lo, hi)` that read inside the image, and the
@@ -505,37 +520,40 @@ pub(super) fn matmul<T: Real>(
 fn conv_forward<T: Real>(x: &[T], w: &[T], b: &[T], g: &Geom) -> Vec<T> {
     let (k, ohw) = (g.k(), g.out_hw());
     let cols_len = if g.pointwise() { 0 } else { k * ohw };
-    let out = per_image_out(
-        g.b * g.co * ohw,
-        g.co * ohw,
-        g.act_scratch() + cols_len,
-        |n, y, scratch, par| {
-            for (co, row) in y.chunks_mut(ohw).enumerate() {
-                row.fill(b[co]);
+    let image = |n: usize, y: &mut [MaybeUninit<T>], scratch: &mut [T], par| {
+        // The bias, which the GEMMs then add to: each output written once before them
+        // rather than zeroed and then filled.
+        for (co, row) in y.chunks_mut(ohw).enumerate() {
+            for v in row {
+                v.write(b[co]);
             }
-            let (act, cols) = scratch.split_at_mut(g.act_scratch());
-            let a = g.activate(&x[n * g.in_len()..(n + 1) * g.in_len()], act);
-            if g.pointwise() {
-                let (lhs, rhs) = (Mat::rows(w, k), Mat::rows(a, ohw));
-                return matmul(y, ohw, (g.co, ohw, k), lhs, rhs, true, par);
-            }
-            for (y0, y1) in bands::<T>(g, k) {
-                let len = (y1 - y0) * g.ow;
-                im2col(a, cols, g, (y0, y1));
-                let (lhs, rhs) = (Mat::rows(w, k), Mat::rows(cols, len));
-                matmul(
-                    &mut y[y0 * g.ow..],
-                    ohw,
-                    (g.co, len, k),
-                    lhs,
-                    rhs,
-                    true,
-                    par,
-                );
-            }
-        },
-    );
-    out
+        }
+        // SAFETY: every element was written just above.
+        let y = unsafe { assume_init_mut(y) };
+        let (act, cols) = scratch.split_at_mut(g.act_scratch());
+        let a = g.activate(&x[n * g.in_len()..(n + 1) * g.in_len()], act);
+        if g.pointwise() {
+            let (lhs, rhs) = (Mat::rows(w, k), Mat::rows(a, ohw));
+            return matmul(y, ohw, (g.co, ohw, k), lhs, rhs, true, par);
+        }
+        for (y0, y1) in bands::<T>(g, k) {
+            let len = (y1 - y0) * g.ow;
+            im2col(a, cols, g, (y0, y1));
+            let (lhs, rhs) = (Mat::rows(w, k), Mat::rows(cols, len));
+            matmul(
+                &mut y[y0 * g.ow..],
+                ohw,
+                (g.co, len, k),
+                lhs,
+                rhs,
+                true,
+                par,
+            );
+        }
+    };
+    let (len, chunk) = (g.b * g.co * ohw, g.co * ohw);
+    // SAFETY: `image` writes every element of its chunk (the bias) first.
+    unsafe { per_image_write(len, chunk, g.act_scratch() + cols_len, image) }
 }
 
 /// [`conv_forward`] by the direct kernels: per image, padded planes of `a`, then
@@ -596,26 +614,16 @@ fn input_grad_direct(gy: &[f32], w: &[f32], x: &[f32], g: &Geom, t: Planes) -> V
     let offs = t.offsets();
     let (plen, rs, wpt) = (t.len(), t.out_stride(), t.wp());
     debug_assert_eq!((t.oh(), t.ow()), (g.h, g.w));
-    let scratch_len = plen + g.ci * rs + g.act_scratch();
-    let dx = per_image_out(
-        g.b * g.in_len(),
-        g.in_len(),
-        scratch_len,
-        |n, dxn, scratch, _| {
-            let (planes, rest) = scratch.split_at_mut(plen);
-            let (tmp, act) = rest.split_at_mut(g.ci * rs);
-            let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
-            t.fill(planes, gn, false);
-            direct::conv(planes, &t, &offs, &wt, tmp);
-            // ∂a of input pixel (c, y, x) is tmp[c·rs + y·Wpt + x]; gathered into ∂x itself or,
-            // through ConcatELU, into scratch first (so elu′ runs over whole vectors).
-            let da = g.da_target(&mut *dxn, &mut *act);
-            let at = |i: usize| (i * g.w, (i / g.h) * rs + (i % g.h) * wpt, 0.0);
-            direct::copy_rows(da, tmp, g.ci * g.h, g.w, at, false);
-            g.pre_grad(&x[n * g.in_len()..(n + 1) * g.in_len()], act, dxn);
-        },
-    );
-    dx
+    g.input_grad_images(x, plen + g.ci * rs, |n, da, scratch, _| {
+        let (planes, tmp) = scratch.split_at_mut(plen);
+        let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
+        t.fill(planes, gn, false);
+        direct::conv(planes, &t, &offs, &wt, tmp);
+        // ∂a of input pixel (c, y, x) is tmp[c·rs + y·Wpt + x], gathered into `da` (∂x itself
+        // or, through ConcatELU, scratch, so elu′ runs over whole vectors).
+        let at = |i: usize| (i * g.w, (i / g.h) * rs + (i % g.h) * wpt, 0.0);
+        direct::copy_rows(da, tmp, g.ci * g.h, g.w, at, false);
+    })
 }
 
 /// [`conv_weight_grad`] by the direct kernels: per image, the padded planes of `a` and
@@ -708,7 +716,7 @@ fn input_grad_pointwise(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> 
             *d = w[o * g.ci + c];
         }
     }
-    let image = |n: usize, dxn: &mut [MaybeUninit<f32>], act: &mut [f32], _| {
+    g.input_grad_images(x, 0, |n, da, _, _| {
         let gn = &gy[n * g.co * hw..(n + 1) * g.co * hw];
         let (wv, gv) = (
             View {
@@ -717,17 +725,9 @@ fn input_grad_pointwise(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> 
             },
             View { data: gn, rs: hw },
         );
-        if g.pre == Pre::Identity {
-            return pointwise::product(wv, gv, (g.ci, hw, g.co), dxn, hw, None);
-        }
         // SAFETY: `product` writes f32 values only.
-        let da = unsafe { as_uninit(&mut act[..g.act_len()]) };
-        pointwise::product(wv, gv, (g.ci, hw, g.co), da, hw, None);
-        g.pre_grad_into(&x[n * g.in_len()..(n + 1) * g.in_len()], act, dxn);
-    };
-    // SAFETY: `product` writes all of ∂xₙ (the identity) or of ∂aₙ, from which
-    // `pre_grad_into` writes all of ∂xₙ.
-    unsafe { per_image_write(g.b * g.in_len(), g.in_len(), g.act_scratch(), image) }
+        pointwise::product(wv, gv, (g.ci, hw, g.co), unsafe { as_uninit(da) }, hw, None);
+    })
 }
 
 /// Output channels (rows of the transformed GEMM) below which the Winograd path loses to
@@ -763,23 +763,14 @@ fn input_grad_winograd(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
     let (ohw, tl) = (g.out_hw(), Tiles::new(g.h, g.w));
     let u = winograd::Weights::new(&flip_transpose(w, g), g.ci, g.co, &tl);
     let (vl, ml) = (tl.v_len(g.co), tl.m_len(g.ci));
-    per_image_out(
-        g.b * g.in_len(),
-        g.in_len(),
-        vl + ml + g.act_scratch(),
-        |n, dxn, scratch, _| {
-            let (v, rest) = scratch.split_at_mut(vl);
-            let (m, act) = rest.split_at_mut(ml);
-            let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
-            winograd::input_transform(gn, Pre::Identity, &tl, v);
-            winograd::multiply(v, &u, &tl, m);
-            let da = g.da_target(&mut *dxn, &mut *act);
-            // SAFETY: `output_transform` writes f32 values only.
-            let da = unsafe { as_uninit(&mut da[..g.act_len()]) };
-            winograd::output_transform(m, g.ci, &tl, None, da);
-            g.pre_grad(&x[n * g.in_len()..(n + 1) * g.in_len()], act, dxn);
-        },
-    )
+    g.input_grad_images(x, vl + ml, |n, da, scratch, _| {
+        let (v, m) = scratch.split_at_mut(vl);
+        let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
+        winograd::input_transform(gn, Pre::Identity, &tl, v);
+        winograd::multiply(v, &u, &tl, m);
+        // SAFETY: `output_transform` writes f32 values only.
+        winograd::output_transform(m, g.ci, &tl, None, unsafe { as_uninit(da) });
+    })
 }
 
 /// [`weight_grad_f32`] by Winograd: per image `V` (as in the forward pass) and `Ĝ = A·∂y`
@@ -827,40 +818,31 @@ fn conv_input_grad<T: Real>(gy: &[T], w: &[T], x: &[T], g: &Geom) -> Vec<T> {
         None if g.pointwise() => 0,
         None => k * ohw,
     };
-    let dx = per_image_out(
-        g.b * g.in_len(),
-        g.in_len(),
-        cols_len + g.act_scratch(),
-        |n, dxn, scratch, par| {
-            let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
-            let (cols, act) = scratch.split_at_mut(cols_len);
-            let da = g.da_target(&mut *dxn, &mut *act);
-            // `dst = Wᵀ·Gₙ` (`[K, H'W']`): ∂a itself for 1×1, else its patch matrix.
-            let wt_g = |dst: &mut [T]| {
-                let (lhs, rhs) = (Mat::transposed(w, k), Mat::rows(gn, ohw));
-                matmul(dst, ohw, (k, ohw, g.co), lhs, rhs, false, par);
-            };
-            match &tw {
-                Some((t, wt)) => {
-                    for (y0, y1) in bands::<T>(t, t.k()) {
-                        let len = (y1 - y0) * t.ow;
-                        im2col(gn, cols, t, (y0, y1));
-                        let (lhs, rhs) = (Mat::rows(wt, t.k()), Mat::rows(cols, len));
-                        let dst = &mut da[y0 * t.ow..];
-                        matmul(dst, hw, (g.ci, len, t.k()), lhs, rhs, false, par);
-                    }
-                }
-                None if g.pointwise() => wt_g(da),
-                None => {
-                    wt_g(cols);
-                    da.fill(T::ZERO);
-                    col2im(cols, da, g);
+    g.input_grad_images(x, cols_len, |n, da, cols, par| {
+        let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
+        // `dst = Wᵀ·Gₙ` (`[K, H'W']`): ∂a itself for 1×1, else its patch matrix.
+        let wt_g = |dst: &mut [T]| {
+            let (lhs, rhs) = (Mat::transposed(w, k), Mat::rows(gn, ohw));
+            matmul(dst, ohw, (k, ohw, g.co), lhs, rhs, false, par);
+        };
+        match &tw {
+            Some((t, wt)) => {
+                for (y0, y1) in bands::<T>(t, t.k()) {
+                    let len = (y1 - y0) * t.ow;
+                    im2col(gn, cols, t, (y0, y1));
+                    let (lhs, rhs) = (Mat::rows(wt, t.k()), Mat::rows(cols, len));
+                    let dst = &mut da[y0 * t.ow..];
+                    matmul(dst, hw, (g.ci, len, t.k()), lhs, rhs, false, par);
                 }
             }
-            g.pre_grad(&x[n * g.in_len()..(n + 1) * g.in_len()], act, dxn);
-        },
-    );
-    dx
+            None if g.pointwise() => wt_g(da),
+            None => {
+                wt_g(cols);
+                da.fill(T::ZERO);
+                col2im(cols, da, g);
+            }
+        }
+    })
 }
 
 /// `[∂W; ∂b]` (`Co·K + Co` values) by im2col and GEMM, per fixed group of images.
