@@ -517,6 +517,58 @@ pub(super) fn matmul<T: Real>(
     }
 }
 
+/// `dst[i·dst_rs + j] = Σₜ lhs[i·lhs_rs + t]·rhs[t·rhs_rs + j]` (`i < m`, `j < n`, `t < k`):
+/// the AVX2 pointwise GEMM for f32 data run single-threaded (`par` is `None`: the caller
+/// runs images in parallel), else [`matmul`]. For the 1×1 convolutions inside fused ops.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul_rows<T: Real>(
+    dst: &mut [T],
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    (lhs, lhs_rs): (&[T], usize),
+    (rhs, rhs_rs): (&[T], usize),
+    par: gemm::Parallelism,
+) {
+    use std::any::TypeId;
+    if TypeId::of::<T>() == TypeId::of::<f32>()
+        && matches!(par, gemm::Parallelism::None)
+        && pointwise::available()
+    {
+        // SAFETY: T is f32 (checked), so these are the same slices retyped.
+        let (dst, lhs, rhs) = unsafe {
+            (
+                &mut *(dst as *mut [T] as *mut [MaybeUninit<f32>]),
+                &*(lhs as *const [T] as *const [f32]),
+                &*(rhs as *const [T] as *const [f32]),
+            )
+        };
+        let (a, b) = (
+            View {
+                data: lhs,
+                rs: lhs_rs,
+            },
+            View {
+                data: rhs,
+                rs: rhs_rs,
+            },
+        );
+        return pointwise::product(a, b, (m, n, k), dst, dst_rs, None);
+    }
+    let (a, b) = (
+        Mat {
+            ptr: lhs.as_ptr(),
+            rs: lhs_rs as isize,
+            cs: 1,
+        },
+        Mat {
+            ptr: rhs.as_ptr(),
+            rs: rhs_rs as isize,
+            cs: 1,
+        },
+    );
+    matmul(dst, dst_rs, (m, n, k), a, b, false, par);
+}
+
 fn conv_forward<T: Real>(x: &[T], w: &[T], b: &[T], g: &Geom) -> Vec<T> {
     let (k, ohw) = (g.k(), g.out_hw());
     let cols_len = if g.pointwise() { 0 } else { k * ohw };

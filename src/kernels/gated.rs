@@ -33,7 +33,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 
-use super::conv::{add_bias_grad, matmul, Mat};
+use super::conv::{add_bias_grad, matmul, matmul_rows, Mat};
 use super::elementwise::{
     concat_elu_grad_row, concat_elu_row, gate_grad_sigma_row, gate_row_keep_sigma,
 };
@@ -87,15 +87,7 @@ fn image_head<T: Real>(
     // W·a without the bias (the GEMM neither reads h nor needs it filled first), then the
     // bias added in the gate's pass: the same sums, rounded the same way, as filling h with
     // the bias and accumulating into it.
-    matmul(
-        h,
-        p,
-        (2 * c, p, 2 * c),
-        Mat::rows(pr.w, 2 * c),
-        Mat::rows(a, p),
-        false,
-        par,
-    );
+    matmul_rows(h, p, (2 * c, p, 2 * c), (pr.w, 2 * c), (a, p), par);
     let (hv, hg) = h.split_at_mut(img);
     let rows = hv.chunks_exact_mut(p).zip(hg.chunks_exact_mut(p));
     let rows = rows.zip(xn.chunks_exact(p).zip(y.chunks_exact_mut(p)));
@@ -131,6 +123,13 @@ fn tail_grads<T: Real>(
     eps: T,
 ) -> Vec<T> {
     let (img, np, pr) = (c * p, param_len(c), Params::new(params, c));
+    // Wᵀ, row-major, for ∂a = Wᵀ·∂h.
+    let mut wt = vec![T::ZERO; 4 * c * c];
+    for (i, row) in wt.chunks_exact_mut(2 * c).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = pr.w[j * 2 * c + i];
+        }
+    }
     let image =
         |n: usize, [dun, dxn]: [&mut [MaybeUninit<T>]; 2], s: &mut [T], sums: &mut [T], par| {
             let (dw, rest) = sums.split_at_mut(4 * c * c);
@@ -154,8 +153,7 @@ fn tail_grads<T: Real>(
             let (grad, act) = (Mat::rows(dh, p), Mat::transposed(a, p));
             matmul(dw, 2 * c, (2 * c, 2 * c, p), grad, act, true, par);
             // ∂a = Wᵀ·∂h, into h (no longer needed).
-            let (wt, grad) = (Mat::transposed(pr.w, 2 * c), Mat::rows(dh, p));
-            matmul(h, p, (2 * c, p, 2 * c), wt, grad, false, par);
+            matmul_rows(h, p, (2 * c, p, 2 * c), (&wt, 2 * c), (dh, p), par);
             let (da1, da2) = h.split_at(img);
             wide(|| concat_elu_grad_row(un, da1, da2, dun));
         };
@@ -343,13 +341,17 @@ mod tests {
     #[test]
     fn matches_the_composed_ops_values_and_gradients() {
         // Odd sizes (positions not a multiple of 16), one channel, a single pixel, batches
-        // below, at and above one reduction group, and the tutorial's width in f32.
+        // below, at and above one reduction group, the tutorial's width and small odd
+        // shapes in f32.
         for (b, c, h, w, dtype, tol) in [
             (2, 3, 5, 7, DType::F64, 1e-10),
             (5, 4, 6, 6, DType::F64, 1e-10),
             (1, 1, 3, 3, DType::F64, 1e-10),
             (9, 2, 1, 1, DType::F64, 1e-10),
             (6, 32, 7, 9, DType::F32, 1e-4),
+            // f32 1×1 products on the AVX2 pointwise GEMM: 6 and 10 rows, 35 and 9 positions.
+            (3, 3, 5, 7, DType::F32, 1e-4),
+            (4, 5, 3, 3, DType::F32, 1e-4),
         ] {
             super::super::check_against_reference(&inputs(b, c, h, w, dtype), run, tol);
         }
