@@ -265,8 +265,9 @@ impl Geom {
 
     /// `∂x` image by image: `f(n, da, scratch, par)` writes all of `∂aₙ` into `da`, which is
     /// `∂xₙ` itself when `a = x` (zeroed first) and otherwise the activation scratch, from
-    /// which [`Geom::pre_grad_into`] then writes `∂xₙ` (so it is not zeroed: that pass was
-    /// most of the `memset` samples of a Glow step). `scratch` is `scratch_len` long.
+    /// which [`Geom::pre_grad_into`] then writes `∂xₙ` without zeroing it first. (Zeroing
+    /// outputs that are then written whole, here and in the gemm-path forward pass, was
+    /// 3.4 % of a Glow step's `perf` samples.) `scratch` is `scratch_len` long.
     fn input_grad_images<T: Real>(
         &self,
         x: &[T],

@@ -2,9 +2,12 @@
 //! `[K, N]` row-major (any row strides), by one 6 × 16 register tile.
 //!
 //! Per 1×1 convolution and image (`P = H·W` positions), with `a` the `[Ci, P]` input:
-//! - forward `y = W·a + b` (`M = Co`, `K = Ci`, `N = P`);
-//! - input gradient `∂a = Wᵀ·G` (`M = Ci`, `K = Co`, `N = P`, `Wᵀ` transposed once per op);
-//! - weight gradient `∂W += G·aᵀ` (`M = Co`, `K = P`, `N = Ci`, `aᵀ` transposed per image).
+//! - forward `y = W·a + b` (`M = Co`, `K = Ci`, `N = P`; Glow's hidden 1×1 layer, and
+//!   `h = W·a` in the gated op of `gated.rs`);
+//! - input gradient `∂a = Wᵀ·G` (`M = Ci`, `K = Co`, `N = P`, `Wᵀ` transposed once per op).
+//!
+//! The weight gradient `∂W = Σₙ Gₙ·aₙᵀ` stays with the `gemm` crate: done here with a
+//! per-image transpose of `aₙ` it was no faster at 192 channels and 5–15 % slower at 64.
 //!
 //! `B` is copied, `KC` rows at a time, into aligned panels of 16 columns (8 for a last
 //! remainder of at most 8), and each panel goes through every 6-row block of `A` before
@@ -12,13 +15,17 @@
 //! from L2. The tile holds 6 × 2 accumulators, two panel vectors and one broadcast: 15 of
 //! the 16 `ymm` registers, 8 loads per 12 FMAs. `A` is read in place: its 6 rows are 6
 //! sequential streams, one broadcast each per step. Rows past `M` repeat the last row and
-//! columns past `N` are zero in the panel; neither is stored.
+//! columns past `N` are zero in the panel; neither is stored. Two software prefetches
+//! keep memory latency off the tile: each tile fetches its output lines before its
+//! k-loop (an image's output is new memory), and packing a panel fetches the rows' lines
+//! two panels on (`B` may be a cold output gradient, with more rows than the hardware
+//! prefetcher follows).
 //!
-//! Against the `gemm` crate this path is for (per image, one core each): no packing of
-//! `A`, no output pass (the tile starts from the bias), and a panel copy that also
-//! replaces the last tile's masked reads. Every output is the same sum in the same order
-//! whatever its tile, panel or thread: `start`, then the products in increasing `k`
-//! (in blocks of `KC`, each block's partial sum added to the running one).
+//! Against the `gemm` crate (per image, one core each) this path packs no `A`, makes no
+//! output pass (the tile starts from the bias) and needs no masked loads (the panel copy
+//! zero-fills the last columns). Every output is the same sum in the same order whatever
+//! its tile, panel or thread: `start`, then the products in increasing `k` (in blocks of
+//! `KC`, each block's partial sum added to the running one).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -447,7 +454,9 @@ mod timing {
     use super::*;
 
     /// One core, operands in cache: GFLOP/s of the best of 15 batches, counting real
-    /// columns. `cargo test --release --lib pointwise_rate -- --ignored --nocapture`
+    /// columns. `cargo test --release --lib pointwise_rate -- --ignored --nocapture`;
+    /// with `PW_FRESH=1` each product writes a new part of a larger output, as a layer's
+    /// images do (without the output prefetch in `tile` that ran at 54 instead of 85).
     #[test]
     #[ignore]
     fn pointwise_rate() {
