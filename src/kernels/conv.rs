@@ -208,9 +208,10 @@ impl Geom {
     /// Whether the AVX2 pointwise GEMM (module `pointwise`) takes the forward pass and ∂x of
     /// this f32 1×1 convolution: the AVX2 kernel set and at least one image per thread (it
     /// parallelises over images only). `timing::conv_op_timings`, two threads, batch 64:
-    /// forward 192 → 192 at 14×14 117 against `gemm`'s 96 GFLOP/s, ∂x 101 against 87; at
-    /// 7×7 and for the tutorial's 64 → 64 at 28×28 and 7×7 4–40 % faster. ∂W stays with
-    /// `gemm` (its per-image transposes made this path 5–15 % slower at 64 channels).
+    /// forward 192 → 192 at 14×14 110–118 against `gemm`'s 96–108 GFLOP/s, ∂x 97–110
+    /// against 87–104, and faster at 7×7 and for 64 → 64 at 28×28 and 7×7. ∂W stays with
+    /// `gemm` (with per-image transposes it was no faster at 192 channels and 5–15 %
+    /// slower at 64).
     fn pointwise_gemm(&self) -> bool {
         self.pointwise() && pointwise::available() && self.b >= rayon::current_num_threads()
     }

@@ -209,7 +209,7 @@ unsafe fn pack(src: *const f32, rs: usize, rows: usize, cols: usize, w: usize, d
             let (s, d) = (src.add(r * rs), dst.add(r * w));
             // This row's line two panels on, fetched while this panel is in use: `B` may be
             // cold (an output gradient), and its rows are too many streams for the
-            // hardware prefetcher (∂x of 192 → 192 at 7×7 went 75 → 92–108 GFLOP/s).
+            // hardware prefetcher (∂x of 192 → 192 at 14×14 went 88–90 → 105–107 GFLOP/s).
             _mm_prefetch::<_MM_HINT_T0>(s.wrapping_add(2 * w).cast());
             // Spelled out: as a loop over the row's vectors LLVM made it a `memcpy` call (3 %
             // of a Glow step).
