@@ -1308,8 +1308,8 @@ mod tests {
             eprintln!("skipped: not the AVX2 kernel set");
             return;
         }
-        // 1×1 maps and odd ones (a last panel of 1, 4 or 15 positions, one of 16 + 3), Co and
-        // Ci below, at and past the 6-row block, all three input activations.
+        // 1×1 maps and odd ones (last panels of 1, 4, 8 and 15 positions, whole panels only),
+        // Co and Ci below, at and past the 6-row block, all three input activations.
         for (b, cx, h, w, co, pre) in [
             (2, 3, 1, 1, 5, Pre::Identity),
             (3, 7, 7, 7, 13, Pre::Relu),
