@@ -7,21 +7,25 @@
 # a link-time stub libcuda.so (soname libcuda.so.1, so the real driver is loaded at run
 # time) exporting the driver symbols cudarc references; (4) cargo build --features cuda.
 # Where a full CUDA toolkit exists, plain `cargo build --release --features cuda` is enough.
+# CUDA_MINOR picks the toolkit minor version (default 2, i.e. 13.2); candle's kernels are
+# PTX compiled by the driver at run time, so it must not be newer than the GPU driver's
+# CUDA version (a 580 driver is CUDA 13.0: CUDA_MINOR=0).
 set -eu
 ENV=${CUDA_ENV:-$PWD/cudaenv}
+MINOR=${CUDA_MINOR:-2}
 CAP=${CUDA_COMPUTE_CAP:-90}             # 90: H100/H200
 TARGET=${CARGO_TARGET_DIR:-$PWD/target-cuda}
 [ -x "$ENV/bin/pip" ] || python3 -m venv "$ENV"
-"$ENV/bin/pip" install -q "nvidia-cuda-nvcc==13.2.*" "nvidia-cuda-cccl==13.2.*" \
-    "nvidia-cuda-runtime==13.2.*" "nvidia-nvvm==13.2.*" "nvidia-cuda-crt==13.2.*" \
-    "nvidia-cuda-nvrtc==13.2.*" "nvidia-cublas==13.*" "nvidia-curand==10.*"
+"$ENV/bin/pip" install -q "nvidia-cuda-nvcc==13.$MINOR.*" "nvidia-cuda-cccl==13.$MINOR.*" \
+    "nvidia-cuda-runtime==13.$MINOR.*" "nvidia-nvvm==13.$MINOR.*" "nvidia-cuda-crt==13.$MINOR.*" \
+    "nvidia-cuda-nvrtc==13.$MINOR.*" "nvidia-cublas==13.*" "nvidia-curand==10.*"
 R=$(echo "$ENV"/lib/python3*/site-packages/nvidia/cu13)
 LINK=$TARGET/cuda-link
 mkdir -p "$LINK"
 for l in cublas cublasLt cudart nvrtc; do ln -sf "$R/lib/lib$l.so.13" "$LINK/lib$l.so"; done
 ln -sf "$R/lib/libcurand.so.10" "$LINK/libcurand.so"
 build() {
-  CUDA_ROOT=$R PATH=$R/bin:$PATH CUDA_COMPUTE_CAP=$CAP CUDARC_CUDA_VERSION=13020 \
+  CUDA_ROOT=$R PATH=$R/bin:$PATH CUDA_COMPUTE_CAP=$CAP CUDARC_CUDA_VERSION=130${MINOR}0 \
     LIBRARY_PATH=$LINK${LIBRARY_PATH:+:$LIBRARY_PATH} \
     cargo build --release --features cuda --target-dir "$TARGET"
 }
