@@ -413,11 +413,22 @@ fn col2im<T: Real>(dcols: &[T], dx: &mut [T], g: &Geom) {
 /// `[Co, Ci, kh, kw]` → `[Ci, Co, kh, kw]` with both spatial axes reversed: the kernel of
 /// the transposed convolution.
 fn flip_transpose<T: Real>(w: &[T], g: &Geom) -> Vec<T> {
-    let (khw, mut out) = (g.kh * g.kw, vec![T::ZERO; w.len()]);
-    for co in 0..g.co {
-        for ci in 0..g.ci {
-            let src = &w[(co * g.ci + ci) * khw..(co * g.ci + ci + 1) * khw];
-            let dst = &mut out[(ci * g.co + co) * khw..(ci * g.co + co + 1) * khw];
+    flip_transpose_dims(w, (g.co, g.ci), g.kh * g.kw)
+}
+
+/// [`flip_transpose`] of a `[co, ci]` matrix of `khw`-tap kernels; for `khw = 1` the plain
+/// transpose `Wᵀ` (`[ci, co]`, row-major).
+pub(super) fn flip_transpose_dims<T: Real>(
+    w: &[T],
+    (co, ci): (usize, usize),
+    khw: usize,
+) -> Vec<T> {
+    assert_eq!(w.len(), co * ci * khw, "a {co}×{ci}×{khw} kernel");
+    let mut out = vec![T::ZERO; w.len()];
+    for co_i in 0..co {
+        for ci_i in 0..ci {
+            let src = &w[(co_i * ci + ci_i) * khw..(co_i * ci + ci_i + 1) * khw];
+            let dst = &mut out[(ci_i * co + co_i) * khw..(ci_i * co + co_i + 1) * khw];
             for (d, &s) in dst.iter_mut().zip(src.iter().rev()) {
                 *d = s;
             }
@@ -556,18 +567,7 @@ pub(super) fn matmul_rows<T: Real>(
         );
         return pointwise::product(a, b, (m, n, k), dst, dst_rs, None);
     }
-    let (a, b) = (
-        Mat {
-            ptr: lhs.as_ptr(),
-            rs: lhs_rs as isize,
-            cs: 1,
-        },
-        Mat {
-            ptr: rhs.as_ptr(),
-            rs: rhs_rs as isize,
-            cs: 1,
-        },
-    );
+    let (a, b) = (Mat::rows(lhs, lhs_rs), Mat::rows(rhs, rhs_rs));
     matmul(dst, dst_rs, (m, n, k), a, b, false, par);
 }
 
@@ -763,13 +763,8 @@ fn forward_pointwise(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
 /// [`input_grad_f32`] of a 1×1 convolution by the pointwise GEMM: `∂aₙ = Wᵀ·Gₙ`, then
 /// through the input transform's derivative.
 fn input_grad_pointwise(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
-    let hw = g.h * g.w;
-    let mut wt = vec![0.0; g.ci * g.co];
-    for (c, row) in wt.chunks_exact_mut(g.co).enumerate() {
-        for (o, d) in row.iter_mut().enumerate() {
-            *d = w[o * g.ci + c];
-        }
-    }
+    // For a 1×1 kernel the transposed convolution's kernel is `Wᵀ` (`[Ci, Co]`).
+    let (hw, wt) = (g.h * g.w, flip_transpose(w, g));
     g.input_grad_images(x, 0, |n, da, _, _| {
         let gn = &gy[n * g.co * hw..(n + 1) * g.co * hw];
         let (wv, gv) = (

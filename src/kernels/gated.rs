@@ -33,7 +33,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 
-use super::conv::{add_bias_grad, matmul, matmul_rows, Mat};
+use super::conv::{add_bias_grad, flip_transpose_dims, matmul, matmul_rows, Mat};
 use super::elementwise::{
     concat_elu_grad_row, concat_elu_row, gate_grad_sigma_row, gate_row_keep_sigma,
 };
@@ -124,12 +124,7 @@ fn tail_grads<T: Real>(
 ) -> Vec<T> {
     let (img, np, pr) = (c * p, param_len(c), Params::new(params, c));
     // Wᵀ, row-major, for ∂a = Wᵀ·∂h.
-    let mut wt = vec![T::ZERO; 4 * c * c];
-    for (i, row) in wt.chunks_exact_mut(2 * c).enumerate() {
-        for (j, v) in row.iter_mut().enumerate() {
-            *v = pr.w[j * 2 * c + i];
-        }
-    }
+    let wt = flip_transpose_dims(pr.w, (2 * c, 2 * c), 1);
     let image =
         |n: usize, [dun, dxn]: [&mut [MaybeUninit<T>]; 2], s: &mut [T], sums: &mut [T], par| {
             let (dw, rest) = sums.split_at_mut(4 * c * c);
