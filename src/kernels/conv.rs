@@ -1,9 +1,9 @@
 //! Stride-1 zero-padded 2-D convolution with bias, optionally of ConcatELU or ReLU of its
 //! input, with explicit weight/bias/input gradients: row Winograd (`winograd.rs`) for wide
 //! padding-1 3×3 layers, the direct kernels of `direct.rs` where they measured faster
-//! (f32, AVX-512 or AVX2, spatial kernels with enough taps), the pointwise GEMM of
-//! `pointwise.rs` for the forward pass and ∂x of 1×1 layers on AVX2, im2col + GEMM (the
-//! `gemm` crate) otherwise.
+//! (f32, AVX-512 or AVX2, spatial kernels with enough taps), im2col + GEMM otherwise: on
+//! AVX2 the pointwise GEMM of `pointwise.rs` (1×1 layers, few-tap layers on their patch
+//! matrices, and the weight gradients of both), else the `gemm` crate.
 //!
 //! Shapes: x `[B, Cx, H, W]`, w `[Co, Ci, kh, kw]`, b `[Co]`, y `[B, Co, H', W']` with
 //! `H' = H + 2p − kh + 1`, `W' = W + 2p − kw + 1`. The convolution's input is `a = x`
@@ -191,29 +191,33 @@ impl Geom {
     /// Whether the direct kernels take this f32 gradient (or the forward pass, `None`):
     /// an AVX-512 or AVX2 CPU, at least one image per thread (they parallelise over images only),
     /// a spatial kernel and enough taps. 1×1 convolutions are plain GEMMs (see
-    /// [`Geom::pointwise_gemm`]), which the `gemm` crate runs faster than these kernels, and
-    /// so are convolutions with few taps: forward and ∂W with
-    /// `K = Ci·kh·kw < 64` (a 1- or 2-channel input layer), ∂x with `Co·kh·kw < 128` (the
-    /// transposed convolution of a few-channel output layer). Measured by
-    /// `timing::conv_op_timings`.
+    /// [`Geom::pointwise_gemm`]), and so are convolutions with few taps: forward and ∂W with
+    /// `K = Ci·kh·kw <` [`DIRECT_MIN_K`] (a 1- to 7-channel input layer), ∂x with
+    /// `Co·kh·kw < 128` (the transposed convolution of a few-channel output layer).
+    /// Measured by `timing::conv_op_timings`.
     fn direct(&self, what: Option<Grad>) -> bool {
         let taps = match what {
             Some(Grad::Input) if self.transposed_planes().is_none() => return false,
             Some(Grad::Input) => self.co * self.kh * self.kw >= 128,
-            _ => self.k() >= 64,
+            _ => self.k() >= DIRECT_MIN_K,
         };
         taps && !self.pointwise() && direct::available() && self.b >= rayon::current_num_threads()
     }
 
     /// Whether the AVX2 pointwise GEMM (module `pointwise`) takes the forward pass and ∂x of
-    /// this f32 1×1 convolution: the AVX2 kernel set and at least one image per thread (it
-    /// parallelises over images only). `timing::conv_op_timings`, two threads, batch 64:
-    /// forward 192 → 192 at 14×14 110–118 against `gemm`'s 96–108 GFLOP/s, ∂x 97–110
-    /// against 87–104, and faster at 7×7 and for 64 → 64 at 28×28 and 7×7. ∂W stays with
-    /// `gemm` (with per-image transposes it was no faster at 192 channels and 5–15 %
-    /// slower at 64).
+    /// this f32 convolution: a 1×1 kernel or few taps (`K <` [`DIRECT_MIN_K`], on the patch
+    /// matrix: `W·cols`, and `Wᵀ·G` then col2im), the AVX2 kernel set and at least one
+    /// image per thread (it parallelises over images only). Their ∂W runs on it too, inside
+    /// [`conv_weight_grad`] ([`matmul_bt`]). `timing::conv_op_timings`, two threads,
+    /// batch 64: 192 → 192 1×1 at 14×14 forward 110–131 against `gemm`'s 96–108 GFLOP/s,
+    /// ∂x 97–118 against 87–104, and faster at 7×7 and for 64 → 64 at 28×28 and 7×7;
+    /// Glow's first layer, 2 → 192 3×3 at 14×14, forward 52–60 against `gemm`'s 39–51, ∂x
+    /// 59–67 against the direct kernel's 36–41 (4 → 192 at 7×7: 72 against 56, 74
+    /// against 47; the tutorial's 1 → 32 at 28×28: 31 against 25, 47 against 31).
     fn pointwise_gemm(&self) -> bool {
-        self.pointwise() && pointwise::available() && self.b >= rayon::current_num_threads()
+        (self.pointwise() || self.k() < DIRECT_MIN_K)
+            && pointwise::available()
+            && self.b >= rayon::current_num_threads()
     }
 
     /// Whether the row-Winograd kernels (module `winograd`) take this f32 op (the forward
@@ -530,9 +534,37 @@ pub(super) fn matmul<T: Real>(
     }
 }
 
+/// [`matmul`] accumulating, single-threaded (timing harnesses).
+#[cfg(test)]
+pub(super) fn matmul_bt_gemm(
+    dst: &mut [f32],
+    dst_rs: usize,
+    mnk: (usize, usize, usize),
+    a: Mat<f32>,
+    b: Mat<f32>,
+) {
+    matmul(dst, dst_rs, mnk, a, b, true, gemm::Parallelism::None);
+}
+
+/// Whether a product on `T` data goes to the AVX2 pointwise GEMM: f32 data, run
+/// single-threaded (`par` is `None`: the caller runs images in parallel), an AVX2 CPU.
+fn on_pointwise<T: Real>(par: gemm::Parallelism) -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && matches!(par, gemm::Parallelism::None)
+        && pointwise::available()
+}
+
+/// `s` as f32 data.
+///
+/// # Safety
+/// `T` is f32.
+unsafe fn as_f32<T>(s: &[T]) -> &[f32] {
+    &*(s as *const [T] as *const [f32])
+}
+
 /// `dst[i·dst_rs + j] = Σₜ lhs[i·lhs_rs + t]·rhs[t·rhs_rs + j]` (`i < m`, `j < n`, `t < k`):
-/// the AVX2 pointwise GEMM for f32 data run single-threaded (`par` is `None`: the caller
-/// runs images in parallel), else [`matmul`]. For the 1×1 convolutions inside fused ops.
+/// the AVX2 pointwise GEMM where [`on_pointwise`], else [`matmul`]. For the 1×1
+/// convolutions inside fused ops.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matmul_rows<T: Real>(
     dst: &mut [T],
@@ -542,26 +574,22 @@ pub(super) fn matmul_rows<T: Real>(
     (rhs, rhs_rs): (&[T], usize),
     par: gemm::Parallelism,
 ) {
-    use std::any::TypeId;
-    if TypeId::of::<T>() == TypeId::of::<f32>()
-        && matches!(par, gemm::Parallelism::None)
-        && pointwise::available()
-    {
-        // SAFETY: T is f32 (checked), so these are the same slices retyped.
-        let (dst, lhs, rhs) = unsafe {
+    if on_pointwise::<T>(par) {
+        // SAFETY: T is f32 (`on_pointwise`), so these are the same slices retyped.
+        let (dst, a, b) = unsafe {
             (
                 &mut *(dst as *mut [T] as *mut [MaybeUninit<f32>]),
-                &*(lhs as *const [T] as *const [f32]),
-                &*(rhs as *const [T] as *const [f32]),
+                as_f32(lhs),
+                as_f32(rhs),
             )
         };
         let (a, b) = (
             View {
-                data: lhs,
+                data: a,
                 rs: lhs_rs,
             },
             View {
-                data: rhs,
+                data: b,
                 rs: rhs_rs,
             },
         );
@@ -569,6 +597,50 @@ pub(super) fn matmul_rows<T: Real>(
     }
     let (a, b) = (Mat::rows(lhs, lhs_rs), Mat::rows(rhs, rhs_rs));
     matmul(dst, dst_rs, (m, n, k), a, b, false, par);
+}
+
+/// `dst[i·dst_rs + j] (+)= Σₜ lhs[i·lhs_rs + t]·rhs[j·rhs_rs + t]` (`i < m`, `j < n`,
+/// `t < k`; added to `dst` when `accumulate`): a weight gradient's `G·aᵀ`, with `a` (or
+/// the patch matrix) read in its own row-major layout. The pointwise GEMM where
+/// [`on_pointwise`], else [`matmul`].
+///
+/// `timing::conv_op_timings`, two threads, batch 64, against `gemm`: ∂W of 192 → 192 1×1
+/// at 14×14 106–123 against 73–94 GFLOP/s, of 2 → 192 3×3 at 14×14 48 against 38–45; the
+/// gated op's 64 → 64 at 28×28 73–83 against 76–80 (`pointwise_rate`, one core, in cache:
+/// 79 against 58).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul_bt<T: Real>(
+    dst: &mut [T],
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    (lhs, lhs_rs): (&[T], usize),
+    (rhs, rhs_rs): (&[T], usize),
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
+    if on_pointwise::<T>(par) {
+        // SAFETY: T is f32 (`on_pointwise`), so these are the same slices retyped.
+        let (dst, a, bt) = unsafe {
+            (
+                &mut *(dst as *mut [T] as *mut [f32]),
+                as_f32(lhs),
+                as_f32(rhs),
+            )
+        };
+        let (a, bt) = (
+            View {
+                data: a,
+                rs: lhs_rs,
+            },
+            View {
+                data: bt,
+                rs: rhs_rs,
+            },
+        );
+        return pointwise::product_bt(a, bt, (m, n, k), dst, dst_rs, accumulate);
+    }
+    let (a, b) = (Mat::rows(lhs, lhs_rs), Mat::transposed(rhs, rhs_rs));
+    matmul(dst, dst_rs, (m, n, k), a, b, accumulate, par);
 }
 
 fn conv_forward<T: Real>(x: &[T], w: &[T], b: &[T], g: &Geom) -> Vec<T> {
@@ -746,38 +818,69 @@ fn weight_grad_direct(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
     })
 }
 
-/// [`forward_f32`] of a 1×1 convolution by the AVX2 pointwise GEMM: per image
-/// `yₙ = W·aₙ + b`, written straight into the output (module `pointwise`).
+/// [`forward_f32`] by the AVX2 pointwise GEMM, written straight into the output from the
+/// bias: per image `yₙ = W·aₙ + b` for a 1×1 kernel, else `W·colsₙ + b` band by band over
+/// the patch matrix (module `pointwise`).
 fn forward_pointwise(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
-    let hw = g.h * g.w;
-    let image = |n: usize, y: &mut [MaybeUninit<f32>], act: &mut [f32], _| {
+    let (k, ohw) = (g.k(), g.out_hw());
+    let cols_len = if g.pointwise() { 0 } else { k * ohw };
+    let wv = View { data: w, rs: k };
+    let image = |n: usize, y: &mut [MaybeUninit<f32>], scratch: &mut [f32], _| {
+        let (act, cols) = scratch.split_at_mut(g.act_scratch());
         let a = g.activate(&x[n * g.in_len()..(n + 1) * g.in_len()], act);
-        let (wv, av) = (View { data: w, rs: g.ci }, View { data: a, rs: hw });
-        pointwise::product(wv, av, (g.co, hw, g.ci), y, hw, Some(b));
+        if g.pointwise() {
+            let av = View { data: a, rs: ohw };
+            return pointwise::product(wv, av, (g.co, ohw, k), y, ohw, Some(b));
+        }
+        for (y0, y1) in bands::<f32>(g, k) {
+            let len = (y1 - y0) * g.ow;
+            im2col(a, cols, g, (y0, y1));
+            let cv = View {
+                data: cols,
+                rs: len,
+            };
+            let yb = &mut y[y0 * g.ow..];
+            pointwise::product(wv, cv, (g.co, len, k), yb, ohw, Some(b));
+        }
     };
-    let (len, chunk) = (g.b * g.co * hw, g.co * hw);
-    // SAFETY: `product` writes every element of `y` (Co rows of H·W).
-    unsafe { per_image_write(len, chunk, g.act_scratch(), image) }
+    let (len, chunk) = (g.b * g.co * ohw, g.co * ohw);
+    // SAFETY: the products write every element of `y` (Co rows of H'·W', band by band).
+    unsafe { per_image_write(len, chunk, g.act_scratch() + cols_len, image) }
 }
 
-/// [`input_grad_f32`] of a 1×1 convolution by the pointwise GEMM: `∂aₙ = Wᵀ·Gₙ`, then
-/// through the input transform's derivative.
+/// [`input_grad_f32`] by the pointwise GEMM: `∂aₙ = Wᵀ·Gₙ` for a 1×1 kernel, else
+/// `∂colsₙ = Wᵀ·Gₙ` added back by [`col2im`]; then through the input transform's
+/// derivative.
 fn input_grad_pointwise(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
-    // For a 1×1 kernel the transposed convolution's kernel is `Wᵀ` (`[Ci, Co]`).
-    let (hw, wt) = (g.h * g.w, flip_transpose(w, g));
-    g.input_grad_images(x, 0, |n, da, _, _| {
-        let gn = &gy[n * g.co * hw..(n + 1) * g.co * hw];
-        let (wv, gv) = (
-            View {
-                data: &wt,
-                rs: g.co,
-            },
-            View { data: gn, rs: hw },
-        );
+    let (k, ohw) = (g.k(), g.out_hw());
+    // `Wᵀ` (`[K, Co]`; for a 1×1 kernel also the transposed convolution's kernel).
+    let wt = flip_transpose_dims(w, (g.co, k), 1);
+    let wv = View {
+        data: &wt,
+        rs: g.co,
+    };
+    let cols_len = if g.pointwise() { 0 } else { k * ohw };
+    g.input_grad_images(x, cols_len, |n, da, cols, _| {
+        let gv = View {
+            data: &gy[n * g.co * ohw..(n + 1) * g.co * ohw],
+            rs: ohw,
+        };
+        let dst = if g.pointwise() { &mut *da } else { &mut *cols };
         // SAFETY: `product` writes f32 values only.
-        pointwise::product(wv, gv, (g.ci, hw, g.co), unsafe { as_uninit(da) }, hw, None);
+        pointwise::product(wv, gv, (k, ohw, g.co), unsafe { as_uninit(dst) }, ohw, None);
+        if !g.pointwise() {
+            // (∂xₙ itself, already zeroed, when the input transform is the identity.)
+            if g.pre != Pre::Identity {
+                da.fill(0.0);
+            }
+            col2im(cols, da, g);
+        }
     })
 }
+
+/// Taps (`K = Ci·kh·kw`) below which the direct kernels lose to a GEMM on the patch
+/// matrix, forward and for ∂W.
+const DIRECT_MIN_K: usize = 64;
 
 /// Output channels (rows of the transformed GEMM) below which the Winograd path loses to
 /// the direct kernels.
@@ -910,16 +1013,14 @@ fn conv_weight_grad<T: Real>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
                 let gn = &gy[n * g.co * ohw..(n + 1) * g.co * ohw];
                 add_bias_grad(db, gn, ohw);
                 if g.pointwise() {
-                    let (lhs, rhs) = (Mat::rows(gn, ohw), Mat::transposed(a, ohw));
-                    matmul(dw, k, (g.co, k, ohw), lhs, rhs, i > 0, par);
+                    matmul_bt(dw, k, (g.co, k, ohw), (gn, ohw), (a, ohw), i > 0, par);
                     continue;
                 }
                 for (b, (y0, y1)) in bands::<T>(g, k).enumerate() {
                     let len = (y1 - y0) * g.ow;
                     im2col(a, cols, g, (y0, y1));
-                    let lhs = Mat::rows(&gn[y0 * g.ow..], ohw);
-                    let rhs = Mat::transposed(cols, len);
-                    matmul(dw, k, (g.co, k, len), lhs, rhs, i > 0 || b > 0, par);
+                    let (lhs, rhs) = ((&gn[y0 * g.ow..], ohw), (&cols[..], len));
+                    matmul_bt(dw, k, (g.co, k, len), lhs, rhs, i > 0 || b > 0, par);
                 }
             }
         });
@@ -1227,8 +1328,9 @@ mod tests {
         check(&[2, 2, 3, 3], &[2, 2, 1, 1], 1, DType::F64, 1e-12);
     }
 
-    /// One path's forward pass, ∂x and `[∂W; ∂b]` against the im2col + GEMM path on random
-    /// f32 data of geometry `g`, each to within `tol` of its largest magnitude (or of 1).
+    /// One path's forward pass, ∂x and `[∂W; ∂b]` against the im2col + GEMM path (in f64) on
+    /// random f32 data of geometry `g`, each to within `tol` of its largest magnitude (or
+    /// of 1).
     fn assert_matches_gemm_path(
         g: &Geom,
         tol: f32,
@@ -1255,9 +1357,16 @@ mod tests {
                 "{what} {g:?}: error {err}, scale {scale}"
             );
         };
-        close(&fwd(&x, &w, &b, g), &conv_forward(&x, &w, &b, g), "y");
-        close(&dx(&gy, &w, &x, g), &conv_input_grad(&gy, &w, &x, g), "∂x");
-        close(&dw(&x, &gy, g), &conv_weight_grad(&x, &gy, g), "∂W");
+        // The reference in f64, so on the `gemm` crate whatever the f32 paths use.
+        let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        let (x64, w64, b64, gy64) = (f64s(&x), f64s(&w), f64s(&b), f64s(&gy));
+        let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+        let y = f32s(conv_forward(&x64, &w64, &b64, g));
+        let dxr = f32s(conv_input_grad(&gy64, &w64, &x64, g));
+        let dwr = f32s(conv_weight_grad(&x64, &gy64, g));
+        close(&fwd(&x, &w, &b, g), &y, "y");
+        close(&dx(&gy, &w, &x, g), &dxr, "∂x");
+        close(&dw(&x, &gy, g), &dwr, "∂W");
     }
 
     #[test]
@@ -1304,18 +1413,28 @@ mod tests {
             return;
         }
         // 1×1 maps and odd ones (last panels of 1, 4, 8 and 15 positions, whole panels only),
-        // Co and Ci below, at and past the 6-row block, all three input activations.
-        for (b, cx, h, w, co, pre) in [
-            (2, 3, 1, 1, 5, Pre::Identity),
-            (3, 7, 7, 7, 13, Pre::Relu),
-            (2, 5, 3, 5, 6, Pre::ConcatElu),
-            (2, 16, 14, 14, 7, Pre::ConcatElu),
-            (2, 6, 4, 6, 1, Pre::Identity),
-            (2, 20, 2, 8, 20, Pre::Relu),
-            (2, 4, 5, 19, 12, Pre::Identity),
+        // Co and Ci below, at and past the 6-row block, all three input activations; then
+        // few-tap spatial kernels on their patch matrices (3×3 with 1–4 input channels,
+        // other sizes and paddings, K from 2 to 63).
+        for (b, cx, h, w, co, k, pad, pre) in [
+            (2, 3, 1, 1, 5, 1, 0, Pre::Identity),
+            (3, 7, 7, 7, 13, 1, 0, Pre::Relu),
+            (2, 5, 3, 5, 6, 1, 0, Pre::ConcatElu),
+            (2, 16, 14, 14, 7, 1, 0, Pre::ConcatElu),
+            (2, 6, 4, 6, 1, 1, 0, Pre::Identity),
+            (2, 20, 2, 8, 20, 1, 0, Pre::Relu),
+            (2, 4, 5, 19, 12, 1, 0, Pre::Identity),
+            (2, 2, 14, 14, 19, 3, 1, Pre::Identity),
+            (3, 4, 7, 7, 25, 3, 1, Pre::Identity),
+            (2, 1, 9, 11, 32, 3, 1, Pre::Identity),
+            (2, 1, 5, 6, 7, 3, 1, Pre::ConcatElu),
+            (2, 3, 6, 5, 8, 3, 1, Pre::Relu),
+            (2, 2, 6, 7, 9, 5, 2, Pre::Identity),
+            (2, 2, 5, 6, 3, 2, 0, Pre::Relu),
+            (2, 7, 6, 6, 4, 3, 0, Pre::Identity),
         ] {
-            let g = Geom::new(&[b, cx, h, w], &[co, pre.channels(cx), 1, 1], 0, pre).unwrap();
-            assert!(g.pointwise());
+            let g = Geom::new(&[b, cx, h, w], &[co, pre.channels(cx), k, k], pad, pre).unwrap();
+            assert!(g.pointwise() || g.k() < DIRECT_MIN_K);
             assert_matches_gemm_path(
                 &g,
                 1e-5,
@@ -1380,6 +1499,10 @@ mod tests {
         check(&[8, 64, 14, 14], &[32, 64, 3, 3], 1, DType::F32, 1e-4);
         check(&[8, 64, 14, 14], &[64, 64, 1, 1], 0, DType::F32, 1e-4);
         check(&[4, 64, 28, 28], &[2, 64, 3, 3], 1, DType::F32, 1e-4);
+        // Glow's first layer (2 → 192 at 14×14, on the pointwise GEMM's patch-matrix path
+        // where it runs) and a one-channel input layer.
+        check(&[4, 2, 14, 14], &[192, 2, 3, 3], 1, DType::F32, 1e-4);
+        check(&[3, 1, 9, 7], &[13, 1, 3, 3], 1, DType::F32, 1e-4);
     }
 
     #[test]
@@ -1462,6 +1585,7 @@ mod timing {
     fn conv_op_timings() {
         // The tutorial's gated block at 28×28, then Glow's net at 14×14 and 7×7.
         for (cx, co, k, pad, pre, hw) in [
+            (1, 32, 3, 1, Pre::Identity, 28),
             (32, 32, 3, 1, Pre::ConcatElu, 28),
             (32, 64, 1, 0, Pre::ConcatElu, 28),
             (32, 2, 3, 1, Pre::ConcatElu, 28),
@@ -1469,6 +1593,7 @@ mod timing {
             (32, 32, 3, 1, Pre::ConcatElu, 7),
             (32, 64, 1, 0, Pre::ConcatElu, 7),
             (2, 192, 3, 1, Pre::Identity, 14),
+            (4, 192, 3, 1, Pre::Identity, 7),
             (192, 192, 1, 0, Pre::Relu, 14),
             (192, 192, 1, 0, Pre::Relu, 7),
             (192, 4, 3, 1, Pre::Relu, 14),
@@ -1497,9 +1622,9 @@ mod timing {
             time("dx direct", flop, || {
                 drop(input_grad_direct(&gy, &w, &x, &g, t))
             });
-            time("dw gemm", flop, || drop(conv_weight_grad(&x, &gy, &g)));
+            time("dw im2col", flop, || drop(conv_weight_grad(&x, &gy, &g)));
             time("dw direct", flop, || drop(weight_grad_direct(&x, &gy, &g)));
-            if g.pointwise() && pointwise::available() {
+            if pointwise::available() {
                 time("fwd pointwise", flop, || {
                     drop(forward_pointwise(&x, &w, &b, &g))
                 });

@@ -11,9 +11,11 @@
 //!   with AVX2 and FMA but no AVX-512 run the same kernels in 8-lane vectors (module
 //!   `avx2`; [`simd`] says which).
 //!   Elsewhere — 1×1 and few-tap kernels, f64, other CPUs — it is im2col + GEMM per image in
-//!   L2-sized bands of output rows (the `gemm` crate, the one candle's matmul uses), with
-//!   `∂W = Σₙ Gₙ·colsₙᵀ` and the input gradient as the transposed convolution of `Gₙ`
-//!   (col2im of `Wᵀ·Gₙ` where that does not fit). Images are spread over rayon's threads.
+//!   L2-sized bands of output rows, with `∂W = Σₙ Gₙ·colsₙᵀ` and the input gradient as the
+//!   transposed convolution of `Gₙ` (col2im of `Wᵀ·Gₙ` where that does not fit, and for
+//!   few-tap kernels on AVX2). The GEMMs are the AVX2 pointwise kernel (module
+//!   `pointwise`) on AVX2 CPUs when images run in parallel, else the `gemm` crate (the one
+//!   candle's matmul uses). Images are spread over rayon's threads.
 //!   3×3 padding-1 convolutions with enough channels and positions (the coupling
 //!   networks' hidden layers) run as Winograd F(2, 3) along rows (module `winograd`: 4
 //!   multiplications per output pair and kernel row instead of 6), forward and both

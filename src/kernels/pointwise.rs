@@ -4,13 +4,14 @@
 //! Per 1×1 convolution and image (`P = H·W` positions), with `a` the `[Ci, P]` input:
 //! - forward `y = W·a + b` (`M = Co`, `K = Ci`, `N = P`; Glow's hidden 1×1 layer, and
 //!   `h = W·a` in the gated op of `gated.rs`);
-//! - input gradient `∂a = Wᵀ·G` (`M = Ci`, `K = Co`, `N = P`, `Wᵀ` transposed once per op).
-//!
-//! The weight gradient `∂W = Σₙ Gₙ·aₙᵀ` stays with the `gemm` crate: done here with a
-//! per-image transpose of `aₙ` it was no faster at 192 channels and 5–15 % slower at 64.
+//! - input gradient `∂a = Wᵀ·G` (`M = Ci`, `K = Co`, `N = P`, `Wᵀ` transposed once per op);
+//! - weight gradient `∂W += Gₙ·aₙᵀ` (`M = Co`, `K = P`, `N = Ci`), image after image onto a
+//!   running sum ([`product_bt`]: `B` is given as its transpose, `aₙ` itself), and the same
+//!   for the patch matrices of spatial kernels on the im2col path.
 //!
 //! `B` is copied, `KC` rows at a time, into aligned panels of 16 columns (8 for a last
-//! remainder of at most 8), and each panel goes through every 6-row block of `A` before
+//! remainder of at most 8), transposing 8 × 8 blocks in registers when it is given as
+//! `Bᵀ`, and each panel goes through every 6-row block of `A` before
 //! the next, so the panel (`KC·16` values, 16 KB) stays in L1 while the rows of `A` stream
 //! from L2. The tile holds 6 × 2 accumulators, two panel vectors and one broadcast: 15 of
 //! the 16 `ymm` registers, 8 loads per 12 FMAs. `A` is read in place: its 6 rows are 6
@@ -24,8 +25,10 @@
 //! Against the `gemm` crate (per image, one core each) this path packs no `A`, makes no
 //! output pass (the tile starts from the bias) and needs no masked loads (the panel copy
 //! zero-fills the last columns). Every output is the same sum in the same order whatever
-//! its tile, panel or thread: `start`, then the products in increasing `k` (in blocks of
-//! `KC`, each block's partial sum added to the running one).
+//! its tile, panel or thread: the products in increasing `k`, in blocks of `KC`, the first
+//! block's from the bias (or zero) and each later block's from zero and then added to the
+//! running value; an accumulating [`product_bt`] adds its first block the same way (as
+//! the `gemm` crate does).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -41,6 +44,9 @@ const L: usize = 8;
 const NR: usize = 2 * L;
 /// Rows of `B` per panel.
 const KC: usize = 256;
+/// Products at least this long fetch their tile's own output lines ahead; shorter ones
+/// fetch a later tile's.
+const PREFETCH_OWN_K: usize = 64;
 
 /// What the tile's accumulators start from.
 #[derive(Debug, Clone, Copy)]
@@ -49,8 +55,19 @@ enum Start<'a> {
     Zero,
     /// `bias[i]` for row `i` (the forward pass).
     Bias(&'a [f32]),
-    /// The output's current values (the weight gradient's running sum).
+    /// Zero, and the tile's sum is added to the output's current values at the store (a
+    /// weight gradient's running sum, or the sum of earlier `KC` blocks; the `gemm`
+    /// crate's order too).
     Add,
+}
+
+/// How `B`'s elements lie in its [`View`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `B[k, j]` at `data[k·rs + j]`.
+    Rows,
+    /// `B[k, j]` at `data[j·rs + k]` (the view holds `Bᵀ`, `[N, K]` row-major).
+    Transposed,
 }
 
 /// Whether this CPU runs these kernels: the AVX2 kernel set is in use (on AVX-512 CPUs the
@@ -98,7 +115,7 @@ pub(super) fn product(
     );
     run(
         a,
-        b,
+        (b, Layout::Rows),
         (m, n, k),
         out.as_mut_ptr().cast(),
         out.len(),
@@ -107,9 +124,33 @@ pub(super) fn product(
     );
 }
 
+/// `out[i·ors + j] (+)= Σₖ A[i, k]·Bt[j, k]` for `i < m`, `j < n`, `k < K`: the product
+/// with `B` given as its transpose `bt` (`[N, K]` row-major), added to `out`'s values when
+/// `add` (the products summed in increasing `k`, per `KC` block, and that sum added to
+/// the output) and written over them otherwise (zero when `k = 0`).
+pub(super) fn product_bt(
+    a: View,
+    bt: View,
+    (m, n, k): (usize, usize, usize),
+    out: &mut [f32],
+    ors: usize,
+    add: bool,
+) {
+    let start = if add { Start::Add } else { Start::Zero };
+    run(
+        a,
+        (bt, Layout::Transposed),
+        (m, n, k),
+        out.as_mut_ptr(),
+        out.len(),
+        ors,
+        start,
+    );
+}
+
 fn run(
     a: View,
-    b: View,
+    (b, layout): (View, Layout),
     (m, n, k): (usize, usize, usize),
     out: *mut f32,
     out_len: usize,
@@ -117,8 +158,12 @@ fn run(
     start: Start,
 ) {
     assert!(available(), "pointwise kernels need AVX2");
+    let b_holds = match layout {
+        Layout::Rows => b.holds(k, n),
+        Layout::Transposed => b.holds(n, k),
+    };
     assert!(
-        a.holds(m, k) && b.holds(k, n),
+        a.holds(m, k) && b_holds,
         "operands smaller than {m}×{k}·{k}×{n}"
     );
     assert!(
@@ -129,11 +174,11 @@ fn run(
         return;
     }
     // SAFETY: AVX2 and FMA are present; `A` is read below row m and column k, `B` below
-    // row k and column n, `out` written (and, for `Add`, read) below row m and column n,
+    // row k and column n (in its layout), `out` written (and, for `Add`, read) below row m and column n,
     // all inside their slices (asserted above).
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        run_avx2(a, b, (m, n, k), out, ors, start)
+        run_avx2(a, (b, layout), (m, n, k), out, ors, start)
     }
 }
 
@@ -147,7 +192,7 @@ struct Panel(MaybeUninit<[f32; KC * NR]>);
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2(
     a: View,
-    b: View,
+    (b, layout): (View, Layout),
     (m, n, k): (usize, usize, usize),
     out: *mut f32,
     ors: usize,
@@ -165,14 +210,11 @@ unsafe fn run_avx2(
         while j0 < n {
             let cols = (n - j0).min(NR);
             let wide = cols > L;
-            pack(
-                bp.add(k0 * b.rs + j0),
-                b.rs,
-                kc,
-                cols,
-                if wide { NR } else { L },
-                panel,
-            );
+            let w = if wide { NR } else { L };
+            match layout {
+                Layout::Rows => pack(bp.add(k0 * b.rs + j0), b.rs, kc, cols, w, panel),
+                Layout::Transposed => pack_t(bp.add(j0 * b.rs + k0), b.rs, kc, cols, w, panel),
+            }
             for i0 in (0..m).step_by(MR) {
                 let rows = MR.min(m - i0);
                 let rp: [*const f32; MR] =
@@ -184,10 +226,22 @@ unsafe fn run_avx2(
                     s => s,
                 };
                 let shape = (kc, rows, cols);
-                if wide {
-                    tile::<2>(&rp, panel, c, ors, shape, st);
+                // The output lines this tile fetches ahead: its own when its k-loop is long
+                // enough to hide a memory access, else those of the tile two row blocks on
+                // (at the top of the next panel past the last rows).
+                let pf = if kc >= PREFETCH_OWN_K {
+                    c
                 } else {
-                    tile::<1>(&rp, panel, c, ors, shape, st);
+                    let (mut ti, mut tj) = (i0 + 2 * MR, j0);
+                    if ti >= m {
+                        (ti, tj) = (ti - m.next_multiple_of(MR), j0 + cols);
+                    }
+                    out.wrapping_add(ti * ors + tj)
+                };
+                if wide {
+                    tile::<2>(&rp, panel, (c, pf), ors, shape, st);
+                } else {
+                    tile::<1>(&rp, panel, (c, pf), ors, shape, st);
                 }
             }
             j0 += cols;
@@ -230,6 +284,74 @@ unsafe fn pack(src: *const f32, rs: usize, rows: usize, cols: usize, w: usize, d
     }
 }
 
+/// `panel[r·w + j] = src[j·rs + r]` for `r < rows`, `j < cols`, zero for `cols ≤ j < w`:
+/// [`pack`] for a `B` given as `Bᵀ`. Full 8-row steps transpose 8 × 8 blocks in
+/// registers; missing columns read a zero row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn pack_t(src: *const f32, rs: usize, rows: usize, cols: usize, w: usize, dst: *mut f32) {
+    static ZERO: [f32; KC] = [0.0; KC];
+    let rp: [*const f32; NR] = std::array::from_fn(|j| {
+        if j < cols {
+            src.add(j * rs)
+        } else {
+            ZERO.as_ptr()
+        }
+    });
+    let mut r = 0;
+    while r + L <= rows {
+        for h in 0..w / L {
+            let v: [__m256; L] = std::array::from_fn(|j| _mm256_loadu_ps(rp[h * L + j].add(r)));
+            let t = transpose8(v);
+            for (kk, t) in t.into_iter().enumerate() {
+                _mm256_store_ps(dst.add((r + kk) * w + h * L), t);
+            }
+        }
+        r += L;
+    }
+    while r < rows {
+        for (j, p) in rp[..w].iter().enumerate() {
+            *dst.add(r * w + j) = *p.add(r);
+        }
+        r += 1;
+    }
+}
+
+/// The 8 × 8 transpose: `out[i]` lane `j` = `v[j]` lane `i`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn transpose8(v: [__m256; L]) -> [__m256; L] {
+    // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves swapped.
+    let t: [__m256; L] = std::array::from_fn(|i| {
+        let (a, b) = (v[i / 2 * 2], v[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_ps(a, b)
+        } else {
+            _mm256_unpackhi_ps(a, b)
+        }
+    });
+    // u[4q + s]: rows 4q..4q+4, lanes {s, s+4} of each half.
+    let u: [__m256; L] = std::array::from_fn(|i| {
+        let (q, s) = (i / 4, i % 4);
+        let (a, b) = (t[4 * q + s / 2], t[4 * q + s / 2 + 2]);
+        if s % 2 == 0 {
+            _mm256_shuffle_ps::<0x44>(a, b)
+        } else {
+            _mm256_shuffle_ps::<0xEE>(a, b)
+        }
+    });
+    std::array::from_fn(|i| {
+        let (s, hi) = (i % 4, i >= 4);
+        if hi {
+            _mm256_permute2f128_ps::<0x31>(u[s], u[4 + s])
+        } else {
+            _mm256_permute2f128_ps::<0x20>(u[s], u[4 + s])
+        }
+    })
+}
+
 /// `dst[..n] = src[..n]` for the `n < 16` values of a partial tile or panel row, by
 /// vector, half-vector and scalar moves rather than a `memcpy` call per row.
 #[cfg(target_arch = "x86_64")]
@@ -260,7 +382,7 @@ unsafe fn copy_short(dst: *mut f32, src: *const f32, n: usize) {
 unsafe fn tile<const R: usize>(
     rp: &[*const f32; MR],
     panel: *const f32,
-    c: *mut f32,
+    (c, pf): (*mut f32, *mut f32),
     rs: usize,
     (k, rows, cols): (usize, usize, usize),
     start: Start,
@@ -277,25 +399,15 @@ unsafe fn tile<const R: usize>(
                 acc[i] = [_mm256_set1_ps(bias[i.min(rows - 1)]); R];
             }
         }
-        Start::Add => {
-            for i in 0..rows {
-                let src = if whole {
-                    c.add(i * rs)
-                } else {
-                    copy_short(buf[i].as_mut_ptr(), c.add(i * rs), cols);
-                    buf[i].as_ptr()
-                };
-                for r in 0..R {
-                    acc[i][r] = _mm256_loadu_ps(src.add(L * r));
-                }
-            }
-        }
+        // Added at the store.
+        Start::Add => {}
     }
-    // The output lines are fetched while the tile computes (a fresh output's stores
-    // otherwise wait on memory).
-    for i in 0..rows {
-        _mm_prefetch::<_MM_HINT_T0>(c.add(i * rs).cast());
-        _mm_prefetch::<_MM_HINT_T0>(c.add(i * rs + w - 1).cast());
+    // Output lines are fetched while the tile computes (a fresh output's stores otherwise
+    // wait on memory): `pf` may be another tile's, or past the output (prefetches do not
+    // fault).
+    for i in 0..MR {
+        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(i * rs).cast());
+        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(i * rs + w - 1).cast());
     }
     let mut p = panel;
     let mut kk = 0;
@@ -324,14 +436,23 @@ unsafe fn tile<const R: usize>(
         p = p.add(w);
         kk += 1;
     }
+    let add = matches!(start, Start::Add);
     for i in 0..rows {
         let dst = if whole {
             c.add(i * rs)
         } else {
+            if add {
+                copy_short(buf[i].as_mut_ptr(), c.add(i * rs), cols);
+            }
             buf[i].as_mut_ptr()
         };
         for r in 0..R {
-            _mm256_storeu_ps(dst.add(L * r), acc[i][r]);
+            let v = if add {
+                _mm256_add_ps(_mm256_loadu_ps(dst.add(L * r)), acc[i][r])
+            } else {
+                acc[i][r]
+            };
+            _mm256_storeu_ps(dst.add(L * r), v);
         }
         if !whole {
             copy_short(c.add(i * rs), buf[i].as_ptr(), cols);
@@ -428,6 +549,82 @@ mod tests {
     }
 
     #[test]
+    fn transposed_products_match_the_definition_and_add_to_the_output() {
+        if !available() {
+            eprintln!("skipped: not the AVX2 kernel set");
+            return;
+        }
+        // K across the 8-row transposes (remainders 1–7), the 4-step unroll and the
+        // 256-row blocks; N around 8 and 16 (zero rows for the missing columns).
+        for (m, n, k) in [
+            (1, 1, 1),
+            (6, 16, 8),
+            (7, 17, 13),
+            (13, 9, 49),
+            (5, 8, 196),
+            (12, 18, 300),
+            (192, 40, 7),
+            (4, 3, 0),
+        ] {
+            // `Bᵀ` is `[n, k]` with rows wider than k, so reads past a row's end would show.
+            let (ars, brs, ors) = (k + 3, k + 5, n + 2);
+            let a = vals(m * ars, 4);
+            let bt = vals(n * brs, 5);
+            // B itself, `[k, n]`, for the definition.
+            let b: Vec<f32> = (0..k * n).map(|i| bt[(i % n) * brs + i / n]).collect();
+            let want = naive(&a, ars, &b, n, m, n, k);
+            let before = vals(m * ors, 6);
+            let (av, bv) = (View { data: &a, rs: ars }, View { data: &bt, rs: brs });
+            let tol = 1e-5 * (k as f64).sqrt().max(1.0);
+            for add in [false, true] {
+                let mut out = before.clone();
+                for i in 0..m {
+                    out[i * ors + n..(i + 1) * ors].fill(f32::NAN);
+                }
+                product_bt(av, bv, (m, n, k), &mut out, ors, add);
+                for i in 0..m {
+                    for j in 0..ors {
+                        let got = out[i * ors + j];
+                        if j >= n {
+                            assert!(got.is_nan(), "({m},{n},{k}) wrote past row {i}'s end");
+                            continue;
+                        }
+                        let w =
+                            want[i * n + j] + if add { before[i * ors + j] as f64 } else { 0.0 };
+                        assert!(
+                            (got as f64 - w).abs() <= tol,
+                            "({m},{n},{k}) add {add} [{i},{j}]: {got} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transposes_8_by_8() {
+        if !available() {
+            return;
+        }
+        let v: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        // SAFETY: AVX2 is present (checked); every load and store is inside `v` and `out`.
+        let out = unsafe {
+            let rows = std::array::from_fn(|j| _mm256_loadu_ps(v[8 * j..].as_ptr()));
+            let t = transpose8(rows);
+            let mut out = [0.0f32; 64];
+            for (i, t) in t.into_iter().enumerate() {
+                _mm256_storeu_ps(out[8 * i..].as_mut_ptr(), t);
+            }
+            out
+        };
+        for i in 0..8 {
+            for j in 0..8 {
+                assert_eq!(out[8 * i + j], v[8 * j + i], "[{i},{j}]");
+            }
+        }
+    }
+
+    #[test]
     fn refuses_operands_too_small() {
         if !available() {
             return;
@@ -469,6 +666,9 @@ mod timing {
             (192, 192, 49),
             (64, 64, 784),
             (64, 64, 49),
+            // Glow's first conv on its patch matrix (K = 2·9), and its ∂cols.
+            (192, 18, 196),
+            (18, 192, 196),
         ] {
             let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
             let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
@@ -489,6 +689,39 @@ mod timing {
                 .fold(f64::INFINITY, f64::min);
             let rate = 2.0 * (m * k * n * reps) as f64 / best / 1e9;
             eprintln!("[{m}, {k}]·[{k}, {n}]: {rate:.1} GFLOP/s");
+        }
+        // Weight gradients `C += A·Btᵀ` (`[M, K]·[N, K]ᵀ`) against the `gemm` crate.
+        use super::super::conv::{matmul_bt_gemm, Mat};
+        for (m, n, k) in [
+            (192usize, 192usize, 196usize),
+            (192, 192, 49),
+            (64, 64, 784),
+            (96, 96, 196),
+            (128, 128, 49),
+            (192, 18, 196),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let bt: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+            let mut c = vec![0.0f32; m * n];
+            let reps = (2e8 / (2 * m * k * n) as f64) as usize + 1;
+            let mut rate = |f: &mut dyn FnMut(&mut [f32])| {
+                let best = (0..15)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        for _ in 0..reps {
+                            f(&mut c);
+                        }
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::INFINITY, f64::min);
+                2.0 * (m * k * n * reps) as f64 / best / 1e9
+            };
+            let (av, bv) = (View { data: &a, rs: k }, View { data: &bt, rs: k });
+            let pw = rate(&mut |c| product_bt(av, bv, (m, n, k), c, n, true));
+            let gm = rate(&mut |c| {
+                matmul_bt_gemm(c, n, (m, n, k), Mat::rows(&a, k), Mat::transposed(&bt, k))
+            });
+            eprintln!("[{m}, {k}]·[{n}, {k}]ᵀ: {pw:.1} GFLOP/s (gemm {gm:.1})");
         }
     }
 }
