@@ -554,12 +554,26 @@ fn on_pointwise<T: Real>(par: gemm::Parallelism) -> bool {
         && pointwise::available()
 }
 
-/// `s` as f32 data.
+/// Two row-major operands (slice, row stride) as f32 views.
 ///
 /// # Safety
 /// `T` is f32.
-unsafe fn as_f32<T>(s: &[T]) -> &[f32] {
-    &*(s as *const [T] as *const [f32])
+unsafe fn f32_views<'a, T>(
+    (a, ars): (&'a [T], usize),
+    (b, brs): (&'a [T], usize),
+) -> (View<'a>, View<'a>) {
+    // SAFETY: T is f32 (the caller's promise): the same slice retyped.
+    let f32s = |s: &'a [T]| unsafe { &*(s as *const [T] as *const [f32]) };
+    (
+        View {
+            data: f32s(a),
+            rs: ars,
+        },
+        View {
+            data: f32s(b),
+            rs: brs,
+        },
+    )
 }
 
 /// `dst[i·dst_rs + j] = Σₜ lhs[i·lhs_rs + t]·rhs[t·rhs_rs + j]` (`i < m`, `j < n`, `t < k`):
@@ -576,23 +590,10 @@ pub(super) fn matmul_rows<T: Real>(
 ) {
     if on_pointwise::<T>(par) {
         // SAFETY: T is f32 (`on_pointwise`), so these are the same slices retyped.
-        let (dst, a, b) = unsafe {
-            (
-                &mut *(dst as *mut [T] as *mut [MaybeUninit<f32>]),
-                as_f32(lhs),
-                as_f32(rhs),
-            )
+        let ((a, b), dst) = unsafe {
+            let dst = &mut *(dst as *mut [T] as *mut [MaybeUninit<f32>]);
+            (f32_views((lhs, lhs_rs), (rhs, rhs_rs)), dst)
         };
-        let (a, b) = (
-            View {
-                data: a,
-                rs: lhs_rs,
-            },
-            View {
-                data: b,
-                rs: rhs_rs,
-            },
-        );
         return pointwise::product(a, b, (m, n, k), dst, dst_rs, None);
     }
     let (a, b) = (Mat::rows(lhs, lhs_rs), Mat::rows(rhs, rhs_rs));
@@ -620,23 +621,10 @@ pub(super) fn matmul_bt<T: Real>(
 ) {
     if on_pointwise::<T>(par) {
         // SAFETY: T is f32 (`on_pointwise`), so these are the same slices retyped.
-        let (dst, a, bt) = unsafe {
-            (
-                &mut *(dst as *mut [T] as *mut [f32]),
-                as_f32(lhs),
-                as_f32(rhs),
-            )
+        let ((a, bt), dst) = unsafe {
+            let dst = &mut *(dst as *mut [T] as *mut [f32]);
+            (f32_views((lhs, lhs_rs), (rhs, rhs_rs)), dst)
         };
-        let (a, bt) = (
-            View {
-                data: a,
-                rs: lhs_rs,
-            },
-            View {
-                data: bt,
-                rs: rhs_rs,
-            },
-        );
         return pointwise::product_bt(a, bt, (m, n, k), dst, dst_rs, accumulate);
     }
     let (a, b) = (Mat::rows(lhs, lhs_rs), Mat::transposed(rhs, rhs_rs));

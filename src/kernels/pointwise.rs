@@ -500,6 +500,28 @@ mod tests {
         c
     }
 
+    /// `got(i·ors + j)` equals `want(i, j)` to within `tol` for `i < m`, `j < n`, and is
+    /// still NaN (not written) for `n ≤ j < ors`.
+    fn assert_block(
+        got: impl Fn(usize) -> f32,
+        want: impl Fn(usize, usize) -> f64,
+        (m, n, ors): (usize, usize, usize),
+        tol: f64,
+        what: &str,
+    ) {
+        for i in 0..m {
+            for j in 0..ors {
+                let g = got(i * ors + j);
+                if j >= n {
+                    assert!(g.is_nan(), "{what} wrote past row {i}'s end");
+                    continue;
+                }
+                let w = want(i, j);
+                assert!((g as f64 - w).abs() <= tol, "{what} [{i},{j}]: {g} vs {w}");
+            }
+        }
+    }
+
     #[test]
     fn products_match_the_definition_for_every_edge() {
         if !available() {
@@ -530,21 +552,10 @@ mod tests {
             // Written with a bias: every element of the m × n block, nothing past a row.
             let mut out = vec![MaybeUninit::new(f32::NAN); m * ors];
             product(av, bv, (m, n, k), &mut out, ors, Some(&bias));
-            for i in 0..m {
-                for j in 0..ors {
-                    // SAFETY: the buffer was initialised with NaN.
-                    let got = unsafe { out[i * ors + j].assume_init() };
-                    if j >= n {
-                        assert!(got.is_nan(), "({m},{n},{k}) wrote past row {i}'s end");
-                        continue;
-                    }
-                    let w = want[i * n + j] + bias[i] as f64;
-                    assert!(
-                        (got as f64 - w).abs() <= tol,
-                        "({m},{n},{k}) [{i},{j}]: {got} vs {w}"
-                    );
-                }
-            }
+            // SAFETY: the buffer was initialised with NaN.
+            let got = |i: usize| unsafe { out[i].assume_init() };
+            let want = |i: usize, j: usize| want[i * n + j] + bias[i] as f64;
+            assert_block(got, want, (m, n, ors), tol, &format!("({m},{n},{k})"));
         }
     }
 
@@ -582,21 +593,10 @@ mod tests {
                     out[i * ors + n..(i + 1) * ors].fill(f32::NAN);
                 }
                 product_bt(av, bv, (m, n, k), &mut out, ors, add);
-                for i in 0..m {
-                    for j in 0..ors {
-                        let got = out[i * ors + j];
-                        if j >= n {
-                            assert!(got.is_nan(), "({m},{n},{k}) wrote past row {i}'s end");
-                            continue;
-                        }
-                        let w =
-                            want[i * n + j] + if add { before[i * ors + j] as f64 } else { 0.0 };
-                        assert!(
-                            (got as f64 - w).abs() <= tol,
-                            "({m},{n},{k}) add {add} [{i},{j}]: {got} vs {w}"
-                        );
-                    }
-                }
+                let old = |i: usize, j: usize| if add { before[i * ors + j] as f64 } else { 0.0 };
+                let want = |i: usize, j: usize| want[i * n + j] + old(i, j);
+                let what = format!("({m},{n},{k}) add {add}");
+                assert_block(|i| out[i], want, (m, n, ors), tol, &what);
             }
         }
     }
