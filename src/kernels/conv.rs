@@ -296,6 +296,15 @@ impl Geom {
         unsafe { per_image_write(self.b * self.in_len(), self.in_len(), scratch, image) }
     }
 
+    /// `∂aₙ = col2im(∂colsₙ)` inside an `f` of [`Geom::input_grad_images`]: `da` is zeroed
+    /// first unless it is `∂xₙ` itself, which that helper has zeroed already.
+    fn col2im_into<T: Real>(&self, dcols: &[T], da: &mut [T]) {
+        if self.pre != Pre::Identity {
+            da.fill(T::ZERO);
+        }
+        col2im(dcols, da, self);
+    }
+
     /// For kernel column j: the output columns `[lo, hi)` that read inside the image, and the
     /// offset `j − pad` from output to input column.
     fn col_range(&self, j: usize) -> (usize, usize, isize) {
@@ -857,11 +866,7 @@ fn input_grad_pointwise(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> 
         // SAFETY: `product` writes f32 values only.
         pointwise::product(wv, gv, (k, ohw, g.co), unsafe { as_uninit(dst) }, ohw, None);
         if !g.pointwise() {
-            // (∂xₙ itself, already zeroed, when the input transform is the identity.)
-            if g.pre != Pre::Identity {
-                da.fill(0.0);
-            }
-            col2im(cols, da, g);
+            g.col2im_into(cols, da);
         }
     })
 }
@@ -978,8 +983,7 @@ fn conv_input_grad<T: Real>(gy: &[T], w: &[T], x: &[T], g: &Geom) -> Vec<T> {
             None if g.pointwise() => wt_g(da),
             None => {
                 wt_g(cols);
-                da.fill(T::ZERO);
-                col2im(cols, da, g);
+                g.col2im_into(cols, da);
             }
         }
     })

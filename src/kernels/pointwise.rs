@@ -174,8 +174,8 @@ fn run(
         return;
     }
     // SAFETY: AVX2 and FMA are present; `A` is read below row m and column k, `B` below
-    // row k and column n (in its layout), `out` written (and, for `Add`, read) below row m and column n,
-    // all inside their slices (asserted above).
+    // row k and column n (in its layout), `out` written (and, for `Add`, read) below row m
+    // and column n, all inside their slices (asserted above).
     #[cfg(target_arch = "x86_64")]
     unsafe {
         run_avx2(a, (b, layout), (m, n, k), out, ors, start)
@@ -650,6 +650,21 @@ mod tests {
 mod timing {
     use super::*;
 
+    /// GFLOP/s of the best of 15 batches of `reps` calls `f(rep)`, each `macs`
+    /// multiply-adds.
+    fn best_rate(macs: usize, reps: usize, mut f: impl FnMut(usize)) -> f64 {
+        let best = (0..15)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                for rep in 0..reps {
+                    f(rep);
+                }
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        2.0 * (macs * reps) as f64 / best / 1e9
+    }
+
     /// One core, operands in cache: GFLOP/s of the best of 15 batches, counting real
     /// columns. `cargo test --release --lib pointwise_rate -- --ignored --nocapture`;
     /// with `PW_FRESH=1` each product writes a new part of a larger output, as a layer's
@@ -676,18 +691,11 @@ mod timing {
             let reps = (2e8 / (2 * m * k * n) as f64) as usize + 1;
             let fresh = std::env::var("PW_FRESH").is_ok();
             let mut c = vec![MaybeUninit::new(0.0f32); m * n * if fresh { reps } else { 1 }];
-            let best = (0..15)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    for rep in 0..reps {
-                        let (av, bv) = (View { data: &a, rs: k }, View { data: &b, rs: n });
-                        let o = if fresh { rep * m * n } else { 0 };
-                        product(av, bv, (m, n, k), &mut c[o..], n, Some(&bias));
-                    }
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::INFINITY, f64::min);
-            let rate = 2.0 * (m * k * n * reps) as f64 / best / 1e9;
+            let (av, bv) = (View { data: &a, rs: k }, View { data: &b, rs: n });
+            let rate = best_rate(m * k * n, reps, |rep| {
+                let o = if fresh { rep * m * n } else { 0 };
+                product(av, bv, (m, n, k), &mut c[o..], n, Some(&bias));
+            });
             eprintln!("[{m}, {k}]·[{k}, {n}]: {rate:.1} GFLOP/s");
         }
         // Weight gradients `C += A·Btᵀ` (`[M, K]·[N, K]ᵀ`) against the `gemm` crate.
@@ -704,22 +712,18 @@ mod timing {
             let bt: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
             let mut c = vec![0.0f32; m * n];
             let reps = (2e8 / (2 * m * k * n) as f64) as usize + 1;
-            let mut rate = |f: &mut dyn FnMut(&mut [f32])| {
-                let best = (0..15)
-                    .map(|_| {
-                        let t = std::time::Instant::now();
-                        for _ in 0..reps {
-                            f(&mut c);
-                        }
-                        t.elapsed().as_secs_f64()
-                    })
-                    .fold(f64::INFINITY, f64::min);
-                2.0 * (m * k * n * reps) as f64 / best / 1e9
-            };
             let (av, bv) = (View { data: &a, rs: k }, View { data: &bt, rs: k });
-            let pw = rate(&mut |c| product_bt(av, bv, (m, n, k), c, n, true));
-            let gm = rate(&mut |c| {
-                matmul_bt_gemm(c, n, (m, n, k), Mat::rows(&a, k), Mat::transposed(&bt, k))
+            let pw = best_rate(m * k * n, reps, |_| {
+                product_bt(av, bv, (m, n, k), &mut c, n, true)
+            });
+            let gm = best_rate(m * k * n, reps, |_| {
+                matmul_bt_gemm(
+                    &mut c,
+                    n,
+                    (m, n, k),
+                    Mat::rows(&a, k),
+                    Mat::transposed(&bt, k),
+                )
             });
             eprintln!("[{m}, {k}]·[{n}, {k}]ᵀ: {pw:.1} GFLOP/s (gemm {gm:.1})");
         }
