@@ -108,8 +108,19 @@ pub fn set_kernels(k: Kernels) {
     );
 }
 
+#[cfg(test)]
+thread_local! {
+    /// A test's choice for the ops it calls on its own thread ([`with_kernels`]); the ops
+    /// decide on the calling thread, before spreading work over rayon's.
+    static TEST_KERNELS: std::cell::Cell<Option<Kernels>> = const { std::cell::Cell::new(None) };
+}
+
 /// The kernels currently selected.
 pub fn kernels() -> Kernels {
+    #[cfg(test)]
+    if let Some(k) = TEST_KERNELS.with(|k| k.get()) {
+        return k;
+    }
     match KERNELS.load(Ordering::Relaxed) {
         0 => Kernels::Fast,
         1 => Kernels::Direct,
@@ -676,15 +687,26 @@ fn randn(seed: u64, dims: &[usize], std: f64, dtype: DType) -> Tensor {
         .unwrap()
 }
 
-/// Runs `f` with the given kernels selected, serialised against other tests that switch.
+/// Runs `f` with the given kernels selected for the ops it calls on this thread, and
+/// serialised against other tests that switch. (The choice was once the process-wide
+/// one: tests running beside a switch to candle's ops could then compute a forward pass
+/// with one set of kernels and its inverse with another, and
+/// `dequant::variational_dequant_recovers_pixels`, which asks for exact pixels back,
+/// failed a CI run.)
 #[cfg(test)]
 fn with_kernels<R>(k: Kernels, f: impl FnOnce() -> R) -> R {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    /// Clears this thread's choice however `f` ends.
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            TEST_KERNELS.with(|t| t.set(None));
+        }
+    }
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    set_kernels(k);
-    let r = f();
-    set_kernels(Kernels::Fast);
-    r
+    TEST_KERNELS.with(|t| t.set(Some(k)));
+    let _reset = Reset;
+    f()
 }
 
 /// The gradient of `t` in `grads`, flattened to f32 values (thread-count tests compare
@@ -764,6 +786,19 @@ fn check_against_reference(
 
 #[cfg(test)]
 mod tests {
+    use super::{kernels, with_kernels, Kernels};
+
+    #[test]
+    fn a_test_switching_kernels_leaves_other_threads_on_theirs() {
+        with_kernels(Kernels::Candle, || {
+            assert_eq!(kernels(), Kernels::Candle);
+            // Another test's thread, meanwhile.
+            let other = std::thread::spawn(kernels).join().unwrap();
+            assert_eq!(other, Kernels::Fast);
+        });
+        assert_eq!(kernels(), Kernels::Fast);
+    }
+
     #[test]
     fn sum_in_order_adds_each_element_in_part_order_on_any_pool() {
         // Long enough for the parallel slices (and a short last slice), with values whose
