@@ -3,7 +3,8 @@
 //! padding-1 3×3 layers, the direct kernels of `direct.rs` where they measured faster
 //! (f32, AVX-512 or AVX2, spatial kernels with enough taps), im2col + GEMM otherwise: on
 //! AVX2 the pointwise GEMM of `pointwise.rs` (1×1 layers, few-tap layers on their patch
-//! matrices, and the weight gradients of both), else the `gemm` crate.
+//! matrices, and the weight gradients of both; layers with few outputs as one GEMM row per
+//! output channel and tap, `conv/taps.rs`), else the `gemm` crate.
 //!
 //! Shapes: x `[B, Cx, H, W]`, w `[Co, Ci, kh, kw]`, b `[Co]`, y `[B, Co, H', W']` with
 //! `H' = H + 2p − kh + 1`, `W' = W + 2p − kw + 1`. The convolution's input is `a = x`
@@ -29,6 +30,8 @@ use super::{
     as_uninit, assume_init_mut, init_zeroed, per_image_out, per_image_write, slice, wide, Real,
 };
 use crate::Result;
+
+mod taps;
 
 /// What the convolution applies to its input first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,6 +219,28 @@ impl Geom {
     /// against 47; the tutorial's 1 → 32 at 28×28: 31 against 25, 47 against 31).
     fn pointwise_gemm(&self) -> bool {
         (self.pointwise() || self.k() < DIRECT_MIN_K)
+            && pointwise::available()
+            && self.b >= rayon::current_num_threads()
+    }
+
+    /// Whether the few-output path (module `taps`) takes the forward pass (`None`) or ∂W of
+    /// this f32 convolution: a square "same" kernel (so its transposed convolution exists)
+    /// with at most [`TAPS_MAX_M`] output channels × taps, the AVX2 pointwise GEMM, at least
+    /// one image per thread, and enough input channels: 16 for ∂W; for the forward pass,
+    /// whose GEMM has `K = Ci`, 32 and, past 36 rows, 128. `timing::conv_op_timings`, two
+    /// threads, batch 64, against the direct kernels: forward 192 → 4 at 14×14 +12–22 %,
+    /// 192 → 8 at 7×7 +3–10 %, 32 → 2 after ConcatELU (Ci = 64) at 28×28 +37 %, but 8 → 2
+    /// (Ci = 16) −17 % and 32 → 8 at 7×7 (Ci = 64, 72 rows) −16 %; ∂W +18–39 % on all of
+    /// these and +21 % at Ci = 16.
+    fn taps(&self, what: Option<Grad>) -> bool {
+        let m = self.co * self.kh * self.kw;
+        let enough = match what {
+            None => self.ci >= 32 && (m <= 36 || self.ci >= 128),
+            Some(_) => self.ci >= 16,
+        };
+        m <= TAPS_MAX_M
+            && enough
+            && self.transposed().is_some()
             && pointwise::available()
             && self.b >= rayon::current_num_threads()
     }
@@ -875,6 +900,9 @@ fn input_grad_pointwise(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> 
 /// matrix, forward and for ∂W.
 const DIRECT_MIN_K: usize = 64;
 
+/// Rows (`Co·kh·kw`) up to which the few-output path wins.
+const TAPS_MAX_M: usize = 72;
+
 /// Output channels (rows of the transformed GEMM) below which the Winograd path loses to
 /// the direct kernels.
 const WINOGRAD_MIN_M: usize = 16;
@@ -1058,6 +1086,8 @@ pub(super) fn add_bias_grad<T: Real>(db: &mut [T], gn: &[T], ohw: usize) {
 fn forward_f32(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
     if g.pointwise_gemm() {
         forward_pointwise(x, w, b, g)
+    } else if g.taps(None) {
+        taps::forward_taps(x, w, b, g)
     } else if g.winograd(None) {
         forward_winograd(x, w, b, g)
     } else if g.direct(None) {
@@ -1081,7 +1111,9 @@ fn input_grad_f32(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
 
 /// `[∂W; ∂b]` on f32 data, by the faster path for this geometry.
 fn weight_grad_f32(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
-    if g.winograd(Some(Grad::Weight)) {
+    if g.taps(Some(Grad::Weight)) {
+        taps::weight_grad_taps(x, gy, g)
+    } else if g.winograd(Some(Grad::Weight)) {
         weight_grad_winograd(x, gy, g)
     } else if g.direct(Some(Grad::Weight)) {
         weight_grad_direct(x, gy, g)
@@ -1438,6 +1470,37 @@ mod tests {
     }
 
     #[test]
+    fn few_output_kernels_match_the_gemm_path() {
+        if !pointwise::available() {
+            eprintln!("skipped: not the AVX2 kernel set");
+            return;
+        }
+        // Co from 1 to 8 behind 3×3 kernels (partial 6-row blocks of Co·9 rows), a 5×5 and a
+        // 1×n map, odd sizes, all three input activations; a wide map whose transposed patch
+        // matrix comes in several bands (∂W summed band by band).
+        for (b, cx, h, w, co, k, pad, pre) in [
+            (2, 16, 6, 6, 1, 3, 1, Pre::Identity),
+            (3, 17, 5, 7, 4, 3, 1, Pre::Relu),
+            (2, 9, 7, 4, 2, 3, 1, Pre::ConcatElu),
+            (2, 24, 14, 14, 8, 3, 1, Pre::Relu),
+            (2, 20, 1, 9, 3, 3, 1, Pre::Identity),
+            (2, 18, 7, 6, 2, 5, 2, Pre::Identity),
+            (2, 16, 9, 11, 5, 3, 1, Pre::ConcatElu),
+            (1, 16, 40, 301, 8, 3, 1, Pre::Identity),
+        ] {
+            let g = Geom::new(&[b, cx, h, w], &[co, pre.channels(cx), k, k], pad, pre).unwrap();
+            assert!(g.transposed().is_some() && g.co * k * k <= TAPS_MAX_M);
+            assert_matches_gemm_path(
+                &g,
+                1e-5,
+                taps::forward_taps,
+                conv_input_grad,
+                taps::weight_grad_taps,
+            );
+        }
+    }
+
+    #[test]
     fn winograd_kernels_match_the_gemm_path() {
         if !winograd::available() {
             eprintln!("skipped: neither AVX-512F nor AVX2");
@@ -1491,6 +1554,8 @@ mod tests {
         check(&[8, 64, 14, 14], &[32, 64, 3, 3], 1, DType::F32, 1e-4);
         check(&[8, 64, 14, 14], &[64, 64, 1, 1], 0, DType::F32, 1e-4);
         check(&[4, 64, 28, 28], &[2, 64, 3, 3], 1, DType::F32, 1e-4);
+        // Glow's last layer (the few-output path where it runs).
+        check(&[4, 192, 14, 14], &[4, 192, 3, 3], 1, DType::F32, 1e-4);
         // Glow's first layer (2 → 192 at 14×14, on the pointwise GEMM's patch-matrix path
         // where it runs) and a one-channel input layer.
         check(&[4, 2, 14, 14], &[192, 2, 3, 3], 1, DType::F32, 1e-4);
@@ -1503,8 +1568,10 @@ mod tests {
         // depend on rayon's scheduling. With 9 images (≥ 8 threads) the path is the same for
         // every thread count: gemm for 4 input channels (36 taps); the direct kernels for 8
         // (72 taps), with both ∂W kernels (3, 4 and 16 output channels) and the direct ∂x
-        // (16); Winograd for 16 → 16 channels on a 12×9 map.
+        // (16); Winograd for 16 → 16 channels on a 12×9 map; on AVX2 the few-output path
+        // (forward and ∂W) for 32 → 4.
         for (ci, co, h, w) in [
+            (32, 4, 6, 5),
             (4, 3, 6, 5),
             (8, 3, 6, 5),
             (8, 4, 6, 5),
@@ -1593,6 +1660,13 @@ mod timing {
             (16, 16, 3, 1, Pre::ConcatElu, 28),
             (48, 48, 3, 1, Pre::ConcatElu, 14),
             (64, 64, 3, 1, Pre::ConcatElu, 7),
+            (16, 2, 3, 1, Pre::ConcatElu, 28),
+            (8, 2, 3, 1, Pre::ConcatElu, 28),
+            (8, 4, 3, 1, Pre::Identity, 14),
+            (32, 4, 3, 1, Pre::ConcatElu, 14),
+            (32, 8, 3, 1, Pre::ConcatElu, 7),
+            (48, 4, 3, 1, Pre::ConcatElu, 14),
+            (64, 8, 3, 1, Pre::ConcatElu, 7),
         ] {
             // `CONV_TIMING=192→4` times only the shapes whose label contains that text.
             let label = format!("{cx}→{co} {k}×{k} {pre:?} at {hw}×{hw}");
@@ -1623,6 +1697,14 @@ mod timing {
                 time("dx pointwise", flop, || {
                     drop(input_grad_pointwise(&gy, &w, &x, &g))
                 });
+                if g.transposed().is_some() {
+                    time("fwd taps", flop, || {
+                        drop(taps::forward_taps(&x, &w, &b, &g))
+                    });
+                    time("dw taps", flop, || {
+                        drop(taps::weight_grad_taps(&x, &gy, &g))
+                    });
+                }
             }
             if (k, pad) == (3, 1) {
                 time("fwd winograd", flop, || {
