@@ -229,9 +229,9 @@ impl Geom {
     /// one image per thread, and enough input channels: 16 for ∂W; for the forward pass,
     /// whose GEMM has `K = Ci`, 32 and, past 36 rows, 128. `timing::conv_op_timings`, two
     /// threads, batch 64, against the direct kernels: forward 192 → 4 at 14×14 +12–22 %,
-    /// 192 → 8 at 7×7 +3–10 %, 32 → 2 after ConcatELU (Ci = 64) at 28×28 +37 %, but 8 → 2
-    /// (Ci = 16) −17 % and 32 → 8 at 7×7 (Ci = 64, 72 rows) −16 %; ∂W +18–39 % on all of
-    /// these and +21 % at Ci = 16.
+    /// 192 → 8 at 7×7 +3–10 %, 64 → 2 (`Ci` after ConcatELU) at 28×28 +37 %, but 16 → 2
+    /// −17 % and 64 → 8 at 7×7 (72 rows) −16 %; ∂W +18–39 % on all of these and +21 % at
+    /// `Ci = 16`.
     fn taps(&self, what: Option<Grad>) -> bool {
         let m = self.co * self.kh * self.kw;
         let enough = match what {

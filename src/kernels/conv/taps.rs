@@ -18,13 +18,13 @@
 //! channels, so the few outputs no longer starve the register tile; the shift-add touches
 //! `Co·kh·kw·H·W` values, a `Ci`-th of the products. ∂x is the transposed convolution's
 //! `Wᵀ·Gₛ` with `K = Co·kh·kw` (`conv_input_grad`, on the `gemm` crate: the pointwise
-//! kernel measured no faster at `K` = 18–72, and 10 % slower for 32 → 2 at 28×28).
+//! kernel measured no faster at `K` = 18–72, and 10 % slower for 64 → 2 at 28×28).
 //!
 //! `timing::conv_op_timings`, two threads, batch 64, three runs, direct kernels → here
 //! (GFLOP/s): 192 → 4 at 14×14 forward 90–99 → 101–106, ∂W 91–97 → 115–123; 192 → 8 at
-//! 7×7 97–99 → 96–102, 80–82 → 85–105; the tutorial's 32 → 2 after ConcatELU at 28×28
-//! 48–63 → 71–78, 53–59 → 61–80; 48 → 4 at 14×14 77 → 90–94, 72–77 → 94–101; 64 → 8 at
-//! 7×7 68–82 → 88–92, 56–72 → 88–92.
+//! 7×7 97–99 → 96–102, 80–82 → 85–105; the tutorial's 64 → 2 (ConcatELU of 32 channels)
+//! at 28×28 48–63 → 71–78, 53–59 → 61–80; 96 → 4 at 14×14 77 → 90–94, 72–77 → 94–101;
+//! 128 → 8 at 7×7 68–82 → 88–92, 56–72 → 88–92 (`Ci` counted after ConcatELU).
 
 use std::mem::MaybeUninit;
 
