@@ -28,25 +28,17 @@
 
 use std::mem::MaybeUninit;
 
-use super::{add_bias_grad, bands, im2col, matmul_bt, pointwise, Geom, View};
+use super::{add_bias_grad, bands, flip_transpose_dims, im2col, matmul_bt, pointwise, Geom, View};
 use super::{as_uninit, assume_init_mut, per_image_write, wide, Real};
 use crate::kernels::reduce_images;
 
-/// `W` (`[Co, Ci, kh, kw]`) as `[Co·kh·kw, Ci]`: row `(o, t)` holds `w[o, ·, t]`.
+/// `W` (`[Co, Ci, kh, kw]`) as `[Co·kh·kw, Ci]`: row `(o, t)` holds `w[o, ·, t]` (each
+/// output channel's `[Ci, kh·kw]` block transposed).
 fn taps_major(w: &[f32], g: &Geom) -> Vec<f32> {
     let taps = g.kh * g.kw;
-    let mut out = vec![0.0; w.len()];
-    for (wo, oo) in w
-        .chunks_exact(g.ci * taps)
-        .zip(out.chunks_exact_mut(g.ci * taps))
-    {
-        for (c, wc) in wo.chunks_exact(taps).enumerate() {
-            for (t, &v) in wc.iter().enumerate() {
-                oo[t * g.ci + c] = v;
-            }
-        }
-    }
-    out
+    w.chunks_exact(g.ci * taps)
+        .flat_map(|wo| flip_transpose_dims(wo, (g.ci, taps), 1))
+        .collect()
 }
 
 /// `y[o, q] = b[o] + Σₜ T[(o, t), sₜ(q)]` for one image: `tm` is `T` (`[Co·kh·kw, H·W]`),
