@@ -27,7 +27,7 @@
 use std::arch::x86_64::*;
 
 use super::direct::{Packed, Planes};
-use super::winograd::{Tiles, XI};
+use super::winograd::Tiles;
 
 /// f32 lanes per vector.
 const L: usize = 8;
@@ -37,7 +37,7 @@ pub(super) const BLOCK_CO: usize = 6;
 /// The mask of lanes `first ≤ i < min(end, 8)` (all bits set in a selected lane).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn lanes(first: usize, end: usize) -> __m256i {
+pub(super) unsafe fn lanes(first: usize, end: usize) -> __m256i {
     let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let lo = _mm256_set1_epi32(first.min(L) as i32 - 1);
     let hi = _mm256_set1_epi32(end.min(L) as i32);
@@ -535,10 +535,10 @@ unsafe fn weight_grad_t_tile<const NT: usize>(
     }
 }
 
-/// Zeroes the `tw` tiles of one padded row of `V` in each of the four ξ blocks (`xs` apart).
+/// Zeroes the `tw` tiles of one padded row of `V` in each of the `nxi` ξ blocks (`xs` apart).
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn zero_v_row(dst: *mut f32, tw: usize, xs: usize) {
-    for xi in 0..XI {
+pub(super) unsafe fn zero_v_row(dst: *mut f32, tw: usize, xs: usize, nxi: usize) {
+    for xi in 0..nxi {
         zero_run(dst.add(xi * xs), tw);
     }
 }

@@ -248,9 +248,9 @@ impl Geom {
     /// Whether the row-Winograd kernels (module `winograd`) take this f32 op (the forward
     /// pass for `None`) of a 3×3 kernel with padding 1 on an AVX-512 or AVX2 CPU, at least
     /// one image per thread, enough channels on both sides of the transformed GEMM
-    /// (`[Co, 3C]·[3C, H·⌈W/2⌉]`; for ∂x the transposed convolution's `[C, 3Co]·…`) and
-    /// enough positions (`H·⌈W/2⌉ ≥ 48`, three vectors: on a 7×7 map the GEMM streams its
-    /// weights per tile and loses). Measured by `timing::conv_op_timings`: 32→16 at 28×28 and
+    /// (`[Co, 3C]·[3C, H·tw]`; for ∂x the transposed convolution's `[C, 3Co]·…`) and
+    /// enough positions (`H·⌈W/2⌉ ≥ 48`, three vectors of F(2, 3) tiles: on a 7×7 map the
+    /// GEMM streams its weights per tile and loses; F(4, 3)'s ∂W there lost 2×). Measured by `timing::conv_op_timings`: 32→16 at 28×28 and
     /// wider win 5–25 % (∂W: 0–30 %), 64→2 loses 2×, 64→32 at 7×7 loses 20 % forward.
     fn winograd(&self, what: Option<Grad>) -> bool {
         let (m, k) = match what {
@@ -911,10 +911,10 @@ const WINOGRAD_MIN_K: usize = 16;
 /// GEMM positions per channel below which it loses.
 const WINOGRAD_MIN_Q: usize = 48;
 
-/// [`forward_f32`] by row Winograd F(2, 3) (module `winograd`): per image, the transform
-/// `V` of `a`, the four GEMMs `M[ξ] = U[ξ] ⋆ V[ξ]` and the output transform plus bias.
-fn forward_winograd(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
-    let tl = Tiles::new(g.h, g.w);
+/// [`forward_f32`] by row Winograd on the tiles `tl` (module `winograd`): per image, the
+/// transform `V` of `a`, the `n + 2` GEMMs `M[ξ] = U[ξ] ⋆ V[ξ]` and the output transform
+/// plus bias.
+fn forward_winograd(x: &[f32], w: &[f32], b: &[f32], g: &Geom, tl: Tiles) -> Vec<f32> {
     let u = winograd::Weights::new(w, g.co, g.ci, &tl);
     let (vl, ml) = (tl.v_len(g.ci), tl.m_len(g.co));
     let image = |n: usize, y: &mut [MaybeUninit<f32>], scratch: &mut [f32], _| {
@@ -932,8 +932,8 @@ fn forward_winograd(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
 /// [`input_grad_f32`] by Winograd: the forward computation on `Gₙ` with the flipped,
 /// transposed weights (a padding-1 3×3 convolution again), then ∂x through the input
 /// transform's derivative.
-fn input_grad_winograd(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
-    let (ohw, tl) = (g.out_hw(), Tiles::new(g.h, g.w));
+fn input_grad_winograd(gy: &[f32], w: &[f32], x: &[f32], g: &Geom, tl: Tiles) -> Vec<f32> {
+    let ohw = g.out_hw();
     let u = winograd::Weights::new(&flip_transpose(w, g), g.ci, g.co, &tl);
     let (vl, ml) = (tl.v_len(g.co), tl.m_len(g.ci));
     g.input_grad_images(x, vl + ml, |n, da, scratch, _| {
@@ -949,11 +949,11 @@ fn input_grad_winograd(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
 /// [`weight_grad_f32`] by Winograd: per image `V` (as in the forward pass) and `Ĝ = A·∂y`
 /// from `Gₙᵀ`, `∂U[ξ] += Ĝ[ξ] ⋆ V[ξ]` over fixed image groups, then `∂w = Σ_ξ G[ξ]·∂U[ξ]`;
 /// `[∂W; ∂b]`.
-fn weight_grad_winograd(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
-    let (tl, ohw) = (Tiles::new(g.h, g.w), g.out_hw());
+fn weight_grad_winograd(x: &[f32], gy: &[f32], g: &Geom, tl: Tiles) -> Vec<f32> {
+    let ohw = g.out_hw();
     let cs = g.co.next_multiple_of(direct::CO_LANES);
     let (vl, gl) = (tl.v_len(g.ci), tl.gh_len(cs));
-    let ul = winograd::XI * 3 * g.ci * cs;
+    let ul = tl.xi() * 3 * g.ci * cs;
     let sums = super::reduce_images(g.b, ul + g.co, |range| {
         let mut sums = vec![0.0; ul + g.co];
         let (du, db) = sums.split_at_mut(ul);
@@ -974,7 +974,7 @@ fn weight_grad_winograd(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
         });
         sums
     });
-    let mut out = winograd::weights_grad(&sums[..ul], g.co, g.ci, cs);
+    let mut out = winograd::weights_grad(&sums[..ul], g.co, g.ci, cs, &tl);
     out.extend_from_slice(&sums[ul..]);
     out
 }
@@ -1089,7 +1089,7 @@ fn forward_f32(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
     } else if g.taps(None) {
         taps::forward_taps(x, w, b, g)
     } else if g.winograd(None) {
-        forward_winograd(x, w, b, g)
+        forward_winograd(x, w, b, g, Tiles::new(g.h, g.w))
     } else if g.direct(None) {
         forward_direct(x, w, b, g)
     } else {
@@ -1103,7 +1103,9 @@ fn input_grad_f32(gy: &[f32], w: &[f32], x: &[f32], g: &Geom) -> Vec<f32> {
         return input_grad_pointwise(gy, w, x, g);
     }
     match g.transposed_planes() {
-        Some(_) if g.winograd(Some(Grad::Input)) => input_grad_winograd(gy, w, x, g),
+        Some(_) if g.winograd(Some(Grad::Input)) => {
+            input_grad_winograd(gy, w, x, g, Tiles::new(g.h, g.w))
+        }
         Some(t) if g.direct(Some(Grad::Input)) => input_grad_direct(gy, w, x, g, t),
         _ => conv_input_grad(gy, w, x, g),
     }
@@ -1114,7 +1116,7 @@ fn weight_grad_f32(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
     if g.taps(Some(Grad::Weight)) {
         taps::weight_grad_taps(x, gy, g)
     } else if g.winograd(Some(Grad::Weight)) {
-        weight_grad_winograd(x, gy, g)
+        weight_grad_winograd(x, gy, g, Tiles::new(g.h, g.w))
     } else if g.direct(Some(Grad::Weight)) {
         weight_grad_direct(x, gy, g)
     } else {
@@ -1506,31 +1508,45 @@ mod tests {
             eprintln!("skipped: neither AVX-512F nor AVX2");
             return;
         }
-        // Even and odd heights and widths (a last tile half outside), 1×1 and 1×n maps, more
-        // than 16 tiles per row (several vectors of them), every input activation, output
-        // channel counts that leave partial GEMM blocks.
-        for (b, cx, h, w, co, pre) in [
-            (2, 16, 6, 6, 8, Pre::Identity),
-            (3, 17, 5, 7, 9, Pre::Identity),
-            (2, 9, 7, 4, 13, Pre::ConcatElu),
-            (2, 16, 1, 1, 8, Pre::Relu),
-            (2, 16, 1, 5, 11, Pre::Identity),
-            (2, 8, 9, 37, 16, Pre::ConcatElu),
-            (2, 20, 34, 33, 10, Pre::Relu),
-            (2, 32, 14, 14, 32, Pre::ConcatElu),
-            // A wide map: 151 tiles per row, past the buffers' fixed slack.
-            (1, 16, 2, 301, 16, Pre::Identity),
-        ] {
-            let g = Geom::new(&[b, cx, h, w], &[co, pre.channels(cx), 3, 3], 1, pre).unwrap();
-            // The transforms add and subtract up to four values per term (and halve the
-            // weights): a few ulps of the largest partial sums more than a direct sum.
-            assert_matches_gemm_path(
-                &g,
-                2e-5,
-                forward_winograd,
-                input_grad_winograd,
-                weight_grad_winograd,
-            );
+        // F(2, 3) and F(4, 3) tiles (the latter's transforms need AVX2 + FMA, which every
+        // AVX-512 CPU has). Even and odd heights, widths of every remainder modulo 2 and 4
+        // (a last tile partly outside), 1×1 and 1×n maps, fewer tiles per row than a
+        // vector holds, and more than 16 (several vectors of them), every input activation,
+        // output channel counts that leave partial GEMM blocks.
+        let tiles = [2, 4].into_iter().filter(|&n| {
+            n == 2
+                || (std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma"))
+        });
+        for n in tiles {
+            for (b, cx, h, w, co, pre) in [
+                (2, 16, 6, 6, 8, Pre::Identity),
+                (3, 17, 5, 7, 9, Pre::Identity),
+                (2, 9, 7, 4, 13, Pre::ConcatElu),
+                (2, 16, 1, 1, 8, Pre::Relu),
+                (2, 16, 1, 5, 11, Pre::Identity),
+                (2, 8, 9, 37, 16, Pre::ConcatElu),
+                (2, 20, 34, 33, 10, Pre::Relu),
+                (2, 32, 14, 14, 32, Pre::ConcatElu),
+                (2, 16, 28, 28, 16, Pre::ConcatElu),
+                (2, 16, 3, 10, 16, Pre::Identity),
+                (2, 16, 4, 11, 16, Pre::Relu),
+                // A wide map: 151 tiles per row, past the buffers' fixed slack.
+                (1, 16, 2, 301, 16, Pre::Identity),
+            ] {
+                let g = Geom::new(&[b, cx, h, w], &[co, pre.channels(cx), 3, 3], 1, pre).unwrap();
+                let tl = Tiles::with_n(h, w, n);
+                // The transforms combine up to six values per term (F(4, 3)'s scaled by up
+                // to 8, its weights by 1/6 and 1/24): a few ulps of the largest partial sums
+                // more than a direct sum (F(4, 3) measured 1.4e-6 of the largest at worst).
+                assert_matches_gemm_path(
+                    &g,
+                    2e-5,
+                    |x, w, b, g| forward_winograd(x, w, b, g, tl),
+                    |gy, w, x, g| input_grad_winograd(gy, w, x, g, tl),
+                    |x, gy, g| weight_grad_winograd(x, gy, g, tl),
+                );
+            }
         }
     }
 
@@ -1707,15 +1723,18 @@ mod timing {
                 }
             }
             if (k, pad) == (3, 1) {
-                time("fwd winograd", flop, || {
-                    drop(forward_winograd(&x, &w, &b, &g))
-                });
-                time("dx winograd", flop, || {
-                    drop(input_grad_winograd(&gy, &w, &x, &g))
-                });
-                time("dw winograd", flop, || {
-                    drop(weight_grad_winograd(&x, &gy, &g))
-                });
+                for n in [2, 4] {
+                    let tl = winograd::Tiles::with_n(g.h, g.w, n);
+                    time(&format!("fwd winograd F({n},3)"), flop, || {
+                        drop(forward_winograd(&x, &w, &b, &g, tl))
+                    });
+                    time(&format!("dx winograd F({n},3)"), flop, || {
+                        drop(input_grad_winograd(&gy, &w, &x, &g, tl))
+                    });
+                    time(&format!("dw winograd F({n},3)"), flop, || {
+                        drop(weight_grad_winograd(&x, &gy, &g, tl))
+                    });
+                }
             }
             if std::env::var("CONV_TIMING_DW_ONLY").is_ok() {
                 for _ in 0..30 {

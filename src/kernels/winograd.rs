@@ -1,5 +1,10 @@
-//! Winograd F(2, 3) along image rows: stride-1, padding-1 3×3 convolutions with 1.5× fewer
-//! multiplications than the direct kernels (f32; AVX-512 here, AVX2 in `avx2.rs`).
+//! Winograd F(2, 3) and F(4, 3) along image rows: stride-1, padding-1 3×3 convolutions with
+//! 1.5× (F(2, 3)) or 2× (F(4, 3)) fewer multiplications than the direct kernels (f32).
+//! F(2, 3)'s transforms are here for AVX-512 and in `avx2.rs` for AVX2; F(4, 3)'s, 8-lane
+//! AVX2 code, in `winograd/f4.rs`, with its matrices. [`Tiles::new`] takes F(4, 3) on AVX2
+//! CPUs and F(2, 3) on AVX-512 ones (F(4, 3) is unmeasured there). Everything below the
+//! transforms (the GEMMs, the weight transform and the weight gradient) is the same code
+//! for both, with `n + 2` transformed values per tile of `n` pixels. F(2, 3) first:
 //!
 //! Each output row is cut into pairs of pixels, `tw = ⌈W/2⌉` tiles per row. Tile `tx` of
 //! padded row `r` reads the four padded columns `2tx … 2tx+3`, `d₀…d₃`, and with
@@ -29,13 +34,21 @@
 //! 8.8 → 6.7 ms, ∂W 9.2 → 7.5–8.1 ms. The transforms only add, subtract and halve: the
 //! output equals the direct convolution up to float rounding.
 //!
+//! F(4, 3) takes 6 transformed values per 4 pixels (1.5 multiplications per pixel and kernel
+//! row instead of 2, a `V` 1.5× the input instead of 2×), and its transforms cost no more
+//! per pixel. On AVX2, 2 threads, batch 64 (`conv_op_timings`), F(2, 3) → F(4, 3): 32 → 32
+//! with ConcatELU at 28×28 forward 10.8 → 10.2 ms, ∂x 10.9 → 10.0, ∂W 13.1 → 10.6; 16 → 16
+//! at 28×28 4.2 → 3.3, 3.9 → 3.2, 4.6 → 4.0; 48 → 48 at 14×14 6.9 → 5.1, 5.7 → 5.2,
+//! 6.8 → 6.4. Its transforms scale by up to 8 and the weights by 1/6 and 1/24; the tests
+//! measured 1.4e-6 of the largest output as its worst error against an f64 reference.
+//!
 //! The input gradient is the same computation on the output gradient with the flipped,
 //! transposed weights (a padding-1 3×3 convolution again). The weight gradient is
 //! `∂U[ξ][o][(c, i)] = Σ_{y,tx} Ĝ[ξ][o][y][tx] · V[ξ][c][y + i][tx]` with `Ĝ = A·∂y` per
 //! tile (`A = (Aᵀ)ᵀ`), run by the direct weight-gradient kernel over the rows of `V[ξ]`,
 //! then `∂w[o][c][i][j] = Σ_ξ G[ξ][j]·∂U[ξ][o][(c, i)]`.
 //!
-//! Layout: `V` is `[4][C][(H+2)·tw + slack]` and `M` `[4][Co][ms]`, with position
+//! Layout: `V` is `[n+2][C][(H+2)·tw + slack]` and `M` `[n+2][Co][ms]`, with position
 //! `y·tw + tx`; the ξ blocks are padded so they do not fall 4 KiB apart. The input transform
 //! applies the convolution's activation (identity, ReLU, ConcatELU) plane by plane and
 //! transforms each row from there, 16 tiles per vector, splitting even and odd columns
@@ -50,9 +63,11 @@ use super::direct::tail_mask;
 use super::direct::{self, Packed, Planes};
 use super::elementwise::concat_elu_row;
 
+mod f4;
+
 /// f32 lanes per vector.
 const L: usize = 16;
-/// Transformed positions per tile.
+/// Transformed positions per F(2, 3) tile.
 pub(super) const XI: usize = 4;
 
 /// Room after each ξ block: at least the GEMM's last vector (16) and the plane slack
@@ -67,20 +82,52 @@ const GM: [[f32; 3]; 4] = [
     [0.0, 0.0, 1.0],
 ];
 
-/// The row tiles of an `h × w` map: pairs of output pixels.
+/// The row tiles of an `h × w` map: runs of `n` output pixels, F(n, 3) with `n + 2`
+/// transformed values per tile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Tiles {
     pub(super) h: usize,
     pub(super) w: usize,
+    /// Output pixels per tile: 2 or 4.
+    pub(super) n: usize,
     pub(super) tw: usize,
 }
 
 impl Tiles {
+    /// The tiles this CPU's transforms take: F(4, 3) on AVX2 (module `f4`), F(2, 3) on
+    /// AVX-512, whose 16-lane transforms exist only for F(2, 3) (the F(4, 3) transforms are
+    /// 8-lane code that AVX-512 CPUs also run, unmeasured there).
     pub fn new(h: usize, w: usize) -> Self {
+        let n = if direct::isa() == Some(direct::Isa::Avx2) {
+            f4::N
+        } else {
+            2
+        };
+        Self::with_n(h, w, n)
+    }
+
+    /// F(`n`, 3) tiles, `n` 2 or 4.
+    pub fn with_n(h: usize, w: usize, n: usize) -> Self {
+        assert!(n == 2 || n == f4::N, "F({n}, 3) tiles are not implemented");
         Self {
             h,
             w,
-            tw: w.div_ceil(2),
+            n,
+            tw: w.div_ceil(n),
+        }
+    }
+
+    /// Transformed values per tile, `n + 2`.
+    pub fn xi(&self) -> usize {
+        self.n + 2
+    }
+
+    /// `G`, the weight transform: a row per transformed value.
+    fn g(&self) -> &'static [[f32; 3]] {
+        if self.n == f4::N {
+            &f4::GM
+        } else {
+            &GM
         }
     }
 
@@ -103,7 +150,7 @@ impl Tiles {
 
     /// Elements of `V` for `c` channels.
     pub fn v_len(&self, c: usize) -> usize {
-        XI * self.xi_stride(c * self.plane())
+        self.xi() * self.xi_stride(c * self.plane())
     }
 
     /// `V[ξ]` as planes for [`direct::weight_grad_t`]: `c` planes of `H+2` rows of `tw`
@@ -119,9 +166,9 @@ impl Tiles {
         }
     }
 
-    /// Elements of the weight gradient's `Ĝ` (`[4][H·tw][cs]`).
+    /// Elements of the weight gradient's `Ĝ` (`[n+2][H·tw][cs]`).
     pub fn gh_len(&self, cs: usize) -> usize {
-        XI * self.xi_stride(self.q() * cs)
+        self.xi() * self.xi_stride(self.q() * cs)
     }
 
     /// Row stride of `M`: whole vectors of positions.
@@ -131,7 +178,7 @@ impl Tiles {
 
     /// Elements of `M` for `co` output channels.
     pub fn m_len(&self, co: usize) -> usize {
-        XI * self.xi_stride(co * self.ms())
+        self.xi() * self.xi_stride(co * self.ms())
     }
 }
 
@@ -158,15 +205,22 @@ pub(super) fn input_transform(xn: &[f32], pre: Pre, tl: &Tiles, v: &mut [f32]) {
         let (vp, xs) = (tl.plane(), tl.xi_stride(c * tl.plane()));
         let v = v.as_mut_ptr();
         let avx2 = direct::isa() == Some(direct::Isa::Avx2);
-        // Plane `ch` of `V[ξ]`: padded rows 0 and H + 1 zero, row r image row r − 1.
-        // SAFETY: the CPU has the ISA's features; `plane` holds H·W values, and every store
-        // is to row (ξ, ch, r) of `v`, inside `Tiles::v_len` (asserted above).
+        let nxi = tl.xi();
+        // Plane `ch` of `V[ξ]`: padded rows 0 and H + 1 zero, row r image row r − 1 (row
+        // H + 1 last: the F(4, 3) transform's whole-vector stores may spill into it).
+        // SAFETY: the CPU has the ISA's features (AVX2 and FMA for F(4, 3): every AVX-512
+        // CPU has them); `plane` holds H·W values, and every store is to row (ξ, ch, r) of
+        // `v`, inside `Tiles::v_len` (asserted above).
         let rows = |plane: &[f32], ch: usize| unsafe {
             let dst = v.add(ch * vp);
-            if avx2 {
-                super::avx2::zero_v_row(dst, tw, xs);
-                super::avx2::zero_v_row(dst.add((h + 1) * tw), tw, xs);
-                super::avx2::transform_rows(plane.as_ptr(), h, w, dst.add(tw), xs);
+            if tl.n == f4::N || avx2 {
+                super::avx2::zero_v_row(dst, tw, xs, nxi);
+                if tl.n == f4::N {
+                    f4::transform_rows(plane.as_ptr(), h, w, dst.add(tw), xs);
+                } else {
+                    super::avx2::transform_rows(plane.as_ptr(), h, w, dst.add(tw), xs);
+                }
+                super::avx2::zero_v_row(dst.add((h + 1) * tw), tw, xs, nxi);
             } else {
                 plane_avx512(plane.as_ptr(), tl, dst, xs);
             }
@@ -174,7 +228,7 @@ pub(super) fn input_transform(xn: &[f32], pre: Pre, tl: &Tiles, v: &mut [f32]) {
         for_each_activated_plane(xn, pre, hw, rows);
         // The GEMM's last vector reads up to 15 values past the last plane (into columns it
         // drops); zeros there rather than stale scratch. The weight gradient reads none.
-        for xi in 0..XI {
+        for xi in 0..nxi {
             // SAFETY: each ξ block has V_SLACK ≥ 16 values after its C planes.
             unsafe { std::ptr::write_bytes(v.add(xi * xs + c * vp), 0, L) };
         }
@@ -346,10 +400,11 @@ impl Weights {
             co * c * 9,
             "3×3 weights [{co}, {c}, 3, 3] expected"
         );
-        let mut u = vec![vec![0.0f32; co * c * 3]; XI];
+        let gm = tl.g();
+        let mut u = vec![vec![0.0f32; co * c * 3]; tl.xi()];
         for (row, k) in w.chunks_exact(3).enumerate() {
             for (xi, ux) in u.iter_mut().enumerate() {
-                ux[row] = (0..3).map(|j| GM[xi][j] * k[j]).sum();
+                ux[row] = (0..3).map(|j| gm[xi][j] * k[j]).sum();
             }
         }
         let u = u
@@ -363,7 +418,7 @@ impl Weights {
     }
 }
 
-/// `M[ξ] = U[ξ] ⋆ V[ξ]` for the four ξ.
+/// `M[ξ] = U[ξ] ⋆ V[ξ]` for each ξ.
 pub(super) fn multiply(v: &[f32], w: &Weights, tl: &Tiles, m: &mut [f32]) {
     let (vs, ms) = (tl.xi_stride(w.c * tl.plane()), tl.xi_stride(w.co * tl.ms()));
     assert!(v.len() >= tl.v_len(w.c) && m.len() >= tl.m_len(w.co));
@@ -390,8 +445,11 @@ pub(super) fn output_transform(
     // SAFETY: the CPU has the ISA's features; loads are masked to the tiles of row
     // (ξ, o, y) of `m`, stores to the W columns of row (o, y) of `y`.
     unsafe {
-        if direct::isa() == Some(direct::Isa::Avx2) {
-            let strides = (tl.ms(), tl.xi_stride(co * tl.ms()));
+        let strides = (tl.ms(), tl.xi_stride(co * tl.ms()));
+        if tl.n == f4::N {
+            let y = y.as_mut_ptr().cast::<f32>();
+            f4::output_transform(m.as_ptr(), co, tl, strides, bias, y)
+        } else if direct::isa() == Some(direct::Isa::Avx2) {
             let y = y.as_mut_ptr().cast::<f32>();
             super::avx2::output_transform(m.as_ptr(), co, tl, strides, bias, y)
         } else {
@@ -429,36 +487,40 @@ unsafe fn output_avx512(m: *const f32, co: usize, tl: &Tiles, bias: Option<&[f32
     }
 }
 
-/// `Ĝ = A·∂y` per tile for the weight gradient: `t` is one image's output gradient
-/// transposed, `[H·W][cs]` (channels past Co zero); `gh[ξ]` is `[H·tw][cs]` with
-/// `Ĝ₀ = g₀, Ĝ₁ = g₀ + g₁, Ĝ₂ = g₀ − g₁, Ĝ₃ = −g₁` for the tile's pixels `g₀, g₁` (`g₁ = 0`
-/// past the last column).
+/// `Ĝ = A·∂y` per tile for the weight gradient (`A = (Aᵀ)ᵀ`): `t` is one image's output
+/// gradient transposed, `[H·W][cs]` (channels past Co zero); `gh[ξ]` is `[H·tw][cs]`. For
+/// F(2, 3) and the tile's pixels `g₀, g₁`: `Ĝ₀ = g₀, Ĝ₁ = g₀ + g₁, Ĝ₂ = g₀ − g₁, Ĝ₃ = −g₁`;
+/// for F(4, 3) and `g₀ … g₃`: `Ĝ₀ = g₀`, `Ĝ₁,₂ = (g₀ + g₂) ± (g₁ + g₃)`,
+/// `Ĝ₃,₄ = (g₀ + 4g₂) ± (2g₁ + 8g₃)`, `Ĝ₅ = g₃`. Pixels past the last column are 0.
 pub(super) fn grad_transform(t: &[f32], cs: usize, tl: &Tiles, gh: &mut [f32]) {
-    let (gs, w) = (tl.xi_stride(tl.q() * cs), tl.w);
+    let (gs, w, n) = (tl.xi_stride(tl.q() * cs), tl.w, tl.n);
     assert!(t.len() == tl.h * w * cs && gh.len() >= tl.gh_len(cs));
-    let (g0, rest) = gh.split_at_mut(gs);
-    let (g1, rest) = rest.split_at_mut(gs);
-    let (g2, g3) = rest.split_at_mut(gs);
+    let zeros = vec![0.0f32; cs];
+    let mut blocks: Vec<&mut [f32]> = gh.chunks_mut(gs).take(tl.xi()).collect();
     super::wide(|| {
         for y in 0..tl.h {
             for tx in 0..tl.tw {
-                let (p, e) = ((y * tl.tw + tx) * cs, (y * w + 2 * tx) * cs);
-                let ev = &t[e..e + cs];
-                let (d0, d1, d2, d3) = (
-                    &mut g0[p..p + cs],
-                    &mut g1[p..p + cs],
-                    &mut g2[p..p + cs],
-                    &mut g3[p..p + cs],
-                );
-                if 2 * tx + 1 < w {
-                    let od = &t[e + cs..e + 2 * cs];
+                let p = (y * tl.tw + tx) * cs;
+                let px = |j: usize| match n * tx + j {
+                    col if col < w => &t[(y * w + col) * cs..][..cs],
+                    _ => &zeros[..],
+                };
+                let mut d = blocks.iter_mut().map(|b| &mut b[p..p + cs]);
+                if n == 2 {
+                    let [d0, d1, d2, d3] = std::array::from_fn(|_| d.next().unwrap());
+                    let (g0, g1) = (px(0), px(1));
                     for k in 0..cs {
-                        let (a, b) = (ev[k], od[k]);
+                        let (a, b) = (g0[k], g1[k]);
                         (d0[k], d1[k], d2[k], d3[k]) = (a, a + b, a - b, -b);
                     }
                 } else {
+                    let [d0, d1, d2, d3, d4, d5] = std::array::from_fn(|_| d.next().unwrap());
+                    let (g0, g1, g2, g3) = (px(0), px(1), px(2), px(3));
                     for k in 0..cs {
-                        (d0[k], d1[k], d2[k], d3[k]) = (ev[k], ev[k], ev[k], 0.0);
+                        let (e, o) = (g0[k] + g2[k], g1[k] + g3[k]);
+                        let (e4, o4) = (g0[k] + 4.0 * g2[k], 2.0 * g1[k] + 8.0 * g3[k]);
+                        (d0[k], d1[k], d2[k]) = (g0[k], e + o, e - o);
+                        (d3[k], d4[k], d5[k]) = (e4 + o4, e4 - o4, g3[k]);
                     }
                 }
             }
@@ -467,17 +529,17 @@ pub(super) fn grad_transform(t: &[f32], cs: usize, tl: &Tiles, gh: &mut [f32]) {
 }
 
 /// `∂U[ξ] += Ĝ[ξ] ⋆ V[ξ]` for one image, by the direct weight-gradient kernel vectorised
-/// over output channels: `du` is `[4][C·3][cs]` (taps `(c, i)`).
+/// over output channels: `du` is `[n+2][C·3][cs]` (taps `(c, i)`).
 pub(super) fn weight_grad(v: &[f32], c: usize, gh: &[f32], cs: usize, tl: &Tiles, du: &mut [f32]) {
     let (vs, gs, k) = (
         tl.xi_stride(c * tl.plane()),
         tl.xi_stride(tl.q() * cs),
         3 * c,
     );
-    assert!(v.len() >= tl.v_len(c) && gh.len() >= tl.gh_len(cs) && du.len() == XI * k * cs);
+    assert!(v.len() >= tl.v_len(c) && gh.len() >= tl.gh_len(cs) && du.len() == tl.xi() * k * cs);
     let p = tl.v_planes(c);
     let offs = p.offsets();
-    for xi in 0..XI {
+    for xi in 0..tl.xi() {
         direct::weight_grad_t(
             &v[xi * vs..(xi + 1) * vs],
             &p,
@@ -488,16 +550,18 @@ pub(super) fn weight_grad(v: &[f32], c: usize, gh: &[f32], cs: usize, tl: &Tiles
     }
 }
 
-/// `∂w[o][c][i][j] = Σ_ξ G[ξ][j]·∂U[ξ][(c, i)][o]`: `du` (`[4][C·3][cs]`) → `[Co][C][3][3]`.
-pub(super) fn weights_grad(du: &[f32], co: usize, c: usize, cs: usize) -> Vec<f32> {
-    assert_eq!(du.len(), XI * 3 * c * cs);
+/// `∂w[o][c][i][j] = Σ_ξ G[ξ][j]·∂U[ξ][(c, i)][o]`: `du` (`[n+2][C·3][cs]`) →
+/// `[Co][C][3][3]`.
+pub(super) fn weights_grad(du: &[f32], co: usize, c: usize, cs: usize, tl: &Tiles) -> Vec<f32> {
+    let (gm, nxi) = (tl.g(), tl.xi());
+    assert_eq!(du.len(), nxi * 3 * c * cs);
     let mut dw = vec![0.0; co * c * 9];
     for (oc, k) in dw.chunks_exact_mut(9).enumerate() {
         let (o, ch) = (oc / c, oc % c);
         for i in 0..3 {
             for j in 0..3 {
-                k[3 * i + j] = (0..XI)
-                    .map(|xi| GM[xi][j] * du[(xi * 3 * c + 3 * ch + i) * cs + o])
+                k[3 * i + j] = (0..nxi)
+                    .map(|xi| gm[xi][j] * du[(xi * 3 * c + 3 * ch + i) * cs + o])
                     .sum();
             }
         }
@@ -517,8 +581,9 @@ mod timing {
         if !available() {
             return;
         }
-        for (c, co, hw) in [(64, 32, 28), (32, 64, 28), (96, 48, 14), (128, 64, 7)] {
-            let tl = Tiles::new(hw, hw);
+        let shapes = [(64, 32, 28), (32, 64, 28), (96, 48, 14), (128, 64, 7)];
+        for ((c, co, hw), n) in shapes.into_iter().flat_map(|s| [(s, 2), (s, f4::N)]) {
+            let tl = Tiles::with_n(hw, hw, n);
             let x: Vec<f32> = (0..c / 2 * hw * hw)
                 .map(|i| (i % 7) as f32 * 0.1 - 0.3)
                 .collect();
@@ -542,9 +607,9 @@ mod timing {
             let ti = time(&mut || input_transform(&x, Pre::ConcatElu, &tl, &mut v));
             let tm = time(&mut || multiply(&v, &u, &tl, &mut m));
             let to = time(&mut || output_transform(&m, co, &tl, None, &mut y));
-            let flop = 2.0 * (XI * co * c * 3 * tl.ms()) as f64;
+            let flop = 2.0 * (tl.xi() * co * c * 3 * tl.ms()) as f64;
             eprintln!(
-                "{c}→{co} at {hw}: input {ti:.1} µs, gemm {tm:.1} µs ({:.1} GFLOP/s), output {to:.1} µs; direct-equivalent {:.1} GFLOP/s",
+                "F({n},3) {c}→{co} at {hw}: input {ti:.1} µs, gemm {tm:.1} µs ({:.1} GFLOP/s), output {to:.1} µs; direct-equivalent {:.1} GFLOP/s",
                 flop / tm / 1e3,
                 2.0 * (co * c * 9 * hw * hw) as f64 / (ti + tm + to) / 1e3
             );
