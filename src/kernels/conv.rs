@@ -1513,11 +1513,9 @@ mod tests {
         // (a last tile partly outside), 1×1 and 1×n maps, fewer tiles per row than a
         // vector holds, and more than 16 (several vectors of them), every input activation,
         // output channel counts that leave partial GEMM blocks.
-        let tiles = [2, 4].into_iter().filter(|&n| {
-            n == 2
-                || (std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma"))
-        });
+        let tiles = [2, 4]
+            .into_iter()
+            .filter(|&n| n == 2 || winograd::f4_available());
         for n in tiles {
             for (b, cx, h, w, co, pre) in [
                 (2, 16, 6, 6, 8, Pre::Identity),

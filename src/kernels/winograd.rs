@@ -187,6 +187,18 @@ pub(super) fn available() -> bool {
     direct::available()
 }
 
+/// Whether it runs F(4, 3)'s transforms too (AVX2 and FMA, which AVX-512 CPUs have).
+pub(super) fn f4_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        available()
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// `V = Bᵀ d` for every channel, padded row and tile of `pre` of one image `xn`
 /// (`[Cx][H][W]`, zero-padded by one pixel; `C = pre.channels(Cx)` channels) into
 /// `v` ([`Tiles::v_len`] of C). Each channel plane is activated into a plane-sized buffer
@@ -199,6 +211,10 @@ pub(super) fn input_transform(xn: &[f32], pre: Pre, tl: &Tiles, v: &mut [f32]) {
     let cx = xn.len() / hw;
     let c = pre.channels(cx);
     assert!(v.len() >= tl.v_len(c));
+    assert!(
+        tl.n != f4::N || f4_available(),
+        "F(4, 3) needs AVX2 and FMA"
+    );
     #[cfg(target_arch = "x86_64")]
     {
         let (h, w, tw) = (tl.h, tl.w, tl.tw);
@@ -440,10 +456,16 @@ pub(super) fn output_transform(
 ) {
     assert!(available(), "winograd needs AVX-512F or AVX2");
     assert!(m.len() >= tl.m_len(co) && y.len() == co * tl.h * tl.w);
+    assert!(
+        tl.n != f4::N || f4_available(),
+        "F(4, 3) needs AVX2 and FMA"
+    );
     assert!(bias.is_none_or(|b| b.len() == co));
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU has the ISA's features; loads are masked to the tiles of row
-    // (ξ, o, y) of `m`, stores to the W columns of row (o, y) of `y`.
+    // SAFETY: the CPU has the ISA's features (asserted for F(4, 3)); loads are masked to
+    // the tiles of row (ξ, o, y) of `m` (F(4, 3)'s whole vectors end at most 8 values past
+    // them, inside the ξ block's `V_SLACK`), and stores go to the W columns of row (o, y)
+    // of `y` (or spill into later rows of `y`, which are written after them).
     unsafe {
         let strides = (tl.ms(), tl.xi_stride(co * tl.ms()));
         if tl.n == f4::N {

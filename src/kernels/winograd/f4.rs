@@ -30,6 +30,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+#[cfg(target_arch = "x86_64")]
 use crate::kernels::avx2::lanes;
 
 /// f32 lanes per vector.
@@ -51,6 +52,7 @@ pub(in crate::kernels) const GM: [[f32; 3]; XI] = [
 
 /// The mask of the four lanes whose padded columns `p … p+3` (image columns `p−1 …`) lie
 /// inside `0 … w−1`.
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn inside4(p: usize, w: usize) -> __m128i {
@@ -62,6 +64,7 @@ unsafe fn inside4(p: usize, w: usize) -> __m128i {
 
 /// In-lane transpose of four vectors: lane `4h + j` of output `i` is lane `4h + i` of
 /// input `j` (the 4×4 blocks of each 128-bit half transposed).
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn transpose4([x0, x1, x2, x3]: [__m256; 4]) -> [__m256; 4] {
@@ -76,6 +79,7 @@ unsafe fn transpose4([x0, x1, x2, x3]: [__m256; 4]) -> [__m256; 4] {
 }
 
 /// `Bᵀ·[d₀ … d₅]`.
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn bt([d0, d1, d2, d3, d4, d5]: [__m256; 6]) -> [__m256; 6] {
@@ -110,6 +114,7 @@ unsafe fn bt([d0, d1, d2, d3, d4, d5]: [__m256; 6]) -> [__m256; 6] {
 /// row `h + 1`, which the caller writes after this. The rest are masked.
 ///
 /// Reads `a[..h·w]`; writes `dst[ξ·xs + (r·tw + tx)]` for `ξ < 6`, `r ≤ h`, `tx < tw` only.
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(in crate::kernels) unsafe fn transform_rows(
     a: *const f32,
@@ -166,6 +171,7 @@ pub(in crate::kernels) unsafe fn transform_rows(
 /// the ξ block's slack, and are dropped). Where rows hold at least a vector, each ends in a
 /// whole-vector store spilling into the next row, which is written after it; the very last
 /// row's stores, and all of them on narrower maps, are masked.
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(in crate::kernels) unsafe fn output_transform(
     m: *const f32,
