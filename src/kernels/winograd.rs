@@ -142,7 +142,7 @@ impl Tiles {
     }
 
     /// Distance between consecutive ξ blocks of `len` values (`V`, `M`, `Ĝ`): `len` plus
-    /// [`V_SLACK`], rounded up to 4 KiB plus one cache line, so the four streams the
+    /// [`V_SLACK`], rounded up to 4 KiB plus one cache line, so the four or six streams the
     /// transforms read or write at once do not share L1 sets.
     pub(super) fn xi_stride(&self, len: usize) -> usize {
         (len + V_SLACK).next_multiple_of(1024) + L
@@ -400,7 +400,7 @@ unsafe fn interleave_idx(half: i32) -> __m512i {
     )
 }
 
-/// The four transformed weights `U[ξ]` of `w` (`[Co][C][3][3]`), each `[Co][C·3]` (taps
+/// The `n + 2` transformed weights `U[ξ]` of `w` (`[Co][C][3][3]`), each `[Co][C·3]` (taps
 /// `(c, i)`) packed for [`multiply`]'s GEMM, with the taps' offsets into `V[ξ]`.
 pub(super) struct Weights {
     co: usize,
