@@ -207,7 +207,7 @@ fn sums_row<T: Real>(
 }
 
 /// `[∂x; ∂w; ∂b]` (`B·C·P + 2C` values) of `y = x̂·w + b`, the parameter sums independent of
-/// the thread count ([`per_image_with_sums`]).
+/// the thread count ([`per_image_with_sums`](super::per_image_with_sums)).
 fn norm_grads<T: Real>(
     x: &[T],
     gy: &[T],
