@@ -68,7 +68,7 @@ mod f4;
 /// f32 lanes per vector.
 const L: usize = 16;
 /// Transformed positions per F(2, 3) tile.
-pub(super) const XI: usize = 4;
+const XI: usize = 4;
 
 /// Room after each ξ block: at least the GEMM's last vector (16) and the plane slack
 /// [`direct::weight_grad_t`] asserts (`kw + MAX_TILE + 16` = 145 for the 3×1 taps).
@@ -106,9 +106,11 @@ impl Tiles {
         Self::with_n(h, w, n)
     }
 
-    /// F(`n`, 3) tiles, `n` 2 or 4.
+    /// F(`n`, 3) tiles, `n` 2 or 4 (4 only on CPUs with AVX2 and FMA: the transforms rely
+    /// on this check).
     pub fn with_n(h: usize, w: usize, n: usize) -> Self {
         assert!(n == 2 || n == f4::N, "F({n}, 3) tiles are not implemented");
+        assert!(n != f4::N || f4_available(), "F(4, 3) needs AVX2 and FMA");
         Self {
             h,
             w,
@@ -211,10 +213,6 @@ pub(super) fn input_transform(xn: &[f32], pre: Pre, tl: &Tiles, v: &mut [f32]) {
     let cx = xn.len() / hw;
     let c = pre.channels(cx);
     assert!(v.len() >= tl.v_len(c));
-    assert!(
-        tl.n != f4::N || f4_available(),
-        "F(4, 3) needs AVX2 and FMA"
-    );
     #[cfg(target_arch = "x86_64")]
     {
         let (h, w, tw) = (tl.h, tl.w, tl.tw);
@@ -224,9 +222,9 @@ pub(super) fn input_transform(xn: &[f32], pre: Pre, tl: &Tiles, v: &mut [f32]) {
         let nxi = tl.xi();
         // Plane `ch` of `V[ξ]`: padded rows 0 and H + 1 zero, row r image row r − 1 (row
         // H + 1 last: the F(4, 3) transform's whole-vector stores may spill into it).
-        // SAFETY: the CPU has the ISA's features (AVX2 and FMA for F(4, 3): every AVX-512
-        // CPU has them); `plane` holds H·W values, and every store is to row (ξ, ch, r) of
-        // `v`, inside `Tiles::v_len` (asserted above).
+        // SAFETY: the CPU has the ISA's features (AVX2 and FMA for F(4, 3), asserted by
+        // `Tiles::with_n`); `plane` holds H·W values, and every store is to row (ξ, ch, r)
+        // of `v`, inside `Tiles::v_len` (asserted above).
         let rows = |plane: &[f32], ch: usize| unsafe {
             let dst = v.add(ch * vp);
             if tl.n == f4::N || avx2 {
@@ -456,16 +454,12 @@ pub(super) fn output_transform(
 ) {
     assert!(available(), "winograd needs AVX-512F or AVX2");
     assert!(m.len() >= tl.m_len(co) && y.len() == co * tl.h * tl.w);
-    assert!(
-        tl.n != f4::N || f4_available(),
-        "F(4, 3) needs AVX2 and FMA"
-    );
     assert!(bias.is_none_or(|b| b.len() == co));
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU has the ISA's features (asserted for F(4, 3)); loads are masked to
-    // the tiles of row (ξ, o, y) of `m` (F(4, 3)'s whole vectors end at most 8 values past
-    // them, inside the ξ block's `V_SLACK`), and stores go to the W columns of row (o, y)
-    // of `y` (or spill into later rows of `y`, which are written after them).
+    // SAFETY: the CPU has the ISA's features (`Tiles::with_n` asserts F(4, 3)'s); loads
+    // are masked to the tiles of row (ξ, o, y) of `m` (F(4, 3)'s whole vectors end at most
+    // 8 values past them, inside the ξ block's `V_SLACK`), and stores go to the W columns
+    // of row (o, y) of `y` (or spill into later rows of `y`, which are written after them).
     unsafe {
         let strides = (tl.ms(), tl.xi_stride(co * tl.ms()));
         if tl.n == f4::N {

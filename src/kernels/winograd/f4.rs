@@ -36,12 +36,12 @@ use crate::kernels::avx2::lanes;
 /// f32 lanes per vector.
 const L: usize = 8;
 /// Output pixels per tile.
-pub(in crate::kernels) const N: usize = 4;
+pub(super) const N: usize = 4;
 /// Transformed values per tile.
-pub(in crate::kernels) const XI: usize = N + 2;
+const XI: usize = N + 2;
 
 /// `G`, the weight transform (rows: the six transformed positions; columns: the taps).
-pub(in crate::kernels) const GM: [[f32; 3]; XI] = [
+pub(super) const GM: [[f32; 3]; XI] = [
     [0.25, 0.0, 0.0],
     [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
     [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
@@ -49,18 +49,6 @@ pub(in crate::kernels) const GM: [[f32; 3]; XI] = [
     [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
     [0.0, 0.0, 1.0],
 ];
-
-/// The mask of the four lanes whose padded columns `p … p+3` (image columns `p−1 …`) lie
-/// inside `0 … w−1`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn inside4(p: usize, w: usize) -> __m128i {
-    let col = _mm_add_epi32(_mm_set1_epi32(p as i32), _mm_setr_epi32(0, 1, 2, 3));
-    let lo = _mm_cmpgt_epi32(col, _mm_setzero_si128());
-    let hi = _mm_cmpgt_epi32(_mm_set1_epi32(w as i32 + 1), col);
-    _mm_and_si128(lo, hi)
-}
 
 /// In-lane transpose of four vectors: lane `4h + j` of output `i` is lane `4h + i` of
 /// input `j` (the 4×4 blocks of each 128-bit half transposed).
@@ -116,21 +104,19 @@ unsafe fn bt([d0, d1, d2, d3, d4, d5]: [__m256; 6]) -> [__m256; 6] {
 /// Reads `a[..h·w]`; writes `dst[ξ·xs + (r·tw + tx)]` for `ξ < 6`, `r ≤ h`, `tx < tw` only.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub(in crate::kernels) unsafe fn transform_rows(
-    a: *const f32,
-    h: usize,
-    w: usize,
-    dst: *mut f32,
-    xs: usize,
-) {
+pub(super) unsafe fn transform_rows(a: *const f32, h: usize, w: usize, dst: *mut f32, xs: usize) {
     let tw = w.div_ceil(N);
     let plane_end = a.wrapping_add(h * w);
     for tx0 in (0..tw).step_by(L).rev() {
         let s = N * tx0;
         // The two halves' first padded columns of x₀ … x₃ and of the d₄/d₅ vector.
         let at: [(usize, usize); 5] = std::array::from_fn(|k| (s + 4 * k, s + 16 + 4 * k));
-        let masks = at
-            .map(|(lo, hi)| _mm256_castsi256_ps(_mm256_set_m128i(inside4(hi, w), inside4(lo, w))));
+        // The lanes of padded columns p … p + 3 (image columns p − 1 …) inside 0 … w − 1.
+        let inside4 = |p: usize| {
+            _mm256_castsi256_si128(lanes(1usize.saturating_sub(p), (w + 1).saturating_sub(p)))
+        };
+        let masks =
+            at.map(|(lo, hi)| _mm256_castsi256_ps(_mm256_set_m128i(inside4(hi), inside4(lo))));
         let in_row = at.map(|(lo, hi)| lo >= 1 && hi + 4 <= w + 1);
         let mask = lanes(0, tw - tx0);
         for r in 0..h {
@@ -173,7 +159,7 @@ pub(in crate::kernels) unsafe fn transform_rows(
 /// row's stores, and all of them on narrower maps, are masked.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub(in crate::kernels) unsafe fn output_transform(
+pub(super) unsafe fn output_transform(
     m: *const f32,
     co: usize,
     tl: &super::Tiles,
