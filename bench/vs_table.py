@@ -6,8 +6,10 @@
 The input holds, per model and round, flowlab's `bench --json` line followed by
 torch_reference.py's line. Each row gives the medians over rounds of both sides' forward,
 backward and step times, the median ratio PyTorch ÷ flowlab of the step with each round's
-ratio in brackets, flowlab's median GFLOP/s (and its share of `--peak` GFLOP/s), and
-flowlab's largest peak RSS. Standard library only.
+ratio in brackets, flowlab's median GFLOP/s (and its share of `--peak` GFLOP/s, the
+nominal peak), the median of its share of the FMA peak `flowlab bench` measured right
+after each round's steps (`pct_peak`; on a shared VM the cores deliver less than their
+nominal peak in slow hours), and flowlab's largest peak RSS. Standard library only.
 """
 
 import argparse
@@ -45,9 +47,9 @@ def main():
         by_model.setdefault(pt["variant"], []).append((fl, pt))
     print(
         "| model (params) | flowlab fwd / bwd / **step** ms | PyTorch fwd / bwd / **step** ms "
-        "| PyTorch ÷ flowlab (rounds) | flowlab GFLOP/s (% of peak) | peak RSS |"
+        "| PyTorch ÷ flowlab (rounds) | flowlab GFLOP/s (% of peak) | % of measured peak | peak RSS |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for model, rounds in by_model.items():
         fl = [f for f, _ in rounds]
         pt = [p for _, p in rounds]
@@ -59,13 +61,15 @@ def main():
             raise SystemExit(f"{model}: parameter counts differ: {fl[0]['params']} vs {pt[0]['params']}")
         ratios = [p["step_ms"] / f["step_ms"] for f, p in rounds]
         gflops = med(fl, "gflops")
+        measured = [f["pct_peak"] for f in fl if f.get("pct_peak") is not None]
+        measured = f"{st.median(measured):.0f} %" if measured else "–"
         times = lambda side: " / ".join(f"{med(side, k):.1f}" for k in ("fwd_ms", "bwd_ms"))
         print(
             f"| {model} ({fl[0]['params']:,}) "
             f"| {times(fl)} / **{med(fl, 'step_ms'):.1f}** "
             f"| {times(pt)} / **{med(pt, 'step_ms'):.1f}** "
             f"| **{st.median(ratios):.2f}×** ({', '.join(f'{r:.2f}' for r in ratios)}) "
-            f"| {gflops:.1f} ({100 * gflops / a.peak:.0f} %) "
+            f"| {gflops:.1f} ({100 * gflops / a.peak:.0f} %) | {measured} "
             f"| {max(r['peak_rss_mb'] for r in fl):.0f} MB |"
         )
 

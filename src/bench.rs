@@ -14,6 +14,9 @@ use crate::spec::{ModelPlan, PlannedLayer, PlannedOp, Run};
 use crate::train::{optim, Adam};
 use crate::Result;
 
+mod peak;
+pub use peak::fma_peak_gflops;
+
 /// One line of `flowlab bench --json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
@@ -36,6 +39,11 @@ pub struct BenchRow {
     pub params: usize,
     pub gflop_per_step: f64,
     pub gflops: f64,
+    /// The cores' f32 FMA peak measured right after the timed steps ([`fma_peak_gflops`]
+    /// on `threads` threads; `null` on a GPU or a CPU without AVX2 + FMA).
+    pub peak_gflops: Option<f64>,
+    /// `gflops` as a percentage of `peak_gflops`.
+    pub pct_peak: Option<f64>,
     pub peak_rss_mb: f64,
     /// RSS after the last timed step minus after the first (MB); ~0 means no growth.
     pub rss_growth_mb: f64,
@@ -170,6 +178,12 @@ pub fn bench_run(
     }
     let step: Vec<f64> = (0..fwd.len()).map(|i| fwd[i] + bwd[i] + upd[i]).collect();
     let step_ms = median(step);
+    let threads = rayon::current_num_threads();
+    // 1 GFLOP per thread per repetition: ~10 ms on an AVX2 core.
+    let peak = dev
+        .is_cpu()
+        .then(|| fma_peak_gflops(threads, 1.0, 5))
+        .flatten();
     let mut infer = Vec::new();
     let mut sample = Vec::new();
     for i in 0..3 {
@@ -183,6 +197,7 @@ pub fn bench_run(
         sample.push(ms_since(t, dev)?);
     }
     let gflop = 3.0 * flops_per_image(&run.plan) * batch as f64 / 1e9;
+    let gflops = gflop / (step_ms / 1e3);
     Ok(BenchRow {
         variant: run.config.variant.clone(),
         batch,
@@ -193,7 +208,7 @@ pub fn bench_run(
         }
         .into(),
         simd: crate::kernels::simd().into(),
-        threads: rayon::current_num_threads(),
+        threads,
         fwd_ms: median(fwd),
         bwd_ms: median(bwd),
         opt_ms: median(upd),
@@ -203,7 +218,9 @@ pub fn bench_run(
         sample_ms: median(sample),
         params: model.num_params(),
         gflop_per_step: gflop,
-        gflops: gflop / (step_ms / 1e3),
+        gflops,
+        peak_gflops: peak,
+        pct_peak: peak.map(|p| 100.0 * gflops / p),
         peak_rss_mb: rss_mb().1,
         rss_growth_mb: rss.last().copied().unwrap_or(0.0) - rss.first().copied().unwrap_or(0.0),
     })

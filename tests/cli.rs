@@ -244,6 +244,8 @@ fn bench_prints_one_json_object_per_variant() {
             "params",
             "gflop_per_step",
             "gflops",
+            "peak_gflops",
+            "pct_peak",
             "peak_rss_mb",
         ] {
             assert!(v.get(k).is_some(), "missing {k} in {v}");
@@ -252,6 +254,17 @@ fn bench_prints_one_json_object_per_variant() {
         assert!(
             v["step_ms"].as_f64().unwrap() > 0.0 && v["gflop_per_step"].as_f64().unwrap() > 0.0
         );
+        // On a CPU with FMA the peak is measured and the share follows from it.
+        if let Some(peak) = v["peak_gflops"].as_f64() {
+            let pct = v["pct_peak"].as_f64().unwrap();
+            let want = 100.0 * v["gflops"].as_f64().unwrap() / peak;
+            assert!(
+                peak > 0.0 && (pct - want).abs() < 1e-6 * want.max(1.0),
+                "{v}"
+            );
+        } else {
+            assert!(v["pct_peak"].is_null(), "{v}");
+        }
     }
     // `--variant V` (the spelling of `--only V`) benches that variant alone, and
     // `--kernels` says which kernels ran.

@@ -36,7 +36,8 @@ enum Command {
     /// Draw samples from a trained run.
     Sample(SampleArgs),
     /// Time the training step (forward, backward, optimizer), inference and sampling of
-    /// each variant on random batches; FLOPs from the graph; peak memory.
+    /// each variant on random batches; FLOPs from the graph, GFLOP/s and its share of the
+    /// cores' FMA peak measured right after (on a CPU); peak memory.
     Bench(BenchArgs),
 }
 
@@ -488,7 +489,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
         .collect();
     // Rows print as each variant finishes, so the columns get fixed widths up front: the
     // longest variant name, and each header's width for the numbers (right-aligned).
-    const HEAD: [&str; 14] = [
+    const HEAD: [&str; 15] = [
         "variant",
         "batch",
         "fwd ms",
@@ -501,6 +502,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
         "params",
         "GFLOP/step",
         "GFLOP/s",
+        "% FMA peak",
         "peak RSS MB",
         "RSS growth MB",
     ];
@@ -547,6 +549,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
                     r.params.to_string(),
                     format!("{:.3}", r.gflop_per_step),
                     format!("{:.2}", r.gflops),
+                    r.pct_peak.map_or("-".into(), |p| format!("{p:.0}")),
                     format!("{:.0}", r.peak_rss_mb),
                     format!("{:.1}", r.rss_growth_mb),
                 ])
