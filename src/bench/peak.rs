@@ -1,27 +1,28 @@
-//! The cores' f32 peak, measured: independent fused multiply-adds on every worker thread,
-//! AVX-512 (24 accumulators) where the CPU has it, else AVX2 with FMA (12 accumulators, in
-//! 16 registers). `flowlab bench` measures it after each variant, so a step's GFLOP/s can
-//! be put against what the cores deliver at that moment: on a shared VM that drifts by
-//! 30–50 % within an hour (see results/README.md), while the nominal peak does not.
+//! The cores' f32 peak, measured: independent fused multiply-adds on every thread of
+//! rayon's pool, AVX-512 (24 accumulators) where the CPU has it, else AVX2 with FMA (12
+//! accumulators, in 16 registers). `flowlab bench` measures it after each timed step, so a
+//! step's GFLOP/s can be put against what the cores deliver meanwhile: on a shared VM that
+//! drifts by 30–50 % within an hour (see results/README.md), and now and then one of two
+//! vCPUs is away for a fraction of a second, while the nominal peak does not change.
 
-/// The best of `reps` timings of `threads` threads each running `gflop` GFLOPs of the FMA
-/// loop, in GFLOP/s (2 FLOPs per lane per FMA); `None` without AVX-512F or AVX2 + FMA (or
-/// off x86-64), and for no threads, work or repetitions.
-pub fn fma_peak_gflops(threads: usize, gflop: f64, reps: usize) -> Option<f64> {
+/// The best of `reps` timings of every thread of the current rayon pool (the global one
+/// unless called inside [`rayon::ThreadPool::install`]) running `gflop` GFLOPs each of the
+/// FMA loop, in GFLOP/s (2 FLOPs per lane per FMA); `None` without AVX-512F or AVX2 + FMA
+/// (or off x86-64), and for no work or repetitions. The pool's own threads run the loop
+/// ([`rayon::broadcast`]), so the figure is for the threads that run the kernels.
+pub fn fma_peak_gflops(gflop: f64, reps: usize) -> Option<f64> {
     let (flop_per_iter, run) = fma_loop()?;
     let iters = (gflop * 1e9 / flop_per_iter as f64) as usize;
-    if threads == 0 || iters == 0 || reps == 0 {
+    if iters == 0 || reps == 0 {
         return None;
     }
+    let threads = rayon::current_num_threads();
     let best = (0..reps)
         .map(|_| {
             let t = std::time::Instant::now();
-            let sum: f32 = std::thread::scope(|s| {
-                let hs: Vec<_> = (0..threads).map(|_| s.spawn(|| run(iters))).collect();
-                hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
-            });
+            let sums = rayon::broadcast(|_| run(iters));
             // The checksum keeps the loops from being optimised away.
-            std::hint::black_box(sum);
+            std::hint::black_box(sums);
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min);
@@ -92,14 +93,17 @@ mod tests {
 
     #[test]
     fn measures_a_positive_finite_peak_where_fma_exists() {
-        let p = fma_peak_gflops(2, 0.01, 2);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let p = pool.install(|| fma_peak_gflops(0.01, 2));
         assert_eq!(p.is_some(), fma_loop().is_some());
         if let Some(p) = p {
             assert!(p.is_finite() && p > 0.0, "{p}");
         }
-        assert_eq!(fma_peak_gflops(0, 0.01, 2), None);
-        assert_eq!(fma_peak_gflops(1, 0.0, 2), None);
-        assert_eq!(fma_peak_gflops(1, 0.01, 0), None);
+        assert_eq!(fma_peak_gflops(0.0, 2), None);
+        assert_eq!(fma_peak_gflops(0.01, 0), None);
     }
 
     #[test]
