@@ -7,9 +7,9 @@ The input holds, per model and round, flowlab's `bench --json` line followed by
 torch_reference.py's line. Each row gives the medians over rounds of both sides' forward,
 backward and step times, the median ratio PyTorch ÷ flowlab of the step with each round's
 ratio in brackets, flowlab's median GFLOP/s (and its share of `--peak` GFLOP/s, the
-nominal peak), the median of its share of the FMA peak `flowlab bench` measured right
-after each round's steps (`pct_peak`; on a shared VM the cores deliver less than their
-nominal peak in slow hours), and flowlab's largest peak RSS. Standard library only.
+nominal peak), the median of its share of the FMA peak `flowlab bench` measured between
+each round's steps (`pct_peak`; on a shared VM the cores deliver less than their nominal
+peak in slow hours), and flowlab's largest peak RSS. Standard library only.
 """
 
 import argparse

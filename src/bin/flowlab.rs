@@ -37,7 +37,8 @@ enum Command {
     Sample(SampleArgs),
     /// Time the training step (forward, backward, optimizer), inference and sampling of
     /// each variant on random batches; FLOPs from the graph, GFLOP/s and its share of the
-    /// cores' FMA peak measured right after (on a CPU); peak memory.
+    /// cores' FMA peak (on a CPU: the best of measurements between the timed steps); peak
+    /// memory.
     Bench(BenchArgs),
 }
 
