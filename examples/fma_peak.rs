@@ -1,7 +1,7 @@
 //! The cores' peak f32 FLOP/s, for putting `flowlab bench`'s GFLOP/s in proportion:
 //! independent FMAs on 1 and on all threads — AVX-512 where the CPU has it, else AVX2 with
-//! FMA ([`flowlab::bench::fma_peak_gflops`], which `flowlab bench` also runs after each
-//! variant).
+//! FMA ([`flowlab::bench::fma_peak_gflops`], which `flowlab bench` also runs between its
+//! timed steps).
 //!
 //!     cargo run --release --example fma_peak
 
