@@ -12,6 +12,10 @@ use flowlab::runner::{self, RunOptions};
 use flowlab::spec::{Experiment, Run, RunConfig, SpecErrors};
 use flowlab::testing::{perturb_params, round_trip, FlowCheck};
 
+/// The system allocator, advising transparent huge pages for tensors (2 MiB and up).
+#[global_allocator]
+static ALLOC: flowlab::kernels::HugePageAlloc = flowlab::kernels::HugePageAlloc;
+
 /// Normalizing flows for images: declarative YAML experiments, exact log-determinants,
 /// parquet results.
 #[derive(Parser)]

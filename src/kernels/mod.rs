@@ -75,7 +75,7 @@ use candle_core::{DType, Tensor};
 
 pub use adam::{adam_step, AdamStep};
 pub use affine::channel_affine;
-pub use alloc::tune_allocator;
+pub use alloc::{tune_allocator, HugePageAlloc};
 pub use conv::{conv2d, conv2d_concat_elu, conv2d_relu};
 pub use elementwise::{concat_elu, gate};
 pub use gated::gated_tail;
