@@ -31,9 +31,8 @@ const TOP_PAD: usize = 64 << 20;
 /// grows it leaves the new memory to the next larger one, which comes before its use).
 const CHECK_MIN: usize = 4096;
 
-/// Allocations from this size on are advised.
-const HUGE_MIN: usize = 2 << 20;
-/// The huge page size on x86-64 and (4 KiB-granule) aarch64 Linux.
+/// The huge page size on x86-64 and (4 KiB-granule) aarch64 Linux: a block outside the
+/// heap is advised when it holds a whole one.
 const HUGE_PAGE: usize = 2 << 20;
 
 /// Applies the tuning once per process (glibc on Linux only; a no-op elsewhere). Set
@@ -114,7 +113,7 @@ impl HugePageAlloc {
                 advise(done, brk);
             }
             let (lo, q) = (HEAP_LO.load(Ordering::Relaxed), p as usize);
-            if size >= HUGE_MIN && !(lo..brk).contains(&q) {
+            if size >= HUGE_PAGE && !(lo..brk).contains(&q) {
                 let start = q.next_multiple_of(HUGE_PAGE);
                 let end = (q + size) / HUGE_PAGE * HUGE_PAGE;
                 if end > start {
@@ -165,7 +164,7 @@ mod tests {
     fn allocates_reallocates_and_frees_with_advice() {
         tune_allocator();
         let a = HugePageAlloc;
-        for size in [64, HUGE_MIN - 8, HUGE_MIN, 5 << 20] {
+        for size in [64, HUGE_PAGE - 8, HUGE_PAGE, 5 << 20] {
             let layout = Layout::from_size_align(size, 64).unwrap();
             // SAFETY: a non-zero layout; the memory is written and read inside it, then
             // freed with the layout it has.
@@ -178,13 +177,16 @@ mod tests {
                 let z = a.alloc_zeroed(layout);
                 assert!((0..size).step_by(4096).all(|i| *z.add(i) == 0));
                 a.dealloc(z, layout);
-                let q = a.realloc(p, layout, 2 * size + HUGE_MIN);
+                let q = a.realloc(p, layout, 2 * size + HUGE_PAGE);
                 assert!(!q.is_null());
                 assert!((0..size)
                     .step_by(4096)
                     .all(|i| *q.add(i) == (i / 4096) as u8));
-                *q.add(2 * size + HUGE_MIN - 1) = 7;
-                a.dealloc(q, Layout::from_size_align(2 * size + HUGE_MIN, 64).unwrap());
+                *q.add(2 * size + HUGE_PAGE - 1) = 7;
+                a.dealloc(
+                    q,
+                    Layout::from_size_align(2 * size + HUGE_PAGE, 64).unwrap(),
+                );
             }
         }
     }
@@ -192,17 +194,16 @@ mod tests {
     /// A large block gets the huge-page advice: the kernel lists the mapping holding its
     /// whole 2 MiB pages with the `hg` flag (`MADV_HUGEPAGE`). Whether it then gets huge
     /// pages depends on the kernel's free memory, so that is not asserted. Skipped where
-    /// the kernel has no transparent huge pages.
+    /// the kernel has no transparent huge pages or the advice is turned off.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn large_blocks_are_advised_for_huge_pages() {
+        tune_allocator();
         if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists()
-            || std::env::var("FLOWLAB_MALLOC_TUNING").as_deref() == Ok("0")
-            || std::env::var("FLOWLAB_HUGE_PAGES").as_deref() == Ok("0")
+            || !HUGE_PAGES.load(Ordering::Relaxed)
         {
             return;
         }
-        tune_allocator();
         let layout = Layout::from_size_align(8 << 20, 64).unwrap();
         let a = HugePageAlloc;
         // SAFETY: a non-zero layout, freed with the same layout.
