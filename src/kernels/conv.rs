@@ -31,7 +31,10 @@ use super::{
 };
 use crate::Result;
 
+mod glow;
 mod taps;
+
+pub use glow::glow_net;
 
 /// What the convolution applies to its input first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -392,13 +395,19 @@ fn bands<T>(g: &Geom, k: usize) -> impl Iterator<Item = (usize, usize)> {
 /// Fills `cols` (`[K, (y1 − y0)·W']`) with the zero-padded patches of output rows
 /// `[y0, y1)` of one image `x` (`[Ci, H, W]`).
 fn im2col<T: Real>(x: &[T], cols: &mut [T], g: &Geom, (y0, y1): (usize, usize)) {
-    let ohw = (y1 - y0) * g.ow;
+    im2col_rs(x, cols, (y1 - y0) * g.ow, g, (y0, y1));
+}
+
+/// [`im2col`] into rows `ohw` values apart (`ohw ≥ (y1 − y0)·W'`; several images' patch
+/// matrices side by side).
+fn im2col_rs<T: Real>(x: &[T], cols: &mut [T], ohw: usize, g: &Geom, (y0, y1): (usize, usize)) {
+    let len = (y1 - y0) * g.ow;
     for c in 0..g.ci {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for i in 0..g.kh {
             for j in 0..g.kw {
                 let row = (c * g.kh + i) * g.kw + j;
-                let dst = &mut cols[row * ohw..(row + 1) * ohw];
+                let dst = &mut cols[row * ohw..][..len];
                 let (lo, hi, off) = g.col_range(j);
                 for y in y0..y1 {
                     let d = &mut dst[(y - y0) * g.ow..(y - y0 + 1) * g.ow];
@@ -421,13 +430,17 @@ fn im2col<T: Real>(x: &[T], cols: &mut [T], g: &Geom, (y0, y1): (usize, usize)) 
 /// Adds the patch-matrix gradient `dcols` (`[K, H'W']`) back onto one image's gradient
 /// `dx` (`[Ci, H, W]`): the adjoint of [`im2col`].
 fn col2im<T: Real>(dcols: &[T], dx: &mut [T], g: &Geom) {
-    let ohw = g.out_hw();
+    col2im_rs(dcols, g.out_hw(), dx, g);
+}
+
+/// [`col2im`] of a `dcols` whose rows are `ohw` values apart (`ohw ≥ H'W'`).
+fn col2im_rs<T: Real>(dcols: &[T], ohw: usize, dx: &mut [T], g: &Geom) {
     for c in 0..g.ci {
         let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
         for i in 0..g.kh {
             for j in 0..g.kw {
                 let row = (c * g.kh + i) * g.kw + j;
-                let src = &dcols[row * ohw..(row + 1) * ohw];
+                let src = &dcols[row * ohw..][..g.out_hw()];
                 let (lo, hi, off) = g.col_range(j);
                 if lo == hi {
                     continue;

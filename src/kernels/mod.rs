@@ -33,6 +33,9 @@
 //! - [`gated_tail`]: the tail of the tutorial's gated block — 1×1 convolution of ConcatELU,
 //!   gate, residual and LayerNorm — as one op run image by image in cache; its backward
 //!   recomputes the image's activations instead of storing them.
+//! - [`glow_net`]: Glow's coupling network — 3×3 convolution, ReLU, 1×1 convolution, ReLU,
+//!   3×3 convolution — as one op run image by image (7×7 maps four images at a time) while
+//!   the activations are in cache, forward and backward.
 //!
 //! Every op falls back to the composed candle reference (module [`reference`](mod@reference)) on
 //! non-CPU devices, for dtypes other than f32/f64, and when [`set_kernels`] selects
@@ -76,7 +79,7 @@ use candle_core::{DType, Tensor};
 pub use adam::{adam_step, AdamStep};
 pub use affine::channel_affine;
 pub use alloc::{tune_allocator, HugePageAlloc};
-pub use conv::{conv2d, conv2d_concat_elu, conv2d_relu};
+pub use conv::{conv2d, conv2d_concat_elu, conv2d_relu, glow_net};
 pub use elementwise::{concat_elu, gate};
 pub use gated::gated_tail;
 pub use norm::layer_norm_channels;

@@ -34,16 +34,22 @@ use crate::kernels::reduce_images;
 
 /// `W` (`[Co, Ci, kh, kw]`) as `[Co·kh·kw, Ci]`: row `(o, t)` holds `w[o, ·, t]` (each
 /// output channel's `[Ci, kh·kw]` block transposed).
-fn taps_major(w: &[f32], g: &Geom) -> Vec<f32> {
+pub(super) fn taps_major(w: &[f32], g: &Geom) -> Vec<f32> {
     let taps = g.kh * g.kw;
     w.chunks_exact(g.ci * taps)
         .flat_map(|wo| flip_transpose_dims(wo, (g.ci, taps), 1))
         .collect()
 }
 
-/// `y[o, q] = b[o] + Σₜ T[(o, t), sₜ(q)]` for one image: `tm` is `T` (`[Co·kh·kw, H·W]`),
-/// `y` `[Co, H', W']`; taps reaching outside the image add nothing.
-fn shift_add(tm: &[f32], b: &[f32], g: &Geom, y: &mut [MaybeUninit<f32>]) {
+/// `y[o, q] = b[o] + Σₜ T[(o, t), sₜ(q)]` for one image: `tm` is `T` (`[Co·kh·kw, H·W]`,
+/// rows `rs ≥ H·W` values apart), `y` `[Co, H', W']`; taps reaching outside the image add
+/// nothing.
+pub(super) fn shift_add(
+    (tm, rs): (&[f32], usize),
+    b: &[f32],
+    g: &Geom,
+    y: &mut [MaybeUninit<f32>],
+) {
     let (hw, ohw) = (g.h * g.w, g.out_hw());
     for (o, yo) in y.chunks_exact_mut(ohw).enumerate() {
         for v in yo.iter_mut() {
@@ -55,7 +61,7 @@ fn shift_add(tm: &[f32], b: &[f32], g: &Geom, y: &mut [MaybeUninit<f32>]) {
             // Output rows whose source row y + i − p is inside the image.
             let (y0, y1) = (g.pad.saturating_sub(i), (g.h + g.pad - i).min(g.oh));
             for j in 0..g.kw {
-                let row = &tm[((o * g.kh + i) * g.kw + j) * hw..][..hw];
+                let row = &tm[((o * g.kh + i) * g.kw + j) * rs..][..hw];
                 let (lo, hi, off) = g.col_range(j);
                 if lo >= hi {
                     continue;
@@ -93,7 +99,7 @@ pub(super) fn forward_taps(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32
         let av = View { data: a, rs: hw };
         // SAFETY: `product` writes f32 values only.
         pointwise::product(wv, av, (m, hw, g.ci), unsafe { as_uninit(tm) }, hw, None);
-        shift_add(tm, b, g, y);
+        shift_add((tm, hw), b, g, y);
     };
     let (len, chunk) = (g.b * g.co * g.out_hw(), g.co * g.out_hw());
     // SAFETY: `shift_add` writes every element of `y`.
