@@ -657,7 +657,7 @@ mod tests {
     }
 
     #[test]
-    fn values_without_gradients_match_and_keep_nothing() {
+    fn values_match_with_and_without_gradient_tracking() {
         with_kernels(Kernels::Fast, || {
             let t = inputs(5, (2, 16, 4), (6, 5));
             let plain = run(&t).unwrap();
