@@ -18,10 +18,10 @@
 //! backward pass, per image, with `G = ∂y`:
 //!
 //! ```text
-//! ∂W₃ += G ⋆ r₂,  ∂b₃ += Σ_p G              (`taps`' ∂W: Gₛ·r₂ᵀ, Gₛ the patch matrix of G)
 //! ∂h₂ = (W₃ᵀ ⋆ G)·[r₂ > 0]                 (the transposed convolution: Wᵀ·Gₛ, K = 9·Co)
-//! ∂W₂ += ∂h₂·r₁ᵀ,  ∂b₂ += Σ_p ∂h₂
+//! ∂W₃ += G ⋆ r₂,  ∂b₃ += Σ_p G              (`taps`' ∂W: Gₛ·r₂ᵀ, Gₛ the patch matrix of G)
 //! ∂h₁ = (W₂ᵀ·∂h₂)·[r₁ > 0]
+//! ∂W₂ += ∂h₂·r₁ᵀ,  ∂b₂ += Σ_p ∂h₂
 //! ∂W₁ += ∂h₁·colsᵀ,  ∂b₁ += Σ_p ∂h₁        (cols: the patch matrix of x)
 //! ∂x = col2im(W₁ᵀ·∂h₁)
 //! ```
@@ -38,9 +38,9 @@
 //! 14×14 level at 103–119 GFLOP/s forward and 93–123 backward; the 7×7 level's backward
 //! went 63 → 78–85 GFLOP/s with four images per unit. Against the three separate ops,
 //! interleaved `flowlab bench … --variant glow --batch 64 --steps 4` rounds of one binary:
-//! Glow's step faster in 9 of 10, median 772 → 732 ms. In the backward pass the products
-//! of the output layer (`K` or `M` = 9·Co = 36) and of the input layer (9·Ci = 18) run at
-//! about half the rate of the 1×1 layer's.
+//! Glow's step faster in 9 of 10, median 772 → 732 ms. The backward pass in the order
+//! above (each mask's pass over the kept activations before the weight gradient that
+//! reads them), against ∂W before the mask: faster in 9 of 10 rounds, 790 → 738 ms.
 
 use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
@@ -350,19 +350,23 @@ fn net_grads(x: &[f32], gy: &[f32], params: &[f32], kept: Option<&[f32]>, n: &Ne
             add_bias_grad(db3, gn, p);
             im2col_rs(gn, &mut gcols[j * p..], q, &n.t3, (0, n.t3.oh));
         }
-        matmul_bt(dw3, h, (m3, h, q), (gcols, q), (r2, q), true, none);
+        // ∂r₂ = Wᵀ·Gₛ first, then its mask, whose sequential pass over the kept `r₂` (in
+        // memory, cold) brings it into cache before ∂W₃'s product reads it in panels of 16
+        // rows; likewise `r₁` for ∂W₂. Read cold in the products' panel order they made
+        // the backward pass 7–11 % slower (`glow_net_rate`, 12 paired rounds).
         let wv = View { data: &wt3, rs: m3 };
         // SAFETY (here and below): `product` writes f32 values only.
         let out = unsafe { as_uninit(d2) };
         pointwise::product(wv, View { data: gcols, rs: q }, (h, q, m3), out, q, None);
         wide(|| relu_mask(r2, d2));
+        matmul_bt(dw3, h, (m3, h, q), (gcols, q), (r2, q), true, none);
         // The 1×1 layer.
         add_bias_grad(db2, d2, q);
-        matmul_bt(dw2, h, (h, h, q), (d2, q), (r1, q), true, none);
         let wv = View { data: &wt2, rs: h };
         let out = unsafe { as_uninit(d1) };
         pointwise::product(wv, View { data: d2, rs: q }, (h, q, h), out, q, None);
         wide(|| relu_mask(r1, d1));
+        matmul_bt(dw2, h, (h, h, q), (d2, q), (r1, q), true, none);
         // The first layer.
         add_bias_grad(db1, d1, q);
         for (j, xn) in xs.chunks_exact(xlen).enumerate() {
