@@ -419,6 +419,41 @@ where
         + Send
         + Sync,
 {
+    let group = |first: usize,
+                 mut outs: [&mut [std::mem::MaybeUninit<T>]; K],
+                 s: &mut [T],
+                 sums: &mut [T],
+                 par| {
+        for j in 0..outs[0].len() / img {
+            let image = outs.each_mut().map(|o| &mut o[j * img..(j + 1) * img]);
+            f(first + j, image, s, sums, par);
+        }
+    };
+    // SAFETY: `group` hands each image's chunk of each output to `f`, which by the caller's
+    // promise initialises it.
+    unsafe { per_group_with_sums_write(n, img, scratch_len, sums_len, group) }
+}
+
+/// The scheduling of [`per_image_with_sums_write`], one call per fixed group of
+/// [`REDUCE_GROUP`] images: `f(first image, outs, scratch, sums, par)` gets the group's
+/// chunk of each output (`images·img` values, the last group possibly short) and a zeroed
+/// `sums` of its own; the groups' sums are added in group order after all have run.
+///
+/// # Safety
+///
+/// `f` must initialise every value of each output chunk it is handed.
+unsafe fn per_group_with_sums_write<T: Real, const K: usize, F>(
+    n: usize,
+    img: usize,
+    scratch_len: usize,
+    sums_len: usize,
+    f: F,
+) -> Vec<T>
+where
+    F: Fn(usize, [&mut [std::mem::MaybeUninit<T>]; K], &mut [T], &mut [T], gemm::Parallelism)
+        + Send
+        + Sync,
+{
     use std::sync::Mutex;
     let len = K * n * img;
     let mut out: Vec<T> = Vec::with_capacity(len + sums_len);
@@ -436,10 +471,8 @@ where
             .collect();
         for_chunks::<T, _, _>(&mut chunks, 1, scratch_len, |gi, group, s, par| {
             let mut sums = vec![T::ZERO; sums_len];
-            for j in 0..group[0][0].len() / img {
-                let image = group[0].each_mut().map(|o| &mut o[j * img..(j + 1) * img]);
-                f(gi * REDUCE_GROUP + j, image, s, &mut sums, par);
-            }
+            let outs = group[0].each_mut().map(|o| &mut **o);
+            f(gi * REDUCE_GROUP, outs, s, &mut sums, par);
             *partial[gi].lock().unwrap_or_else(|e| e.into_inner()) = sums;
         });
         parts = partial
@@ -447,8 +480,8 @@ where
             .map(|part| part.into_inner().unwrap_or_else(|e| e.into_inner()))
             .collect();
     }
-    // SAFETY: with img > 0, `for_chunks` ran the closure on every group, which handed each
-    // image's chunk of each of the K outputs to `f`, which by the caller's promise
+    // SAFETY: with img > 0, `for_chunks` ran the closure on every group, which handed the
+    // group's chunk of each of the K outputs to `f`, which by the caller's promise
     // initialised it; together they cover all `len` elements (len = 0 otherwise).
     unsafe { out.set_len(len) };
     out.extend_from_slice(&sum_in_order(sums_len, parts));

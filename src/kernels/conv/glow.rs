@@ -47,13 +47,13 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 
-use super::taps::{shift_add, taps_major};
+use super::taps::{flipped_taps_to_weights, shift_add, taps_major};
 use super::{
     add_bias_grad, col2im_rs, flip_transpose, flip_transpose_dims, im2col_rs, matmul_bt, pointwise,
     Geom, Pre, View, TAPS_MAX_M,
 };
-use super::{as_uninit, assume_init_mut, slice, wide};
-use crate::kernels::{for_chunks, sum_in_order, REDUCE_GROUP};
+use super::{as_uninit, assume_init_mut, init_zeroed, slice, wide};
+use crate::kernels::{for_chunks, per_group_with_sums_write};
 use crate::Result;
 
 /// Hidden channels below which the fused op is not used (its products are too small for the
@@ -240,7 +240,7 @@ fn unit_forward<'r>(
 }
 
 /// The units of a batch of `b` images: `(first image, images)`, never across a reduction
-/// group (the unit size divides [`REDUCE_GROUP`]).
+/// group (the unit size divides [`REDUCE_GROUP`](crate::kernels::REDUCE_GROUP)).
 fn units(b: usize, unit: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..b).step_by(unit).map(move |i| (i, unit.min(b - i)))
 }
@@ -248,10 +248,8 @@ fn units(b: usize, unit: usize) -> impl Iterator<Item = (usize, usize)> {
 /// `y` for the whole batch, and every unit's `[r₁; r₂]` when `keep` (`2·h·P` values per
 /// image, at the unit's first image).
 fn net_fwd(x: &[f32], params: &[f32], n: &Net, keep: bool) -> (Vec<f32>, Option<Vec<f32>>) {
-    let (pr, w3t) = (
-        Params::new(params, n),
-        taps_major(params_w3(params, n), &n.g3),
-    );
+    let pr = Params::new(params, n);
+    let w3t = taps_major(pr.w3, &n.g3);
     let (p, kl, unit) = (n.p(), n.kept(), n.unit);
     let (ylen, xlen) = (n.co * p, n.ci * p);
     let mut y: Vec<f32> = Vec::with_capacity(n.b * ylen);
@@ -289,18 +287,18 @@ fn net_fwd(x: &[f32], params: &[f32], n: &Net, keep: bool) -> (Vec<f32>, Option<
     (y, keep.then_some(stash))
 }
 
-/// `W₃` within the flat parameter vector.
-fn params_w3<'a>(params: &'a [f32], n: &Net) -> &'a [f32] {
-    Params::new(params, n).w3
-}
-
 /// `[∂x; ∂params]` for the output gradient `gy`, from the kept `[r₁; r₂]` of every unit
 /// (recomputed per unit when there are none).
 fn net_grads(x: &[f32], gy: &[f32], params: &[f32], kept: Option<&[f32]>, n: &Net) -> Vec<f32> {
     let (pr, p, h, unit) = (Params::new(params, n), n.p(), n.hid, n.unit);
     let (k1, m3, kl) = (n.k1(), n.m3(), n.kept());
     let (xlen, ylen) = (n.ci * p, n.co * p);
-    let w3t = taps_major(pr.w3, &n.g3);
+    // `W₃` taps-major, for the forward pass again where none was kept.
+    let w3t = if kept.is_none() {
+        taps_major(pr.w3, &n.g3)
+    } else {
+        Vec::new()
+    };
     // The transposed products' left operands: W₃ for ∂r₂ (`[h, 9·Co]`, flipped), W₂ᵀ and
     // W₁ᵀ (`[9·Ci, h]`).
     let wt3 = flip_transpose(pr.w3, &n.g3);
@@ -344,29 +342,16 @@ fn net_grads(x: &[f32], gy: &[f32], params: &[f32], kept: Option<&[f32]>, n: &Ne
             }
         };
         let gs = &gy[i * ylen..][..u * ylen];
-        // The last layer: ∂W₃ (tap-major rows, flipped taps: reordered after the sum) and
-        // ∂r₂ = Wᵀ·Gₛ, both on the patch matrix of G.
+        // ∂b₃, and the patch matrix `Gₛ` of G (the transposed convolution's) that ∂r₂ and
+        // ∂W₃ (tap-major rows, flipped taps: reordered after the sum) are products of.
         for (j, gn) in gs.chunks_exact(ylen).enumerate() {
             add_bias_grad(db3, gn, p);
             im2col_rs(gn, &mut gcols[j * p..], q, &n.t3, (0, n.t3.oh));
         }
-        // ∂r₂ = Wᵀ·Gₛ first, then its mask, whose sequential pass over the kept `r₂` (in
-        // memory, cold) brings it into cache before ∂W₃'s product reads it in panels of 16
-        // rows; likewise `r₁` for ∂W₂. Read cold in the products' panel order they made
-        // the backward pass 7–11 % slower (`glow_net_rate`, 12 paired rounds).
-        let wv = View { data: &wt3, rs: m3 };
-        // SAFETY (here and below): `product` writes f32 values only.
-        let out = unsafe { as_uninit(d2) };
-        pointwise::product(wv, View { data: gcols, rs: q }, (h, q, m3), out, q, None);
-        wide(|| relu_mask(r2, d2));
-        matmul_bt(dw3, h, (m3, h, q), (gcols, q), (r2, q), true, none);
-        // The 1×1 layer.
+        // The last layer (`Gₛ` → ∂h₂, ∂W₃), then the 1×1 layer (∂h₂ → ∂h₁, ∂W₂).
+        back_through_relu((&wt3, m3), (gcols, q), r2, d2, dw3);
         add_bias_grad(db2, d2, q);
-        let wv = View { data: &wt2, rs: h };
-        let out = unsafe { as_uninit(d1) };
-        pointwise::product(wv, View { data: d2, rs: q }, (h, q, h), out, q, None);
-        wide(|| relu_mask(r1, d1));
-        matmul_bt(dw2, h, (h, h, q), (d2, q), (r1, q), true, none);
+        back_through_relu((&wt2, h), (d2, q), r1, d1, dw2);
         // The first layer.
         add_bias_grad(db1, d1, q);
         for (j, xn) in xs.chunks_exact(xlen).enumerate() {
@@ -374,45 +359,65 @@ fn net_grads(x: &[f32], gy: &[f32], params: &[f32], kept: Option<&[f32]>, n: &Ne
         }
         matmul_bt(dw1, k1, (h, k1, q), (d1, q), (cols, q), true, none);
         let wv = View { data: &wt1, rs: h };
+        // SAFETY: `product` writes f32 values only.
         let out = unsafe { as_uninit(dcols) };
         pointwise::product(wv, View { data: d1, rs: q }, (k1, q, h), out, q, None);
         for (j, dxn) in dxu.chunks_exact_mut(xlen).enumerate() {
             col2im_rs(&dcols[j * p..], q, dxn, &n.g1);
         }
     };
-    // Fixed groups of REDUCE_GROUP images, their units in order; the groups' sums added in
-    // group order (the same bits for any thread count).
-    let mut dx = vec![0.0f32; n.b * xlen];
-    let groups: Vec<std::sync::Mutex<Vec<f32>>> = (0..n.b.div_ceil(REDUCE_GROUP))
-        .map(|_| std::sync::Mutex::new(Vec::new()))
-        .collect();
-    for_chunks::<f32, _, _>(&mut dx, REDUCE_GROUP * xlen, scratch, |g, dxg, s, _| {
-        let mut sums = vec![0.0f32; sums_len];
-        let first = g * REDUCE_GROUP;
-        for (i, u) in units(dxg.len() / xlen, unit) {
-            let dxu = &mut dxg[i * xlen..][..u * xlen];
-            unit_grads((first + i, u), dxu, s, &mut sums);
-        }
-        *groups[g].lock().unwrap_or_else(|e| e.into_inner()) = sums;
-    });
-    let parts = groups
-        .into_iter()
-        .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()));
-    let mut sums = sum_in_order(sums_len, parts);
-    // ∂W₃ from its tap-major rows: w[o, c, i, j] gets row (o, 8 − (3i + j)) (`taps`' ∂W).
-    let at = l1 + l2 + l3 + l4;
-    let dwf = sums[at..at + m3h].to_vec();
-    let dw3 = &mut sums[at..at + m3h];
-    for o in 0..n.co {
-        for tap in 0..9 {
-            let row = &dwf[(o * 9 + 8 - tap) * h..][..h];
-            for (c, &v) in row.iter().enumerate() {
-                dw3[(o * h + c) * 9 + tap] = v;
+    // Fixed groups of REDUCE_GROUP images, their units in order.
+    let group =
+        |first: usize, [dxg]: [&mut [MaybeUninit<f32>]; 1], s: &mut [f32], sums: &mut [f32], _| {
+            let dxg = init_zeroed(dxg);
+            for (i, u) in units(dxg.len() / xlen, unit) {
+                let dxu = &mut dxg[i * xlen..][..u * xlen];
+                unit_grads((first + i, u), dxu, s, sums);
             }
-        }
-    }
-    dx.extend_from_slice(&sums);
-    dx
+        };
+    // SAFETY: `group` zeroes its chunk of ∂x.
+    let mut all = unsafe { per_group_with_sums_write(n.b, xlen, scratch, sums_len, group) };
+    // ∂W₃ from its tap-major rows, as `taps`' ∂W.
+    let at = n.b * xlen + l1 + l2 + l3 + l4;
+    let dwf = all[at..at + m3h].to_vec();
+    flipped_taps_to_weights(&dwf, &n.g3, &mut all[at..at + m3h]);
+    all
+}
+
+/// One layer's step back through the ReLU before it: `d = (wt·b)·[r > 0]` (`wt` `[h, k]`,
+/// `b` `[k, q]`, `r` and `d` `[h, q]`), then `dw += b·rᵀ` (`[k, h]`). The mask's sequential
+/// pass over `r` (kept by the forward pass, in memory, cold) brings it into cache before
+/// the weight gradient's product reads it in panels of 16 rows: read cold in the
+/// products' panel order it made the backward pass 7–11 % slower (`glow_net_rate`, 12
+/// paired rounds).
+fn back_through_relu(
+    (wt, k): (&[f32], usize),
+    (b, q): (&[f32], usize),
+    r: &[f32],
+    d: &mut [f32],
+    dw: &mut [f32],
+) {
+    let h = r.len() / q;
+    // SAFETY: `product` writes f32 values only.
+    let out = unsafe { as_uninit(d) };
+    pointwise::product(
+        View { data: wt, rs: k },
+        View { data: b, rs: q },
+        (h, q, k),
+        out,
+        q,
+        None,
+    );
+    wide(|| relu_mask(r, d));
+    matmul_bt(
+        dw,
+        h,
+        (k, h, q),
+        (b, q),
+        (r, q),
+        true,
+        gemm::Parallelism::None,
+    );
 }
 
 /// `(x, params) → y`; keeps `[r₁; r₂]` for the backward pass when `keep`.

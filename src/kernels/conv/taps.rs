@@ -134,16 +134,23 @@ pub(super) fn weight_grad_taps(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
     };
     let sums = reduce_images(g.b, m * g.ci + g.co, part);
     let (dwf, db) = sums.split_at(m * g.ci);
+    let mut out = vec![0.0; g.co * g.k() + g.co];
+    flipped_taps_to_weights(dwf, g, &mut out[..g.co * g.k()]);
+    out[g.co * g.k()..].copy_from_slice(db);
+    out
+}
+
+/// `dw` (`[Co, Ci, kh, kw]`) from `dwf`, the weight gradient in the tap-major rows of the
+/// transposed convolution's patch matrix (`[Co·kh·kw, Ci]`, taps flipped):
+/// `dw[o, c, t] = dwf[(o, kh·kw − 1 − t), c]`.
+pub(super) fn flipped_taps_to_weights(dwf: &[f32], g: &Geom, dw: &mut [f32]) {
     let taps = g.kh * g.kw;
-    let mut out = vec![0.0; g.co * g.ci * taps + g.co];
     for o in 0..g.co {
         for tap in 0..taps {
             let row = &dwf[(o * taps + taps - 1 - tap) * g.ci..][..g.ci];
             for (c, &v) in row.iter().enumerate() {
-                out[(o * g.ci + c) * taps + tap] = v;
+                dw[(o * g.ci + c) * taps + tap] = v;
             }
         }
     }
-    out[g.co * g.ci * taps..].copy_from_slice(db);
-    out
 }
