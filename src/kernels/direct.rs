@@ -26,6 +26,7 @@ use std::arch::x86_64::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::avx2;
+pub(super) use super::isa::{isa, Isa};
 
 /// f32 lanes per vector.
 const LANES: usize = 16;
@@ -61,45 +62,6 @@ fn block_co_avx512(q: usize) -> usize {
     } else {
         BLOCK_CO
     }
-}
-
-/// The vector extension the microkernels run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Isa {
-    /// AVX-512F: the kernels in this file and `winograd.rs`.
-    Avx512,
-    /// AVX2 with FMA: the kernels in `avx2.rs`.
-    Avx2,
-}
-
-/// The widest extension this CPU has for the microkernels, checked once; `None` where it
-/// has neither (then the convolutions run as im2col + GEMM). To test and compare them,
-/// `FLOWLAB_SIMD=avx2` picks the AVX2 kernels on an AVX-512 CPU and `FLOWLAB_SIMD=none`
-/// turns the microkernels off.
-pub(super) fn isa() -> Option<Isa> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
-        *ISA.get_or_init(|| {
-            let avx2 = std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma");
-            let forced = std::env::var("FLOWLAB_SIMD").ok();
-            match forced.as_deref() {
-                Some("none") => return None,
-                Some("avx2") if avx2 => return Some(Isa::Avx2),
-                _ => {}
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                Some(Isa::Avx512)
-            } else if avx2 {
-                Some(Isa::Avx2)
-            } else {
-                None
-            }
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    None
 }
 
 /// Whether this CPU runs the microkernels (AVX-512F, or AVX2 with FMA).

@@ -4,17 +4,18 @@
 //! Stock candle 0.11 runs a 3×3 convolution at ~9 GFLOP/s and its input gradient through
 //! a direct `conv_transpose2d` loop, and every elementwise op of ConcatELU, gating and the
 //! channel LayerNorm allocates its own temporary. Here:
-//! - [`conv2d`]: stride-1 zero-padded convolution with bias. On AVX-512 CPUs (f32, spatial
-//!   kernels with enough taps) it runs as a direct convolution of zero-padded planes with
-//!   register-tiled microkernels (module `direct`): forward, the input gradient as the
-//!   transposed convolution, and the weight gradient vectorised over output channels. CPUs
-//!   with AVX2 and FMA but no AVX-512 run the same kernels in 8-lane vectors (module
-//!   `avx2`; [`simd`] says which).
+//! - [`conv2d`]: stride-1 zero-padded convolution with bias. With the AVX-512 kernel set
+//!   (f32, spatial kernels with enough taps) it runs as a direct convolution of
+//!   zero-padded planes with register-tiled microkernels (module `direct`): forward, the
+//!   input gradient as the transposed convolution, and the weight gradient vectorised over
+//!   output channels. The AVX2 set runs the same kernels in 8-lane vectors (module `avx2`);
+//!   module `isa` picks the set per CPU (AVX-512 only where its FMAs are faster) and
+//!   [`simd`] says which.
 //!   Elsewhere — 1×1 and few-tap kernels, f64, other CPUs — it is im2col + GEMM per image in
 //!   L2-sized bands of output rows, with `∂W = Σₙ Gₙ·colsₙᵀ` and the input gradient as the
 //!   transposed convolution of `Gₙ` (col2im of `Wᵀ·Gₙ` where that does not fit, and for
 //!   few-tap kernels on AVX2). The GEMMs are the AVX2 pointwise kernel (module
-//!   `pointwise`) on AVX2 CPUs when images run in parallel, else the `gemm` crate (the one
+//!   `pointwise`) with the AVX2 set when images run in parallel, else the `gemm` crate (the one
 //!   candle's matmul uses). Images are spread over rayon's threads.
 //!   3×3 padding-1 convolutions with enough channels and positions (the coupling
 //!   networks' hidden layers) run as Winograd along rows (module `winograd`: F(4, 3) on
@@ -35,7 +36,7 @@
 //!   recomputes the image's activations instead of storing them.
 //! - [`glow_net`]: Glow's coupling network — 3×3 convolution, ReLU, 1×1 convolution, ReLU,
 //!   3×3 convolution — as one op run image by image (7×7 maps four images at a time) while
-//!   the activations are in cache, forward and backward.
+//!   the activations are in cache, forward and backward (AVX2 set).
 //!
 //! Every op falls back to the composed candle reference (module [`reference`](mod@reference)) on
 //! non-CPU devices, for dtypes other than f32/f64, and when [`set_kernels`] selects
@@ -65,6 +66,7 @@ mod conv;
 mod direct;
 mod elementwise;
 mod gated;
+mod isa;
 mod norm;
 mod pointwise;
 mod pool;
@@ -82,6 +84,7 @@ pub use alloc::{tune_allocator, HugePageAlloc};
 pub use conv::{conv2d, conv2d_concat_elu, conv2d_relu, glow_net};
 pub use elementwise::{concat_elu, gate};
 pub use gated::gated_tail;
+pub(crate) use isa::{fma_loop_256, fma_loop_512, FmaLoop};
 pub use norm::layer_norm_channels;
 pub use pool::tune_candle_pool;
 pub use spline::{rq_spline, RqSplineSpec, MAX_SPLINE_BINS};
@@ -133,8 +136,9 @@ pub fn kernels() -> Kernels {
 }
 
 /// The vector extension the convolution microkernels run on in this process: `avx512`,
-/// `avx2` (AVX2 with FMA), or `none` (im2col + GEMM only). Chosen once from the CPU;
-/// `FLOWLAB_SIMD=avx2` or `none` picks a narrower one (to test and compare them).
+/// `avx2` (AVX2 with FMA), or `none` (im2col + GEMM only). Chosen once from the CPU (AVX-512
+/// only where its FMAs are faster than AVX2's; see `isa.rs`); `FLOWLAB_SIMD=avx512`, `avx2`
+/// or `none` picks one the CPU has (to test and compare them).
 pub fn simd() -> &'static str {
     match direct::isa() {
         Some(direct::Isa::Avx512) => "avx512",

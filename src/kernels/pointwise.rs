@@ -34,7 +34,7 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-use super::direct::{isa, Isa};
+use super::isa::{isa, Isa};
 
 /// Rows of `A` per tile (broadcast).
 const MR: usize = 6;
@@ -70,8 +70,8 @@ enum Layout {
     Transposed,
 }
 
-/// Whether this CPU runs these kernels: the AVX2 kernel set is in use (on AVX-512 CPUs the
-/// `gemm` crate's AVX-512 kernels serve 1×1 convolutions).
+/// Whether these kernels run: the AVX2 kernel set is in use (where the AVX-512 set is, the
+/// `gemm` crate's AVX-512 kernels serve 1×1 convolutions; see `isa.rs`).
 pub(super) fn available() -> bool {
     isa() == Some(Isa::Avx2)
 }
