@@ -5,9 +5,9 @@
 //! AVX-512 is not always the faster set where the CPU has it. Intel's server cores run two
 //! 16-lane FMAs per cycle, twice what AVX2 reaches; AMD Zen 4 runs a 16-lane FMA as two
 //! 8-lane halves, so its 512-bit and 256-bit FMA rates are the same, and there the AVX2
-//! kernels (tuned on Zen 3, with fused kernels that exist only for AVX2) were faster for 7
-//! of 9 models: Glow's step 443 → 359 ms by median, RealNVP's and the tutorial flows' 7–8 %;
-//! multi-scale's was 2.5 % slower (results/README.md, session 21). So on a CPU with both,
+//! kernels (tuned on Zen 3, with fused kernels that exist only for AVX2) were faster for 8
+//! of 9 models and level for the ninth: Glow's step 443 → 359 ms by median, RealNVP's and
+//! the tutorial flows' 3–8 % (results/README.md, session 21). So on a CPU with both,
 //! the choice is measured once per process: the AVX-512 set where a 16-lane FMA loop runs
 //! at least [`WIDE_PAYS`] times the FLOP/s of an 8-lane one on this thread, else the AVX2
 //! set.
