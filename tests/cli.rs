@@ -57,6 +57,12 @@ fn help_lists_the_commands() {
             && out.contains("--quiet"),
         "{out}"
     );
+    // bench's help names its options and the environment that picks the kernels.
+    let (code, out, _) = flowlab(&["bench", "--help"]);
+    assert_eq!(code, 0);
+    for w in ["--json", "--kernels", "FLOWLAB_SIMD", "RAYON_NUM_THREADS"] {
+        assert!(out.contains(w), "{w}: {out}");
+    }
 }
 
 #[test]

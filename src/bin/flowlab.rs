@@ -43,8 +43,18 @@ enum Command {
     /// each variant on random batches; FLOPs from the graph, GFLOP/s and its share of the
     /// cores' FMA peak (on a CPU: the best of measurements between the timed steps); peak
     /// memory.
+    #[command(after_help = BENCH_ENV)]
     Bench(BenchArgs),
 }
+
+/// The environment variables that change what `bench` (and training) runs on.
+const BENCH_ENV: &str = "\
+Environment:
+  RAYON_NUM_THREADS=N      worker threads (default: one per logical core)
+  FLOWLAB_SIMD=SET         CPU microkernels: avx512, avx2 or none (default: AVX-512 only
+                           where its FMAs outrun AVX2's, else AVX2; `simd` in the output)
+  FLOWLAB_HUGE_PAGES=0     tensors in 4 KiB pages instead of transparent huge pages
+  FLOWLAB_MALLOC_TUNING=0  glibc's default malloc thresholds (and no huge pages)";
 
 #[derive(Args)]
 struct BenchArgs {
