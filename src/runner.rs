@@ -146,6 +146,7 @@ fn read_curves(dir: &Path) -> Vec<train::CurvePoint> {
 
 fn base_row(run: &Run, status: Status) -> RunRow {
     let c = &run.config;
+    let on_cpu = parse_device(&c.device) == Some(None);
     RunRow {
         experiment: c.experiment.clone(),
         variant: c.variant.clone(),
@@ -167,6 +168,8 @@ fn base_row(run: &Run, status: Status) -> RunRow {
         steps: 0,
         batch_size: c.data.batch_size as u64,
         device: c.device.clone(),
+        cpu_kernels: on_cpu.then(|| crate::kernels::simd().to_string()),
+        threads: on_cpu.then(|| rayon::current_num_threads() as u64),
         flowlab_version: env!("CARGO_PKG_VERSION").to_string(),
         git_rev: None,
         swept: run

@@ -70,6 +70,9 @@ fn tiny_sweep_writes_tables_samples_and_skips_finished_runs() {
         "sample_ms_per_batch",
         "train_seconds",
         "steps",
+        "device",
+        "cpu_kernels",
+        "threads",
         "flowlab_version",
         "git_rev",
     ] {
@@ -81,6 +84,9 @@ fn tiny_sweep_writes_tables_samples_and_skips_finished_runs() {
     let recs = results::collect_records(&exp).unwrap();
     for r in &recs {
         assert_eq!(r.row.status, Status::Done);
+        // A CPU run records the kernel set and threads its speed came from.
+        assert_eq!(r.row.cpu_kernels.as_deref(), Some(flowlab::kernels::simd()));
+        assert!(r.row.threads.is_some_and(|t| t >= 1), "{:?}", r.row.threads);
         let (v, t) = (r.row.val_bpd.unwrap(), r.row.test_bpd.unwrap());
         assert!(v.is_finite() && t.is_finite() && t > 0.0, "{v} {t}");
         let d = results::run_dir(&exp, &r.row.name, &r.row.run_id);
@@ -97,6 +103,22 @@ fn tiny_sweep_writes_tables_samples_and_skips_finished_runs() {
     let again = sweep(TINY, dir.path(), &[]);
     assert_eq!((again.skipped, again.done), (4, 0));
     assert_eq!(results::collect_records(&exp).unwrap(), recs);
+
+    // A record written before the kernel-set and thread columns existed still reads (as
+    // nulls) and its run still counts as finished.
+    let r0 = &recs[0];
+    let f = results::run_dir(&exp, &r0.row.name, &r0.row.run_id).join("result.json");
+    let mut old: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+    let row = old["row"].as_object_mut().unwrap();
+    assert!(row.remove("cpu_kernels").is_some() && row.remove("threads").is_some());
+    std::fs::write(&f, serde_json::to_vec(&old).unwrap()).unwrap();
+    let again = sweep(TINY, dir.path(), &[]);
+    assert_eq!((again.skipped, again.done), (4, 0));
+    let read = results::collect_records(&exp).unwrap();
+    let r = read.iter().find(|r| r.row.run_id == r0.row.run_id).unwrap();
+    assert_eq!((r.row.cpu_kernels.as_deref(), r.row.threads), (None, None));
+    let runs = results::read_parquet(&exp.join("runs.parquet")).unwrap();
+    assert_eq!(runs.column("cpu_kernels").unwrap().null_count(), 1);
 }
 
 #[test]

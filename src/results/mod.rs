@@ -65,6 +65,14 @@ pub struct RunRow {
     pub steps: u64,
     pub batch_size: u64,
     pub device: String,
+    /// For CPU runs, the microkernel set they trained on (`avx512`, `avx2` or `none`; see
+    /// `kernels::simd`): it sets the speed, and the last bits of the results. `None` for
+    /// GPU runs and in records written before the column existed.
+    #[serde(default)]
+    pub cpu_kernels: Option<String>,
+    /// For CPU runs, the worker threads (rayon's pool); `None` as for `cpu_kernels`.
+    #[serde(default)]
+    pub threads: Option<u64>,
     pub flowlab_version: String,
     pub git_rev: Option<String>,
     /// Swept parameters (run-relative path → value), each its own column in the table.
@@ -297,6 +305,16 @@ pub fn runs_frame(records: &[RunRecord]) -> Result<DataFrame> {
         col("steps", u(|r| r.steps)),
         col("batch_size", u(|r| r.batch_size)),
         col("device", s(|r| r.device.clone())),
+        col(
+            "cpu_kernels",
+            rows.iter()
+                .map(|r| r.cpu_kernels.clone())
+                .collect::<Vec<_>>(),
+        ),
+        col(
+            "threads",
+            rows.iter().map(|r| r.threads).collect::<Vec<_>>(),
+        ),
         col("flowlab_version", s(|r| r.flowlab_version.clone())),
         col(
             "git_rev",
