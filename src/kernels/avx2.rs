@@ -19,7 +19,7 @@
 //! the im2col + GEMM path).
 //!
 //! Every function here is `unsafe`: the caller checks that the CPU has AVX2 and FMA
-//! ([`super::direct::isa`]) and that every pointer reaches the elements it is documented
+//! ([`super::isa::isa`]) and that every pointer reaches the elements it is documented
 //! to read or write (the safe wrappers in `direct.rs` and `winograd.rs` assert that).
 
 #![cfg(target_arch = "x86_64")]

@@ -26,7 +26,7 @@ use std::arch::x86_64::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::avx2;
-pub(super) use super::isa::{isa, Isa};
+use super::isa::{isa, Isa};
 
 /// f32 lanes per vector.
 const LANES: usize = 16;

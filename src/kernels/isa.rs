@@ -107,15 +107,11 @@ pub(crate) fn fma_loop_256() -> Option<FmaLoop> {
     None
 }
 
-/// The best time, in seconds, of `reps` runs of `run(n)` on this thread.
-fn best_time(run: fn(usize) -> f32, n: usize, reps: usize) -> f64 {
-    (0..reps)
-        .map(|_| {
-            let t = std::time::Instant::now();
-            std::hint::black_box(run(std::hint::black_box(n)));
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
+/// The time, in seconds, of one run of `run(n)` on this thread.
+fn time(run: fn(usize) -> f32, n: usize) -> f64 {
+    let t = std::time::Instant::now();
+    std::hint::black_box(run(std::hint::black_box(n)));
+    t.elapsed().as_secs_f64()
 }
 
 /// This thread's 16-lane FMA rate over its 8-lane rate, each the best of 7 interleaved
@@ -128,8 +124,8 @@ fn wide_fma_ratio() -> Option<f64> {
     let (n512, n256) = (FLOP.div_ceil(f512), FLOP.div_ceil(f256));
     let (mut t512, mut t256) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..7 {
-        t512 = t512.min(best_time(run512, n512, 1));
-        t256 = t256.min(best_time(run256, n256, 1));
+        t512 = t512.min(time(run512, n512));
+        t256 = t256.min(time(run256, n256));
     }
     Some(((n512 * f512) as f64 / t512) / ((n256 * f256) as f64 / t256))
 }

@@ -140,9 +140,9 @@ pub fn kernels() -> Kernels {
 /// only where its FMAs are faster than AVX2's; see `isa.rs`); `FLOWLAB_SIMD=avx512`, `avx2`
 /// or `none` picks one the CPU has (to test and compare them).
 pub fn simd() -> &'static str {
-    match direct::isa() {
-        Some(direct::Isa::Avx512) => "avx512",
-        Some(direct::Isa::Avx2) => "avx2",
+    match isa::isa() {
+        Some(isa::Isa::Avx512) => "avx512",
+        Some(isa::Isa::Avx2) => "avx2",
         None => "none",
     }
 }

@@ -62,6 +62,7 @@ use super::conv::{relu_row, Pre};
 use super::direct::tail_mask;
 use super::direct::{self, Packed, Planes};
 use super::elementwise::concat_elu_row;
+use super::isa;
 
 mod f4;
 
@@ -98,7 +99,7 @@ impl Tiles {
     /// AVX-512, whose 16-lane transforms exist only for F(2, 3) (the F(4, 3) transforms are
     /// 8-lane code that AVX-512 CPUs also run, unmeasured there).
     pub fn new(h: usize, w: usize) -> Self {
-        let n = if direct::isa() == Some(direct::Isa::Avx2) {
+        let n = if isa::isa() == Some(isa::Isa::Avx2) {
             f4::N
         } else {
             2
@@ -218,7 +219,7 @@ pub(super) fn input_transform(xn: &[f32], pre: Pre, tl: &Tiles, v: &mut [f32]) {
         let (h, w, tw) = (tl.h, tl.w, tl.tw);
         let (vp, xs) = (tl.plane(), tl.xi_stride(c * tl.plane()));
         let v = v.as_mut_ptr();
-        let avx2 = direct::isa() == Some(direct::Isa::Avx2);
+        let avx2 = isa::isa() == Some(isa::Isa::Avx2);
         let nxi = tl.xi();
         // Plane `ch` of `V[ξ]`: padded rows 0 and H + 1 zero, row r image row r − 1 (row
         // H + 1 last: the F(4, 3) transform's whole-vector stores may spill into it).
@@ -465,7 +466,7 @@ pub(super) fn output_transform(
         if tl.n == f4::N {
             let y = y.as_mut_ptr().cast::<f32>();
             f4::output_transform(m.as_ptr(), co, tl, strides, bias, y)
-        } else if direct::isa() == Some(direct::Isa::Avx2) {
+        } else if isa::isa() == Some(isa::Isa::Avx2) {
             let y = y.as_mut_ptr().cast::<f32>();
             super::avx2::output_transform(m.as_ptr(), co, tl, strides, bias, y)
         } else {
