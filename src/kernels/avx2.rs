@@ -101,7 +101,7 @@ pub(super) unsafe fn fill(
         for y in 0..h {
             map_row_spill(dst, (src, src_end), w, end, act);
             (dst, src) = (dst.add(w), src.add(w));
-            let gap = if y + 1 == h { pad * wp + pad } else { 2 * pad };
+            let gap = p.gap(y + 1 == h);
             zero_run_spill(dst, gap, end);
             dst = dst.add(gap);
         }

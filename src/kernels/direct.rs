@@ -2,9 +2,13 @@
 //! through the same entry points, their AVX2 versions in `avx2.rs`; see [`isa`]).
 //!
 //! One image's convolution input `a` (`[C, H, W]`) is written into padded planes
-//! `[C, Hp, Wp]` (`Hp = H + 2p`, `Wp = W + 2p`, zero border) followed by zeroed slack.
-//! Output pixel (y, x) gets the *padded-width* index `q = y·Wp + x`, and kernel tap
-//! `t = (c, i, j)` reads `planes[offₜ + q]` with `offₜ = c·Hp·Wp + i·Wp + j`, so
+//! `[C, Hp, Wp]` (`Hp = H + 2p`, zero border) followed by zeroed slack. Rows share their
+//! padding: row `r` holds `p` zeros, then (for `p ≤ r < H + p`) the `W` values of input row
+//! `r − p`, and the next row's `p` leading zeros are the right padding of this one, so
+//! `Wp = W + p` ([`Planes::wp`]); a tap that reads past the right edge of a row reads the
+//! next row's leading zeros. Output pixel (y, x) gets the *padded-width* index
+//! `q = y·Wp + x`, and kernel tap `t = (c, i, j)` reads `planes[offₜ + q]` with
+//! `offₜ = c·Hp·Wp + i·Wp + j`, so
 //!
 //! - forward: `out[co][q] = Σₜ W[co][t] · planes[offₜ + q]` — a GEMM whose right-hand side
 //!   is the planes read at K shifted offsets, so neither a patch matrix (im2col) nor a
@@ -82,13 +86,28 @@ pub(super) struct Planes {
 }
 
 impl Planes {
-    /// Padded width `Wp`: the row stride of planes and of padded-width outputs.
+    /// Padded width `Wp`: the row stride of planes and of padded-width outputs. A row is
+    /// `pad` zeros, its `W` values and `Wp − W − pad` zeros, so the zeros that end one row
+    /// and begin the next serve as the right padding of the one and the left padding of
+    /// the other: `Wp = W + p` (not `W + 2p`), unless the output row `W'` is wider (a
+    /// padding of `kw` or more).
     pub fn wp(&self) -> usize {
-        self.w + 2 * self.pad
+        (self.w + self.pad).max(self.ow())
     }
 
     fn hp(&self) -> usize {
         self.h + 2 * self.pad
+    }
+
+    /// The zeros written after a row's values: up to the next row's values, or after the
+    /// last row (`last`) to the end of the plane.
+    pub(super) fn gap(&self, last: bool) -> usize {
+        let between = self.wp() - self.w;
+        if last {
+            between - self.pad + self.pad * self.wp()
+        } else {
+            between
+        }
     }
 
     /// Elements of one plane, `Hp·Wp`.
@@ -101,9 +120,9 @@ impl Planes {
         self.hp() + 1 - self.kh
     }
 
-    /// Output columns `W' = Wp − kw + 1`.
+    /// Output columns `W' = W + 2p − kw + 1`.
     pub fn ow(&self) -> usize {
-        self.wp() + 1 - self.kw
+        self.w + 2 * self.pad + 1 - self.kw
     }
 
     /// Padded-width output positions `H'·Wp`.
@@ -183,8 +202,8 @@ impl Planes {
 }
 
 /// [`Planes::fill`] in one sequential pass over `k` planes at `dst`: the top border and
-/// first left pad, then per row its values and the gap to the next row's values (right
-/// pad + left pad; after the last row, the rest of the plane).
+/// first left pad, then per row its values and the gap to the next row's values (the
+/// zeros between them; after the last row, the rest of the plane, [`Planes::gap`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn fill_avx512(p: &Planes, mut dst: *mut f32, mut src: *const f32, k: usize, relu: bool) {
@@ -197,7 +216,7 @@ unsafe fn fill_avx512(p: &Planes, mut dst: *mut f32, mut src: *const f32, k: usi
         for y in 0..h {
             map_row(dst, src, w, act);
             (dst, src) = (dst.add(w), src.add(w));
-            let gap = if y + 1 == h { pad * wp + pad } else { 2 * pad };
+            let gap = p.gap(y + 1 == h);
             zero_run(dst, gap);
             dst = dst.add(gap);
         }
@@ -840,11 +859,20 @@ mod tests {
 
     #[test]
     fn block_sizes_avoid_one_vector_tiles() {
-        // Padded-width positions H·(W + 2) of 3×3 padding-1 maps. 28×28: 53 vectors (8 × 3
-        // leaves 2); 14×14: 14 (leaves 2); 7×7: 4 (8 × 3 would leave 1, 6 × 4 leaves
+        // Padded-width positions H·(W + 1) of 3×3 padding-1 maps. 28×28: 51 vectors (8 × 3
+        // leaves none); 14×14: 14 (leaves 2); 7×7: 4 (8 × 3 would leave 1, 6 × 4 leaves
         // none); 2×2: 1 vector either way.
         for (hw, block) in [(28, 8), (14, 8), (7, 6), (2, 8)] {
-            assert_eq!(block_co_avx512(hw * (hw + 2)), block, "{hw}×{hw}");
+            let p = Planes {
+                c: 1,
+                h: hw,
+                w: hw,
+                pad: 1,
+                kh: 3,
+                kw: 3,
+            };
+            assert_eq!(p.q(), hw * (hw + 1));
+            assert_eq!(block_co_avx512(p.q()), block, "{hw}×{hw}");
         }
     }
 
@@ -871,6 +899,9 @@ mod tests {
             // 7×7 maps: 6-channel blocks of 6 × 4 tiles (13 = 6 + 6 + 1, 32 = 5·6 + 2).
             (3, 7, 7, 1, 3, 3, 13),
             (4, 7, 7, 1, 3, 3, 32),
+            // Padding of kw or more: output rows wider than W + p.
+            (2, 4, 5, 2, 1, 1, 3),
+            (2, 3, 4, 3, 3, 3, 5),
         ] {
             let p = Planes {
                 c,
@@ -1020,8 +1051,9 @@ mod tests {
         }
         // (C, H, W, padding, planes filled from `src`): some planes left to the caller, or
         // all of them (then the last row's spill lands in the slack); rows narrower than a
-        // vector, exactly one, and one and a bit.
-        for (c, h, w, pad, k) in [
+        // vector, exactly one, and one and a bit. Kernels of 2p + 1 (rows W + p apart), and
+        // 1×1 ones, whose wider output rows (W + 2p) set the row stride.
+        for ((c, h, w, pad, k), kw) in [
             (3, 5, 4, 2, 2),
             (2, 3, 13, 1, 2),
             (2, 4, 8, 1, 1),
@@ -1029,15 +1061,19 @@ mod tests {
             (2, 6, 17, 1, 2),
             (2, 3, 5, 0, 1),
             (2, 3, 5, 0, 2),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|s| [(s, 2 * s.3 + 1), (s, 1)])
+        {
             let p = Planes {
                 c,
                 h,
                 w,
                 pad,
-                kh: 2 * pad + 1,
-                kw: 2 * pad + 1,
+                kh: kw,
+                kw,
             };
+            assert_eq!(p.wp(), w + pad.max(2 * pad + 1 - kw));
             let src: Vec<f32> = (0..k * h * w).map(|i| i as f32 - 20.0).collect();
             for relu in [false, true] {
                 // Garbage everywhere, and past the buffer's end, which must stay untouched.
