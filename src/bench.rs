@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::build::build_model;
@@ -11,6 +11,7 @@ use crate::flow::coupling::{CouplingKind, Partition};
 use crate::nets::{NetArch, NetConfig};
 use crate::rng::Rng;
 use crate::spec::{ModelPlan, PlannedLayer, PlannedOp, Run};
+use crate::train::shard::Sharding;
 use crate::train::{optim, Adam};
 use crate::Result;
 
@@ -153,14 +154,18 @@ pub fn bench_run(
     let x = rng.uniform(&shape, 0.0, 256.0, DType::F32, dev)?.floor()?;
     let (mut fwd, mut bwd, mut upd, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut peaks = Vec::new();
+    let (vars, sharding) = (model.store().trainable_vars(), Sharding::new(&model));
+    // A class-conditional model's labels cycle through 0, 1, …, K − 1.
+    let k = model.classes();
+    let labels = (k > 0)
+        .then(|| Tensor::from_vec((0..batch).map(|i| (i % k) as u32).collect(), batch, dev))
+        .transpose()?;
     for i in 0..warmup + steps {
         let t = Instant::now();
-        let loss = model
-            .bpd(&x, &mut model.sample_ctx(i as u64, batch, None)?)?
-            .mean_all()?;
+        let loss = sharding.forward(&model, &x, labels.as_ref(), i as u64)?;
         let f = ms_since(t, dev)?;
         let t = Instant::now();
-        let grads = loss.backward()?;
+        let grads = sharding.backward(loss, &vars)?;
         let b = ms_since(t, dev)?;
         let t = Instant::now();
         let norm = opt.grad_norm(&grads)?;
@@ -191,9 +196,9 @@ pub fn bench_run(
     let mut sample = Vec::new();
     for i in 0..3 {
         let t = Instant::now();
-        model
-            .bpd(&x, &mut model.sample_ctx(i, batch, None)?)?
-            .detach();
+        sharding.map(&model, &x, labels.as_ref(), i, |ctx, xs| {
+            Ok(model.bpd(xs, ctx)?.detach())
+        })?;
         infer.push(ms_since(t, dev)?);
         let t = Instant::now();
         model.sample(batch, 1.0, &mut model.sample_ctx(i, batch, None)?)?;

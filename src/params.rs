@@ -43,6 +43,8 @@ pub enum Init {
 struct Inner {
     vars: BTreeMap<String, Var>,
     buffers: BTreeMap<String, Var>,
+    /// The buffers that are data-dependent initialisation flags ([`Params::init_flag`]).
+    init_flags: Vec<String>,
     /// Creation order of trainable variables (for a stable optimizer order).
     order: Vec<String>,
     rng: Rng,
@@ -65,6 +67,7 @@ impl ParamStore {
             inner: Arc::new(Mutex::new(Inner {
                 vars: BTreeMap::new(),
                 buffers: BTreeMap::new(),
+                init_flags: Vec::new(),
                 order: Vec::new(),
                 rng: Rng::new(seed),
             })),
@@ -116,6 +119,26 @@ impl ParamStore {
     /// Number of trainable scalars.
     pub fn num_params(&self) -> usize {
         self.lock().vars.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// Whether a layer still waits for its data-dependent initialisation: some flag made by
+    /// [`Params::init_flag`] is still 0. Such a layer initialises itself from the first
+    /// batch it sees, so that batch must be seen whole (see `train::shard`).
+    pub fn awaits_data_init(&self) -> Result<bool> {
+        let flags: Vec<Tensor> = {
+            let inner = self.lock();
+            let flags = inner.init_flags.iter();
+            flags
+                .map(|k| inner.buffers[k].as_tensor().clone())
+                .collect()
+        };
+        for f in flags {
+            let v = f.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            if v.contains(&0.0) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Every tensor of the store (variables and `buffers.`-prefixed buffers), by name.
@@ -298,6 +321,15 @@ impl Params {
             return Err(Error::Usage(format!("buffer '{full}' created twice")));
         }
         inner.buffers.insert(full, var.clone());
+        Ok(var)
+    }
+
+    /// Creates a data-dependent initialisation flag `prefix.name`: a buffer `[1]` that is 0
+    /// until its layer has initialised itself from data and sets it to 1
+    /// ([`ParamStore::awaits_data_init`]).
+    pub fn init_flag(&self, name: &str) -> Result<Var> {
+        let var = self.buffer(name, &[1], Init::Zeros)?;
+        self.store.lock().init_flags.push(self.path(name));
         Ok(var)
     }
 }

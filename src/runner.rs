@@ -12,6 +12,7 @@ use crate::data::{self, Loader, Splits};
 use crate::flow::{FlowCtx, FlowModel};
 use crate::results::{self, png, RunRecord, RunRow, Status};
 use crate::spec::{parse_device, Experiment, Run};
+use crate::train::shard::Sharding;
 use crate::train::{self, derive_seed, streams, CheckpointPaths, Outcome};
 use crate::{Error, Result};
 
@@ -337,10 +338,10 @@ fn execute(
     }
     let eval_batch: Vec<usize> = (0..c.data.eval_batch_size.min(test_l.len())).collect();
     let (xb, yb) = test_l.batch(&eval_batch)?;
+    let sharding = Sharding::new(&model);
     row.infer_ms_per_batch = Some(time_ms(3, || {
-        let mut ctx = FlowCtx::new(0);
-        model.set_labels(&mut ctx, yb.as_ref())?;
-        model.bpd(&xb, &mut ctx).map(|_| ())
+        let bpd = |ctx: &mut FlowCtx, xs: &Tensor| model.bpd(xs, ctx).map(|_| ());
+        sharding.map(&model, &xb, yb.as_ref(), 0, bpd).map(|_| ())
     })?);
     row.sample_ms_per_batch = Some(time_ms(3, || {
         model

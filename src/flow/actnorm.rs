@@ -32,7 +32,7 @@ impl ActNorm {
             channels,
             log_scale: p.var("log_scale", &[1, channels, 1, 1], Init::Zeros)?,
             bias: p.var("bias", &[1, channels, 1, 1], Init::Zeros)?,
-            initialized: p.buffer("initialized", &[1], Init::Zeros)?,
+            initialized: p.init_flag("initialized")?,
             known_initialized: AtomicBool::new(false),
         })
     }

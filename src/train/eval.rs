@@ -2,14 +2,17 @@
 
 use candle_core::Tensor;
 
+use super::derive_seed;
+use super::shard::Sharding;
 use crate::data::Loader;
-use crate::flow::{FlowCtx, FlowModel};
+use crate::flow::FlowModel;
 use crate::Result;
 
 /// Mean bpd over `batches` of `loader`. With `importance_samples` K > 1 each image's
 /// likelihood is the importance-sampled logsumexp over K dequantization draws; K = 1 is
-/// the single-draw bound. Dequantization noise comes from `seed`, so repeated
-/// evaluations of the same model agree exactly.
+/// the single-draw bound. Batch `i`'s dequantization noise comes from
+/// `derive_seed(seed, 0, i)` (per shard on the CPU, [`Sharding::map`]), so repeated
+/// evaluations of the same model agree exactly, whatever the thread count.
 pub fn mean_bpd(
     model: &FlowModel,
     loader: &Loader,
@@ -29,19 +32,22 @@ pub fn bpd_by_class(
     importance_samples: usize,
     seed: u64,
 ) -> Result<(f64, Vec<(u64, f64)>)> {
-    let mut ctx = FlowCtx::new(seed);
+    let sharding = Sharding::new(model);
     let mut total = 0.0;
     let mut n = 0usize;
     let mut per_class: std::collections::BTreeMap<u64, (f64, usize)> = Default::default();
-    for idx in batches {
+    for (i, idx) in batches.iter().enumerate() {
         let (x, y) = loader.batch(idx)?;
-        model.set_labels(&mut ctx, y.as_ref())?;
-        let bpd: Tensor = if importance_samples > 1 {
-            model.bpd_importance(&x, importance_samples, &mut ctx)?
-        } else {
-            model.bpd(&x, &mut ctx)?.detach()
-        };
-        let v = bpd.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+        let batch_seed = derive_seed(seed, 0, i as u64);
+        let parts = sharding.map(model, &x, y.as_ref(), batch_seed, |ctx, xs| {
+            let bpd: Tensor = if importance_samples > 1 {
+                model.bpd_importance(xs, importance_samples, ctx)?
+            } else {
+                model.bpd(xs, ctx)?.detach()
+            };
+            Ok(bpd.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)
+        })?;
+        let v = parts.concat();
         total += v.iter().sum::<f64>();
         n += idx.len();
         if let Some(y) = y {

@@ -7,6 +7,7 @@
 
 pub mod eval;
 pub mod optim;
+pub mod shard;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,7 +16,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Loader;
-use crate::flow::{FlowCtx, FlowModel};
+use crate::flow::FlowModel;
 use crate::spec::RunConfig;
 use crate::{Error, Result};
 
@@ -193,6 +194,8 @@ pub fn train(
     let t = &cfg.train;
     let seed = t.seed;
     let mut opt = Adam::new(model.store().named_vars(), t.optimizer, t.weight_decay)?;
+    let vars = model.store().trainable_vars();
+    let sharding = shard::Sharding::new(model);
     let per_epoch = steps_per_epoch(cfg, train.len());
     let total = total_steps(cfg, train.len());
     let (mut step, mut curves) = match ckpt {
@@ -218,10 +221,9 @@ pub fn train(
 
         let started = Instant::now();
         let (x, y) = train.batch(idx)?;
-        let mut ctx = FlowCtx::new(derive_seed(seed, streams::DEQUANT, step as u64));
-        model.set_labels(&mut ctx, y.as_ref())?;
-        let loss = model.bpd(&x, &mut ctx)?.mean_all()?;
-        let loss_v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let step_seed = derive_seed(seed, streams::DEQUANT, step as u64);
+        let loss = sharding.forward(model, &x, y.as_ref(), step_seed)?;
+        let loss_v = loss.value;
         if !loss_v.is_finite() {
             outcome = Outcome::Diverged {
                 step,
@@ -229,7 +231,7 @@ pub fn train(
             };
             break;
         }
-        let grads = loss.backward()?;
+        let grads = sharding.backward(loss, &vars)?;
         let norm = opt.grad_norm(&grads)?;
         if !norm.is_finite() {
             outcome = Outcome::Diverged {
