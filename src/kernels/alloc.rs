@@ -13,6 +13,9 @@
 //! binary's global allocator, asks the kernel for transparent huge pages (2 MiB) for the
 //! heap as it grows (in steps of at least [`TOP_PAD`], so the new memory is advised before
 //! anything but glibc's chunk headers touches it) and for large blocks outside it.
+//!
+//! All threads share one arena (the heap): the shards of a training step allocate on
+//! threads of their own, and what one thread frees another reuses.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -51,6 +54,11 @@ pub fn tune_allocator() {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
             libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            // One arena for all threads: a training step's shards allocate their
+            // activations on threads of their own (`train::shard`), and with an arena per
+            // thread each kept its own high-water mark beside the main thread's (Glow,
+            // batch 64: peak RSS 717 MB against 422 MB in one arena, same step time).
+            libc::mallopt(libc::M_ARENA_MAX, 1);
             if huge {
                 libc::mallopt(libc::M_TOP_PAD, TOP_PAD as libc::c_int);
                 let brk = libc::sbrk(0) as usize;
