@@ -30,6 +30,9 @@ pub struct BenchRow {
     pub simd: String,
     /// Worker threads (rayon's pool: `RAYON_NUM_THREADS`, default = logical cores).
     pub threads: usize,
+    /// Shards a training step's batch is cut into ([`crate::train::shard`]): `⌈batch/32⌉`
+    /// on a CPU (run `min(threads, shards)` at a time), 1 on a GPU.
+    pub shards: usize,
     pub fwd_ms: f64,
     pub bwd_ms: f64,
     pub opt_ms: f64,
@@ -217,6 +220,10 @@ pub fn bench_run(
         .into(),
         simd: crate::kernels::simd().into(),
         threads: rayon::current_num_threads(),
+        shards: match dev.is_cpu() {
+            true => crate::train::shard::shards(batch).len(),
+            false => 1,
+        },
         fwd_ms: median(fwd),
         bwd_ms: median(bwd),
         opt_ms: median(upd),

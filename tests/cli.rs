@@ -257,6 +257,7 @@ fn bench_prints_one_json_object_per_variant() {
             assert!(v.get(k).is_some(), "missing {k} in {v}");
         }
         assert_eq!(v["batch"], 4);
+        assert_eq!(v["shards"], 1, "a batch of ≤ 32 runs whole");
         assert!(
             v["step_ms"].as_f64().unwrap() > 0.0 && v["gflop_per_step"].as_f64().unwrap() > 0.0
         );
@@ -302,6 +303,27 @@ const GLOW_BENCH: &[&str] = &[
     "1",
     "--json",
 ];
+
+#[test]
+fn bench_reports_the_shards_of_a_cpu_step() {
+    // 70 images: ⌈70 / 32⌉ = 3 shards, whatever the thread count.
+    for threads in ["1", "2"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_flowlab"))
+            .args(["bench", "experiments/ci_small.yaml", "--variant", "realnvp"])
+            .args(["--batch", "70", "--steps", "1", "--json"])
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["shards"], 3, "{v}");
+        assert_eq!(v["threads"].to_string(), threads, "{v}");
+    }
+}
 
 #[test]
 fn bench_reports_the_vector_extension_chosen_by_flowlab_simd() {
