@@ -136,32 +136,19 @@ impl Sharding {
         }
         let pools = &guard.as_ref().expect("set above").1;
         // Worker w runs shards w, w + workers, … in order on its pool.
-        let mut out: Vec<Option<Result<R>>> = (0..n).map(|_| None).collect();
-        std::thread::scope(|scope| {
-            let f = &f;
-            let handles: Vec<_> = pools
-                .iter()
-                .enumerate()
-                .map(|(w, pool)| {
-                    scope.spawn(move || {
-                        pool.install(|| {
-                            (w..n)
-                                .step_by(workers)
-                                .map(|s| (s, f(s)))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                })
-                .collect();
-            for h in handles {
-                match h.join() {
-                    Ok(done) => done.into_iter().for_each(|(s, r)| out[s] = Some(r)),
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
+        let out: Vec<Mutex<Option<Result<R>>>> = (0..n).map(|_| Mutex::new(None)).collect();
+        let work = |w: usize| {
+            for s in (w..n).step_by(workers) {
+                let r = f(s);
+                *out[s].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
             }
-        });
+        };
+        on_each_pool(pools, &work);
         out.into_iter()
-            .map(|r| r.expect("every shard ran"))
+            .map(|r| {
+                let r = r.into_inner().unwrap_or_else(|e| e.into_inner());
+                r.expect("every shard ran")
+            })
             .collect()
     }
 
@@ -261,6 +248,21 @@ impl Sharding {
         }
         Ok(total)
     }
+}
+
+/// `work(w)` on pool `w`, for every pool at once; returns when all are done (a panic in
+/// one is resumed here). The calling thread only waits: each pool's scope spawns one job
+/// into that pool, without starting an OS thread.
+fn on_each_pool(pools: &[rayon::ThreadPool], work: &(impl Fn(usize) + Sync)) {
+    fn from(pools: &[rayon::ThreadPool], w: usize, work: &(impl Fn(usize) + Sync)) {
+        if let Some(pool) = pools.get(w) {
+            pool.in_place_scope(|scope| {
+                scope.spawn(move |_| work(w));
+                from(pools, w + 1, work);
+            });
+        }
+    }
+    from(pools, 0, work)
 }
 
 #[cfg(test)]
