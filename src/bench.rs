@@ -72,7 +72,9 @@ fn net_macs(net: &NetConfig, c_in: usize, c_out: usize, hw: usize) -> f64 {
     }
 }
 
-fn layer_macs(l: &PlannedLayer) -> f64 {
+/// Multiply-accumulates of one layer's forward pass; `classes`: the one-hot label planes a
+/// class-conditional model's learned split priors also read.
+fn layer_macs(l: &PlannedLayer, classes: usize) -> f64 {
     let [c, h, w] = l.in_shape;
     let hw = h * w;
     match &l.op {
@@ -93,10 +95,14 @@ fn layer_macs(l: &PlannedLayer) -> f64 {
                 CouplingKind::Additive => c_t,
                 CouplingKind::Spline => crate::flow::spline::params_per_element(cfg.bins) * c_t,
             };
-            net_macs(&cfg.net, net_in + cfg.cond_channels, out, hw)
+            // The network also reads the conditioning and label planes.
+            let extra = cfg.cond_channels + cfg.label_classes;
+            net_macs(&cfg.net, net_in + extra, out, hw)
         }
         PlannedOp::InvConv(_) => (c * c * hw) as f64,
-        PlannedOp::Split(crate::flow::split::SplitPrior::Learned) => conv_macs(c / 2, c, 3, hw),
+        PlannedOp::Split(crate::flow::split::SplitPrior::Learned) => {
+            conv_macs(c / 2 + classes, c, 3, hw)
+        }
         _ => 0.0,
     }
 }
@@ -104,7 +110,8 @@ fn layer_macs(l: &PlannedLayer) -> f64 {
 /// Forward FLOPs per image (2 per multiply-accumulate; convolutions and 1×1 mixes only).
 pub fn flops_per_image(plan: &ModelPlan) -> f64 {
     let noise = plan.dequant_noise.iter().flatten();
-    2.0 * noise.chain(&plan.layers).map(layer_macs).sum::<f64>()
+    let macs = |l| layer_macs(l, plan.classes);
+    2.0 * noise.chain(&plan.layers).map(macs).sum::<f64>()
 }
 
 /// Resident set size (current, peak) in MB from /proc (0 where unavailable).
@@ -254,5 +261,19 @@ mod tests {
         let runs = exp.runs(&[], &crate::data::builtin_shape).unwrap();
         let macs = 784.0 * (288.0 + 3.0 * (18432.0 + 4096.0) + 1152.0);
         assert_eq!(flops_per_image(&runs[0].plan), 2.0 * macs);
+    }
+
+    #[test]
+    fn class_conditional_flops_count_the_label_planes() {
+        // A checkerboard coupling at 14×14 whose GatedConvNet(1 + 10 → 8 → 2, 1 block)
+        // also reads 10 label planes, then squeeze and a split with a learned prior that
+        // reads the 2 kept channels and the 10 label planes (→ 4 channels) at 7×7.
+        let text = "data: {dataset: mnist, downscale: 2}\ntrain: {steps: 1}\nmodels:\n  a:\n    classes: 10\n    coupling: {net: {hidden: 8, layers: 1}}\n    layers: [{type: coupling, mask: checkerboard}, {type: squeeze}, {type: split, prior: learned}]\n";
+        let exp = crate::spec::Experiment::from_text(text, "t", "t", &[]).unwrap();
+        let runs = exp.runs(&[], &crate::data::builtin_shape).unwrap();
+        let coupling =
+            196.0 * (11.0 * 8.0 * 9.0 + 16.0 * 8.0 * 9.0 + 16.0 * 16.0 + 16.0 * 2.0 * 9.0);
+        let split = 49.0 * (12.0 * 4.0 * 9.0);
+        assert_eq!(flops_per_image(&runs[0].plan), 2.0 * (coupling + split));
     }
 }
