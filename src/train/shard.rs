@@ -80,8 +80,8 @@ pub struct ShardedLoss {
 pub struct Sharding {
     /// Whether to shard at all (a CPU model).
     cpu: bool,
-    /// Pools for `n` concurrent shards: `(n, pools)`.
-    pools: Mutex<Option<(usize, Vec<rayon::ThreadPool>)>>,
+    /// Pools for concurrent shards: `((pools, threads each), pools)`.
+    pools: Mutex<Option<((usize, usize), Vec<rayon::ThreadPool>)>>,
     /// Set once no layer awaits data-dependent initialisation (it never unsets).
     initialised: AtomicBool,
 }
@@ -121,8 +121,8 @@ impl Sharding {
             return (0..n).map(f).collect();
         }
         let mut guard = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.as_ref().is_none_or(|(w, _)| *w != workers) {
-            let per = threads / workers;
+        let per = threads / workers;
+        if guard.as_ref().is_none_or(|(k, _)| *k != (workers, per)) {
             let pools = (0..workers)
                 .map(|w| {
                     rayon::ThreadPoolBuilder::new()
@@ -132,7 +132,7 @@ impl Sharding {
                         .map_err(|e| Error::Usage(format!("cannot start shard threads: {e}")))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            *guard = Some((workers, pools));
+            *guard = Some(((workers, per), pools));
         }
         let pools = &guard.as_ref().expect("set above").1;
         // Worker w runs shards w, w + workers, … in order on its pool.
@@ -152,9 +152,9 @@ impl Sharding {
             .collect()
     }
 
-    /// `f(ctx, x, labels)` on each shard of the batch `x` (`[B, C, H, W]`, with class
-    /// `labels` `[B]` for a class-conditional model): the shard's images and labels, and a
-    /// context with its labels set and dequantization noise from `seed` (unsharded) or
+    /// `f(ctx, xs)` on each shard `xs` of the batch `x` (`[B, C, H, W]`, with class
+    /// `labels` `[B]` for a class-conditional model), `ctx` a context with the shard's
+    /// labels set and dequantization noise from `seed` (unsharded) or
     /// [`shard_seed`]`(seed, s)`. The results in shard order.
     pub fn map<R: Send>(
         &self,
