@@ -75,13 +75,17 @@ pub struct ShardedLoss {
     pub value: f64,
 }
 
+/// One rayon pool per concurrent shard, with the (pool count, threads per pool) they were
+/// made for.
+type Pools = ((usize, usize), Vec<rayon::ThreadPool>);
+
 /// Runs training steps on shards of the batch ([module docs](self)). Holds the rayon pools
 /// the shards run on, made on first use.
 pub struct Sharding {
     /// Whether to shard at all (a CPU model).
     cpu: bool,
-    /// Pools for concurrent shards: `((pools, threads each), pools)`.
-    pools: Mutex<Option<((usize, usize), Vec<rayon::ThreadPool>)>>,
+    /// Pools for concurrent shards, made on first use.
+    pools: Mutex<Option<Pools>>,
     /// Set once no layer awaits data-dependent initialisation (it never unsets).
     initialised: AtomicBool,
 }
