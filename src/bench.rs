@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde::Serialize;
 
 use crate::build::build_model;
@@ -166,10 +166,7 @@ pub fn bench_run(
     let mut peaks = Vec::new();
     let (vars, sharding) = (model.store().trainable_vars(), Sharding::new(&model));
     // A class-conditional model's labels cycle through 0, 1, …, K − 1.
-    let k = model.classes();
-    let labels = (k > 0)
-        .then(|| Tensor::from_vec((0..batch).map(|i| (i % k) as u32).collect(), batch, dev))
-        .transpose()?;
+    let labels = model.labels(batch, None)?;
     for i in 0..warmup + steps {
         let t = Instant::now();
         let loss = sharding.forward(&model, &x, labels.as_ref(), i as u64)?;
@@ -227,10 +224,7 @@ pub fn bench_run(
         .into(),
         simd: crate::kernels::simd().into(),
         threads: rayon::current_num_threads(),
-        shards: match dev.is_cpu() {
-            true => crate::train::shard::shards(batch).len(),
-            false => 1,
-        },
+        shards: sharding.shards_of(batch).len(),
         fwd_ms: median(fwd),
         bwd_ms: median(bwd),
         opt_ms: median(upd),

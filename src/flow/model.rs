@@ -105,30 +105,31 @@ impl FlowModel {
         Ok(())
     }
 
-    /// A context with randomness from `seed` for `n` images: a class-conditional model's
-    /// labels are all `label`, or cycle through 0, 1, …, K−1 without one. A label for an
-    /// unconditional model, or one out of range, is an error.
-    pub fn sample_ctx(&self, seed: u64, n: usize, label: Option<usize>) -> Result<FlowCtx> {
-        let mut ctx = FlowCtx::new(seed);
+    /// Class labels `[n]` for `n` images of a class-conditional model: all `label`, or
+    /// cycling through 0, 1, …, K−1 without one; `None` for an unconditional model. A
+    /// label for an unconditional model, or one out of range, is an error.
+    pub fn labels(&self, n: usize, label: Option<usize>) -> Result<Option<Tensor>> {
         match (self.classes, label) {
-            (0, None) => {}
-            (0, Some(_)) => {
-                return Err(Error::Usage(
-                    "--label needs a class-conditional model (`classes:` in its spec)".into(),
-                ))
-            }
-            (k, Some(l)) if l >= k => {
-                return Err(Error::Usage(format!(
-                    "label {l} out of range: the model has {k} classes (0..={})",
-                    k - 1
-                )))
-            }
+            (0, None) => Ok(None),
+            (0, Some(_)) => Err(Error::Usage(
+                "--label needs a class-conditional model (`classes:` in its spec)".into(),
+            )),
+            (k, Some(l)) if l >= k => Err(Error::Usage(format!(
+                "label {l} out of range: the model has {k} classes (0..={})",
+                k - 1
+            ))),
             (k, label) => {
                 let ls: Vec<u32> = (0..n).map(|i| label.unwrap_or(i % k) as u32).collect();
-                let t = Tensor::from_vec(ls, n, self.device())?;
-                self.set_labels(&mut ctx, Some(&t))?;
+                Ok(Some(Tensor::from_vec(ls, n, self.device())?))
             }
         }
+    }
+
+    /// A context with randomness from `seed` for `n` images, with the [`FlowModel::labels`]
+    /// of `label` set.
+    pub fn sample_ctx(&self, seed: u64, n: usize, label: Option<usize>) -> Result<FlowCtx> {
+        let mut ctx = FlowCtx::new(seed);
+        self.set_labels(&mut ctx, self.labels(n, label)?.as_ref())?;
         Ok(ctx)
     }
 

@@ -101,19 +101,26 @@ impl Sharding {
         }
     }
 
-    /// The shards this step of a batch of `b` images runs on.
-    fn plan(&self, model: &FlowModel, b: usize) -> Result<Vec<Range<usize>>> {
-        let whole = || Ok(std::iter::once(0..b).collect());
-        if !self.cpu || b <= SHARD_IMAGES {
-            return whole();
+    /// The shards of a batch of `b` images once no layer awaits its data-dependent
+    /// initialisation: [`shards`] on a CPU, the whole batch on a GPU.
+    pub fn shards_of(&self, b: usize) -> Vec<Range<usize>> {
+        match self.cpu {
+            true => shards(b),
+            false => std::iter::once(0..b).collect(),
         }
-        if !self.initialised.load(Ordering::Relaxed) {
+    }
+
+    /// The shards this step of a batch of `b` images runs on: [`Sharding::shards_of`], or
+    /// the whole batch while a layer awaits its data-dependent initialisation.
+    fn plan(&self, model: &FlowModel, b: usize) -> Result<Vec<Range<usize>>> {
+        let planned = self.shards_of(b);
+        if planned.len() > 1 && !self.initialised.load(Ordering::Relaxed) {
             if model.store().awaits_data_init()? {
-                return whole();
+                return Ok(std::iter::once(0..b).collect());
             }
             self.initialised.store(true, Ordering::Relaxed);
         }
-        Ok(shards(b))
+        Ok(planned)
     }
 
     /// `f(s)` for every shard `s < n`, up to `min(T, n)` at once on pools of their own (`T`:
