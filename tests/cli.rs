@@ -99,6 +99,19 @@ fn broken_spec_exits_2_with_a_located_message() {
     );
 }
 
+#[test]
+fn missing_paths_are_named_once_with_their_cause() {
+    for args in [["compare", "no/such/results"], ["sample", "no/such/run"]] {
+        let (code, _, err) = flowlab(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(args[1]), "{args:?}: {err}");
+        // The OS error once: a library I/O error is not printed again as its own cause.
+        assert_eq!(err.matches("os error").count(), 1, "{args:?}: {err}");
+    }
+    let (_, _, err) = flowlab(&["sample", "no/such/run"]);
+    assert!(err.contains("a run directory is"), "{err}");
+}
+
 fn records(dir: &Path) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = std::fs::read_dir(dir.join("clitest/runs"))
         .map(|rd| {

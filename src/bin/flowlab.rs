@@ -443,8 +443,12 @@ fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
 
 fn cmd_sample(a: SampleArgs) -> Result<ExitCode> {
     let cfg_path = a.run_dir.join("config.yaml");
-    let text = std::fs::read_to_string(&cfg_path)
-        .with_context(|| format!("reading {}", cfg_path.display()))?;
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| {
+        format!(
+            "reading {} (a run directory is results/<experiment>/runs/<run>)",
+            cfg_path.display()
+        )
+    })?;
     let cfg: RunConfig =
         serde_yaml::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
     let shape = shape_of(&cfg.data).map_err(anyhow::Error::msg)?;
