@@ -210,9 +210,9 @@ impl Geom {
         taps && !self.pointwise() && direct::available() && self.b >= rayon::current_num_threads()
     }
 
-    /// Whether the AVX2 pointwise GEMM (module `pointwise`) takes the forward pass and ∂x of
+    /// Whether the pointwise GEMM (module `pointwise`) takes the forward pass and ∂x of
     /// this f32 convolution: a 1×1 kernel or few taps (`K <` [`DIRECT_MIN_K`], on the patch
-    /// matrix: `W·cols`, and `Wᵀ·G` then col2im), the AVX2 kernel set and at least one
+    /// matrix: `W·cols`, and `Wᵀ·G` then col2im), a kernel set (AVX2 or AVX-512) and at least one
     /// image per thread (it parallelises over images only). Their ∂W runs on it too, inside
     /// [`conv_weight_grad`] ([`matmul_bt`]). `timing::conv_op_timings`, two threads,
     /// batch 64: 192 → 192 1×1 at 14×14 forward 110–131 against `gemm`'s 96–108 GFLOP/s,
@@ -228,7 +228,7 @@ impl Geom {
 
     /// Whether the few-output path (module `taps`) takes the forward pass (`None`) or ∂W of
     /// this f32 convolution: a square "same" kernel (so its transposed convolution exists)
-    /// with at most [`TAPS_MAX_M`] output channels × taps, the AVX2 pointwise GEMM, at least
+    /// with at most [`TAPS_MAX_M`] output channels × taps, the pointwise GEMM, at least
     /// one image per thread, and enough input channels: 16 for ∂W; for the forward pass,
     /// whose GEMM has `K = Ci`, 32 and, past 36 rows, 128. `timing::conv_op_timings`, two
     /// threads, batch 64, against the direct kernels: forward 192 → 4 at 14×14 +12–22 %,
@@ -593,8 +593,9 @@ pub(super) fn matmul_bt_gemm(
     matmul(dst, dst_rs, mnk, a, b, true, gemm::Parallelism::None);
 }
 
-/// Whether a product on `T` data goes to the AVX2 pointwise GEMM: f32 data, run
-/// single-threaded (`par` is `None`: the caller runs images in parallel), an AVX2 CPU.
+/// Whether a product on `T` data goes to the pointwise GEMM: f32 data, run
+/// single-threaded (`par` is `None`: the caller runs images in parallel), an AVX2 or
+/// AVX-512 kernel set.
 fn on_pointwise<T: Real>(par: gemm::Parallelism) -> bool {
     std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
         && matches!(par, gemm::Parallelism::None)
@@ -624,7 +625,7 @@ unsafe fn f32_views<'a, T>(
 }
 
 /// `dst[i·dst_rs + j] = Σₜ lhs[i·lhs_rs + t]·rhs[t·rhs_rs + j]` (`i < m`, `j < n`, `t < k`):
-/// the AVX2 pointwise GEMM where [`on_pointwise`], else [`matmul`]. For the 1×1
+/// the pointwise GEMM where [`on_pointwise`], else [`matmul`]. For the 1×1
 /// convolutions inside fused ops.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matmul_rows<T: Real>(
@@ -853,7 +854,7 @@ fn weight_grad_direct(x: &[f32], gy: &[f32], g: &Geom) -> Vec<f32> {
     })
 }
 
-/// [`forward_f32`] by the AVX2 pointwise GEMM, written straight into the output from the
+/// [`forward_f32`] by the pointwise GEMM, written straight into the output from the
 /// bias: per image `yₙ = W·aₙ + b` for a 1×1 kernel, else `W·colsₙ + b` band by band over
 /// the patch matrix (module `pointwise`).
 fn forward_pointwise(x: &[f32], w: &[f32], b: &[f32], g: &Geom) -> Vec<f32> {
@@ -1448,7 +1449,7 @@ mod tests {
     #[test]
     fn pointwise_kernels_match_the_gemm_path() {
         if !pointwise::available() {
-            eprintln!("skipped: not the AVX2 kernel set");
+            eprintln!("skipped: neither the AVX2 nor the AVX-512 kernel set");
             return;
         }
         // 1×1 maps and odd ones (last panels of 1, 4, 8 and 15 positions, whole panels only),
@@ -1487,7 +1488,7 @@ mod tests {
     #[test]
     fn few_output_kernels_match_the_gemm_path() {
         if !pointwise::available() {
-            eprintln!("skipped: not the AVX2 kernel set");
+            eprintln!("skipped: neither the AVX2 nor the AVX-512 kernel set");
             return;
         }
         // Co from 1 to 8 behind 3×3 kernels (partial 6-row blocks of Co·9 rows), a 5×5 and a

@@ -343,7 +343,7 @@ mod tests {
             (1, 1, 3, 3, DType::F64, 1e-10),
             (9, 2, 1, 1, DType::F64, 1e-10),
             (6, 32, 7, 9, DType::F32, 1e-4),
-            // f32 1×1 products on the AVX2 pointwise GEMM: 6 and 10 rows, 35 and 9 positions.
+            // f32 1×1 products on the pointwise GEMM: 6 and 10 rows, 35 and 9 positions.
             (3, 3, 5, 7, DType::F32, 1e-4),
             (4, 5, 3, 3, DType::F32, 1e-4),
         ] {
@@ -354,7 +354,7 @@ mod tests {
     #[test]
     fn gradients_do_not_depend_on_the_thread_count() {
         // 33 images: 9 groups of 4, at least one per thread on pools of 1 to 8 threads, so
-        // every pool takes the same path (on AVX2, the pointwise GEMM with images in
+        // every pool takes the same path (with a kernel set, the pointwise GEMM with images in
         // parallel; with fewer groups than threads the `gemm` crate gets the threads, and
         // its sums are not the pointwise kernel's bit for bit).
         let t = inputs(33, 8, 5, 6, DType::F32);

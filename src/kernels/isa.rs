@@ -1,13 +1,17 @@
-//! Which microkernel set runs: the AVX-512 kernels (`direct.rs`, `winograd.rs`, the `gemm`
-//! crate for 1×1 convolutions), the AVX2 ones (`avx2.rs`, `pointwise.rs`, `conv/glow.rs`),
-//! or none (im2col + GEMM only) — and the FMA loops that measure the cores' rate.
+//! Which microkernel set runs: the AVX-512 kernels (`direct.rs`, `winograd.rs`, the 16-lane
+//! tile of `pointwise.rs`), the AVX2 ones (`avx2.rs`, the 8-lane tile of `pointwise.rs`), or
+//! none (im2col + GEMM only) — and the FMA loops that measure the cores' rate. The
+//! pointwise GEMM serves both sets, and so do the ops built on it (1×1 and few-tap
+//! convolutions, the few-output layers of `conv/taps.rs`, Glow's fused network in
+//! `conv/glow.rs`); the AVX-512 set had the `gemm` crate and the separate ops until
+//! session 23.
 //!
 //! AVX-512 is not always the faster set where the CPU has it. Intel's server cores run two
 //! 16-lane FMAs per cycle, twice what AVX2 reaches; AMD Zen 4 runs a 16-lane FMA as two
 //! 8-lane halves, so its 512-bit and 256-bit FMA rates are the same, and there the AVX2
-//! kernels (tuned on Zen 3, with fused kernels that exist only for AVX2) were faster for 8
-//! of 9 models and level for the ninth: Glow's step 443 → 359 ms by median, RealNVP's and
-//! the tutorial flows' 3–8 % (results/README.md, session 21). So on a CPU with both,
+//! kernels (tuned on Zen 3, with fused kernels that then existed only for AVX2) were faster
+//! for 8 of 9 models and level for the ninth: Glow's step 443 → 359 ms by median, RealNVP's
+//! and the tutorial flows' 3–8 % (results/README.md, session 21). So on a CPU with both,
 //! the choice is measured once per process: the AVX-512 set where a 16-lane FMA loop runs
 //! at least [`WIDE_PAYS`] times the FLOP/s of an 8-lane one on this thread, else the AVX2
 //! set.

@@ -14,9 +14,9 @@
 //!   Elsewhere — 1×1 and few-tap kernels, f64, other CPUs — it is im2col + GEMM per image in
 //!   L2-sized bands of output rows, with `∂W = Σₙ Gₙ·colsₙᵀ` and the input gradient as the
 //!   transposed convolution of `Gₙ` (col2im of `Wᵀ·Gₙ` where that does not fit, and for
-//!   few-tap kernels on AVX2). The GEMMs are the AVX2 pointwise kernel (module
-//!   `pointwise`) with the AVX2 set when images run in parallel, else the `gemm` crate (the one
-//!   candle's matmul uses). Images are spread over rayon's threads.
+//!   few-tap kernels). The GEMMs are the pointwise kernel (module `pointwise`, with either
+//!   set) when images run in parallel, else the `gemm` crate (the one candle's matmul
+//!   uses). Images are spread over rayon's threads.
 //!   3×3 padding-1 convolutions with enough channels and positions (the coupling
 //!   networks' hidden layers) run as Winograd along rows (module `winograd`: F(4, 3) on
 //!   AVX2, 6 multiplications per 4 outputs and kernel row instead of 12; F(2, 3) on

@@ -1,5 +1,6 @@
-//! The GEMMs of 1×1 convolutions on AVX2 CPUs: `C = start + A·B` with `A` `[M, K]` and `B`
-//! `[K, N]` row-major (any row strides), by one 6 × 16 register tile.
+//! The GEMMs of 1×1 convolutions: `C = start + A·B` with `A` `[M, K]` and `B` `[K, N]`
+//! row-major (any row strides), by one 6 × 16 register tile on AVX2 CPUs and a 6 × 32 one
+//! (the same algorithm on 16-lane vectors, [`avx512`]) where the AVX-512 kernel set runs.
 //!
 //! Per 1×1 convolution and image (`P = H·W` positions), with `a` the `[Ci, P]` input:
 //! - forward `y = W·a + b` (`M = Co`, `K = Ci`, `N = P`; Glow's hidden 1×1 layer, and
@@ -36,6 +37,9 @@ use std::mem::MaybeUninit;
 
 use super::isa::{isa, Isa};
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 /// Rows of `A` per tile (broadcast).
 const MR: usize = 6;
 /// f32 lanes per vector.
@@ -70,10 +74,9 @@ enum Layout {
     Transposed,
 }
 
-/// Whether these kernels run: the AVX2 kernel set is in use (where the AVX-512 set is, the
-/// `gemm` crate's AVX-512 kernels serve 1×1 convolutions; see `isa.rs`).
+/// Whether these kernels run: the AVX2 or the AVX-512 kernel set is in use (`isa.rs`).
 pub(super) fn available() -> bool {
-    isa() == Some(Isa::Avx2)
+    isa().is_some()
 }
 
 /// A row-major matrix: element `(r, c)` at `data[r·rs + c]`.
@@ -157,7 +160,11 @@ fn run(
     ors: usize,
     start: Start,
 ) {
-    assert!(available(), "pointwise kernels need AVX2");
+    let wide = match isa() {
+        Some(Isa::Avx512) => true,
+        Some(Isa::Avx2) => false,
+        None => panic!("pointwise kernels need AVX2 or AVX-512"),
+    };
     let b_holds = match layout {
         Layout::Rows => b.holds(k, n),
         Layout::Transposed => b.holds(n, k),
@@ -173,12 +180,17 @@ fn run(
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: AVX2 and FMA are present; `A` is read below row m and column k, `B` below
-    // row k and column n (in its layout), `out` written (and, for `Add`, read) below row m
-    // and column n, all inside their slices (asserted above).
+    // SAFETY: AVX2 and FMA are present, and AVX-512F with the AVX-512 set; `A` is read
+    // below row m and column k, `B` below row k and column n (in its layout), `out` written
+    // (and, for `Add`, read) below row m and column n, all inside their slices (asserted
+    // above).
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        run_avx2(a, (b, layout), (m, n, k), out, ors, start)
+        if wide {
+            avx512::run(a, (b, layout), (m, n, k), out, ors, start)
+        } else {
+            run_avx2(a, (b, layout), (m, n, k), out, ors, start)
+        }
     }
 }
 
@@ -213,7 +225,9 @@ unsafe fn run_avx2(
             let w = if wide { NR } else { L };
             match layout {
                 Layout::Rows => pack(bp.add(k0 * b.rs + j0), b.rs, kc, cols, w, panel),
-                Layout::Transposed => pack_t(bp.add(j0 * b.rs + k0), b.rs, kc, cols, w, panel),
+                Layout::Transposed => {
+                    pack_t::<NR>(bp.add(j0 * b.rs + k0), b.rs, kc, cols, w, panel)
+                }
             }
             for i0 in (0..m).step_by(MR) {
                 let rows = MR.min(m - i0);
@@ -284,15 +298,23 @@ unsafe fn pack(src: *const f32, rs: usize, rows: usize, cols: usize, w: usize, d
     }
 }
 
-/// `panel[r·w + j] = src[j·rs + r]` for `r < rows`, `j < cols`, zero for `cols ≤ j < w`:
-/// [`pack`] for a `B` given as `Bᵀ`. Full 8-row steps transpose 8 × 8 blocks in
-/// registers; missing columns read a zero row.
+/// `panel[r·w + j] = src[j·rs + r]` for `r < rows ≤ KC`, `j < cols`, zero for
+/// `cols ≤ j < w ≤ N` (`w` a multiple of 8): [`pack`] for a `B` given as `Bᵀ`, for panels
+/// of up to `N` columns (16 on AVX2, 32 on AVX-512). Full 8-row steps transpose 8 × 8
+/// blocks in registers; missing columns read a zero row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn pack_t(src: *const f32, rs: usize, rows: usize, cols: usize, w: usize, dst: *mut f32) {
+unsafe fn pack_t<const N: usize>(
+    src: *const f32,
+    rs: usize,
+    rows: usize,
+    cols: usize,
+    w: usize,
+    dst: *mut f32,
+) {
     static ZERO: [f32; KC] = [0.0; KC];
-    let rp: [*const f32; NR] = std::array::from_fn(|j| {
+    let rp: [*const f32; N] = std::array::from_fn(|j| {
         if j < cols {
             src.add(j * rs)
         } else {
@@ -525,11 +547,12 @@ mod tests {
     #[test]
     fn products_match_the_definition_for_every_edge() {
         if !available() {
-            eprintln!("skipped: not the AVX2 kernel set");
+            eprintln!("skipped: neither the AVX2 nor the AVX-512 kernel set");
             return;
         }
-        // Rows 1–13 (partial 6-row blocks), columns around 8 and 16 (one-vector remainder
-        // panels, partial panels), K across the 4-step unroll and the 256-row panel blocks.
+        // Rows 1–13 (partial 6-row blocks), columns around 8, 16 and 32 (one-vector
+        // remainder panels, partial panels, of either kernel set), K across the 4-step unroll
+        // and the 128- and 256-row panel blocks.
         for (m, n, k) in [
             (1, 1, 1),
             (6, 16, 4),
@@ -540,6 +563,10 @@ mod tests {
             (192, 196, 192),
             (64, 30, 513),
             (3, 24, 0),
+            (6, 32, 128),
+            (7, 33, 129),
+            (11, 47, 131),
+            (2, 31, 6),
         ] {
             // Row strides wider than the rows, so reads past a row's end would show.
             let (ars, brs, ors) = (k + 3, n + 5, n + 2);
@@ -562,11 +589,12 @@ mod tests {
     #[test]
     fn transposed_products_match_the_definition_and_add_to_the_output() {
         if !available() {
-            eprintln!("skipped: not the AVX2 kernel set");
+            eprintln!("skipped: neither the AVX2 nor the AVX-512 kernel set");
             return;
         }
         // K across the 8-row transposes (remainders 1–7), the 4-step unroll and the
-        // 256-row blocks; N around 8 and 16 (zero rows for the missing columns).
+        // 128- and 256-row blocks; N around 8, 16 and 32 (zero rows for the missing
+        // columns).
         for (m, n, k) in [
             (1, 1, 1),
             (6, 16, 8),
@@ -576,6 +604,9 @@ mod tests {
             (12, 18, 300),
             (192, 40, 7),
             (4, 3, 0),
+            (6, 32, 128),
+            (7, 33, 135),
+            (5, 63, 17),
         ] {
             // `Bᵀ` is `[n, k]` with rows wider than k, so reads past a row's end would show.
             let (ars, brs, ors) = (k + 3, k + 5, n + 2);
@@ -673,7 +704,7 @@ mod timing {
     #[ignore]
     fn pointwise_rate() {
         if !available() {
-            eprintln!("skipped: not the AVX2 kernel set");
+            eprintln!("skipped: neither the AVX2 nor the AVX-512 kernel set");
             return;
         }
         for (m, k, n) in [

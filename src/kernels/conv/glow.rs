@@ -1,5 +1,5 @@
 //! Glow's coupling network as one op, run image by image while the image's activations sit
-//! in the L2 cache (f32 on the AVX2 pointwise GEMM).
+//! in the L2 cache (f32 on the pointwise GEMM, AVX2 or AVX-512).
 //!
 //! For one image `x` (`[Ci, H, W]`, `P = H·W` positions), `W₁` `[h, Ci, 3, 3]`, `W₂`
 //! `[h, h, 1, 1]`, `W₃` `[Co, h, 3, 3]` (padding 1, so every map is `H × W`):
@@ -544,7 +544,7 @@ impl CustomOp2 for GlowNetGrad {
 }
 
 /// Whether the fused op takes this network: f32 CPU tensors on the fast kernels with the
-/// AVX2 pointwise GEMM, the shapes of [`glow_net`], at least [`MIN_HIDDEN`] hidden channels
+/// pointwise GEMM (either kernel set), the shapes of [`glow_net`], at least [`MIN_HIDDEN`] hidden channels
 /// and at most [`TAPS_MAX_M`] rows in the last layer's tap matrix, non-empty images.
 fn fused_applies(x: &Tensor, [w1, b1, w2, b2, w3, b3]: [&Tensor; 6]) -> bool {
     let (Ok((b, ci, h, w)), Ok((hid, ci1, 3, 3)), Ok((co, hid3, 3, 3))) =
@@ -569,7 +569,7 @@ fn fused_applies(x: &Tensor, [w1, b1, w2, b2, w3, b3]: [&Tensor; 6]) -> bool {
 /// Glow's coupling network `W₃ ⋆ relu(W₂ ⋆ relu(W₁ ⋆ x + b₁) + b₂) + b₃`: x `[B, Ci, H, W]`,
 /// `w1` `[h, Ci, 3, 3]`, `w2` `[h, h, 1, 1]`, `w3` `[Co, h, 3, 3]` (both 3×3 layers with
 /// padding 1), biases `[h]`, `[h]`, `[Co]`; `[B, Co, H, W]`. One fused op for f32 CPU
-/// tensors on the fast kernels of an AVX2 CPU (no AVX-512) with at least 16 hidden channels
+/// tensors on the fast kernels of an AVX2 or AVX-512 CPU with at least 16 hidden channels
 /// and at most 72 rows (9·Co) in the last layer's tap matrix; otherwise the three
 /// convolution ops, the ReLUs fused into the convolutions that consume them. Equal up to
 /// rounding either way.
@@ -656,7 +656,7 @@ mod tests {
             (4, (2, 20, 4), (1, 6)),
         ] {
             let t = inputs(b, dims, hw);
-            // The fused op must be what is tested here on AVX2 machines.
+            // The fused op must be what is tested here on AVX2 and AVX-512 machines.
             let fused = with_kernels(Kernels::Fast, || {
                 fused_applies(&t[0], std::array::from_fn(|i| &t[i + 1]))
             });
@@ -739,7 +739,7 @@ mod timing {
     #[ignore]
     fn glow_net_rate() {
         if !pointwise::available() {
-            eprintln!("skipped: not the AVX2 kernel set");
+            eprintln!("skipped: neither the AVX2 nor the AVX-512 kernel set");
             return;
         }
         let only: Option<usize> = std::env::var("GLOW_SIDE").ok().and_then(|v| v.parse().ok());

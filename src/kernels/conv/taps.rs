@@ -1,6 +1,6 @@
 //! Convolutions with few output channels (a coupling network's last layer: 192 → 4 in
 //! Glow, 64 → 2 in the tutorial's nets) as pointwise GEMMs over the input channels, one
-//! row per output channel and tap, f32 on the AVX2 pointwise GEMM.
+//! row per output channel and tap, f32 on the pointwise GEMM (AVX2 or AVX-512).
 //!
 //! With `a` one image's convolution input `[Ci, H, W]`, taps `t = (i, j)` of a `kh × kw`
 //! kernel, padding `p` (a "same" convolution: `H' = H`, `W' = W`) and
