@@ -60,60 +60,7 @@ pub(super) unsafe fn run(
     ors: usize,
     start: Start,
 ) {
-    let mut panel = Panel(MaybeUninit::uninit());
-    let panel = panel.0.as_mut_ptr().cast::<f32>();
-    let (ap, bp) = (a.data.as_ptr(), b.data.as_ptr());
-    // A `k = 0` product still writes its start.
-    let mut k0 = 0;
-    loop {
-        let kc = KC.min(k - k0);
-        let start = if k0 == 0 { start } else { Start::Add };
-        let mut j0 = 0;
-        while j0 < n {
-            let cols = (n - j0).min(NR);
-            let wide = cols > L;
-            let w = if wide { NR } else { L };
-            match layout {
-                Layout::Rows => pack(bp.add(k0 * b.rs + j0), b.rs, kc, cols, w, panel),
-                Layout::Transposed => {
-                    pack_t::<NR>(bp.add(j0 * b.rs + k0), b.rs, kc, cols, w, panel)
-                }
-            }
-            for i0 in (0..m).step_by(MR) {
-                let rows = MR.min(m - i0);
-                let rp: [*const f32; MR] =
-                    // (wrapping: with k = 0 they are never read and may point past `A`)
-                    std::array::from_fn(|i| ap.wrapping_add((i0 + i.min(rows - 1)) * a.rs + k0));
-                let c = out.add(i0 * ors + j0);
-                let st = match start {
-                    Start::Bias(bias) => Start::Bias(&bias[i0..]),
-                    s => s,
-                };
-                let shape = (kc, rows, cols);
-                // As on AVX2: a long k-loop fetches its own output lines, a short one those
-                // of the tile two row blocks on.
-                let pf = if kc >= PREFETCH_OWN_K {
-                    c
-                } else {
-                    let (mut ti, mut tj) = (i0 + 2 * MR, j0);
-                    if ti >= m {
-                        (ti, tj) = (ti - m.next_multiple_of(MR), j0 + cols);
-                    }
-                    out.wrapping_add(ti * ors + tj)
-                };
-                if wide {
-                    tile::<2>(&rp, panel, (c, pf), ors, shape, st);
-                } else {
-                    tile::<1>(&rp, panel, (c, pf), ors, shape, st);
-                }
-            }
-            j0 += cols;
-        }
-        k0 += kc;
-        if k0 >= k {
-            break;
-        }
-    }
+    panel_loops!(a, b, layout, (m, n, k), out, ors, start; Panel, KC, NR, L, pack, tile);
 }
 
 /// `panel[r·w + j] = src[r·rs + j]` for `r < rows`, `j < cols`, zero for `cols ≤ j < w`
