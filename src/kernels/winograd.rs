@@ -2,7 +2,7 @@
 //! 1.5× (F(2, 3)) or 2× (F(4, 3)) fewer multiplications than the direct kernels (f32).
 //! F(2, 3)'s transforms are here for AVX-512 and in `avx2.rs` for AVX2; F(4, 3)'s, 8-lane
 //! AVX2 code, in `winograd/f4.rs`, with its matrices. [`Tiles::new`] takes F(4, 3) on AVX2
-//! CPUs and F(2, 3) on AVX-512 ones (F(4, 3) is unmeasured there). Everything below the
+//! CPUs, and on AVX-512 ones for maps at least 28 wide ([`F4_MIN_W_AVX512`]). Everything below the
 //! transforms (the GEMMs, the weight transform and the weight gradient) is the same code
 //! for both, with `n + 2` transformed values per tile of `n` pixels. F(2, 3) first:
 //!
@@ -83,6 +83,16 @@ const GM: [[f32; 3]; 4] = [
     [0.0, 0.0, 1.0],
 ];
 
+/// The narrowest map on which the AVX-512 kernel set takes F(4, 3) (8-lane transforms, 1.5
+/// multiplications per output and kernel row) over F(2, 3) (16-lane transforms, 2). On Zen
+/// 4 with `FLOWLAB_SIMD=avx512`, `conv_op_timings` (two threads, batch 64): F(4, 3) faster
+/// at 28×28 (32 → 32 after ConcatELU: 315 against 266 GFLOP/s forward, 315 against 272
+/// ∂x, 301 against 245 ∂W; 16 → 16: +9–14 %), level at 14×14 (48 → 48: 257 against 257
+/// forward, 271 against 249 ∂x, 255 against 249 ∂W). Where 16-lane FMAs run twice as fast
+/// as 8-lane ones (Intel's server cores) the 8-lane transforms weigh more, unmeasured: on
+/// maps as narrow as 14 F(2, 3) stays.
+pub(super) const F4_MIN_W_AVX512: usize = 28;
+
 /// The row tiles of an `h × w` map: runs of `n` output pixels, F(n, 3) with `n + 2`
 /// transformed values per tile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,14 +105,14 @@ pub(super) struct Tiles {
 }
 
 impl Tiles {
-    /// The tiles this CPU's transforms take: F(4, 3) on AVX2 (module `f4`), F(2, 3) on
-    /// AVX-512, whose 16-lane transforms exist only for F(2, 3) (the F(4, 3) transforms are
-    /// 8-lane code that AVX-512 CPUs also run, unmeasured there).
+    /// The tiles this CPU's transforms take: F(4, 3) on AVX2 (module `f4`); on AVX-512,
+    /// F(4, 3) for maps at least [`F4_MIN_W_AVX512`] wide and F(2, 3), whose transforms
+    /// exist in 16 lanes, below.
     pub fn new(h: usize, w: usize) -> Self {
-        let n = if isa::isa() == Some(isa::Isa::Avx2) {
-            f4::N
-        } else {
-            2
+        let n = match isa::isa() {
+            Some(isa::Isa::Avx2) => f4::N,
+            _ if w >= F4_MIN_W_AVX512 => f4::N,
+            _ => 2,
         };
         Self::with_n(h, w, n)
     }
