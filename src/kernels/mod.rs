@@ -18,9 +18,10 @@
 //!   set) when images run in parallel, else the `gemm` crate (the one candle's matmul
 //!   uses). Images are spread over rayon's threads.
 //!   3×3 padding-1 convolutions with enough channels and positions (the coupling
-//!   networks' hidden layers) run as Winograd along rows (module `winograd`: F(4, 3) on
-//!   AVX2, 6 multiplications per 4 outputs and kernel row instead of 12; F(2, 3) on
-//!   AVX-512, 4 per output pair instead of 6), forward and both gradients;
+//!   networks' hidden layers) run as Winograd along rows (module `winograd`: F(4, 3), 6
+//!   multiplications per 4 outputs and kernel row instead of 12, on AVX2 and on AVX-512
+//!   for maps at least 28 wide; else F(2, 3), 4 per output pair instead of 6), forward and
+//!   both gradients;
 //!   [`Kernels::Direct`] turns that off.
 //! - [`conv2d_concat_elu`], [`conv2d_relu`]: the same convolution of ConcatELU (or ReLU) of
 //!   its input, computed per image in scratch so the activation never becomes a tensor.
