@@ -51,16 +51,13 @@ pub fn device(name: &str) -> Result<Device> {
     }
 }
 
-/// The git revision of the working directory, if it is a git checkout.
+/// The git revision this flowlab was built from (`-modified` when the checkout's tracked
+/// files differed from it), embedded by `build.rs`; `None` for a build outside a git
+/// checkout. It names the code that ran, not the folder a run is started in.
 pub fn git_rev() -> Option<String> {
-    let out = std::process::Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    Some(env!("FLOWLAB_GIT_REV"))
         .filter(|s| !s.is_empty())
+        .map(String::from)
 }
 
 fn bar_style(template: &str) -> ProgressStyle {
@@ -373,4 +370,26 @@ fn execute(
         )?;
     }
     Ok((row, report.curves))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn git_rev_is_the_revision_built_from() {
+        // The sources' checkout, as `build.rs` saw it (tests run where they were built).
+        let out = std::process::Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output();
+        let Some(head) = out.ok().filter(|o| o.status.success()) else {
+            eprintln!("skipped: not built from a git checkout");
+            return;
+        };
+        let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+        let rev = super::git_rev().expect("a build inside a git checkout embeds its revision");
+        assert!(
+            rev == head || rev == format!("{head}-modified"),
+            "{rev} vs {head}"
+        );
+    }
 }
