@@ -111,7 +111,7 @@ impl Tiles {
     pub fn new(h: usize, w: usize) -> Self {
         let n = match isa::isa() {
             Some(isa::Isa::Avx2) => f4::N,
-            _ if w >= F4_MIN_W_AVX512 => f4::N,
+            Some(isa::Isa::Avx512) if w >= F4_MIN_W_AVX512 => f4::N,
             _ => 2,
         };
         Self::with_n(h, w, n)

@@ -21,6 +21,7 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
+use super::super::direct::tail_mask;
 use super::{pack_t, Layout, Start, View, MR, PREFETCH_OWN_K};
 
 /// f32 lanes per vector.
@@ -40,8 +41,7 @@ struct Panel(MaybeUninit<[f32; KC * NR]>);
 /// The lanes of a vector that hold columns `j0..j0 + 16` of a row of `cols` columns.
 #[inline]
 fn lanes(cols: usize, j0: usize) -> __mmask16 {
-    let n = cols.saturating_sub(j0).min(L);
-    ((1u32 << n) - 1) as __mmask16
+    tail_mask(cols.saturating_sub(j0))
 }
 
 /// `C = start + A·B` for `i < m`, `j < n` (see the parent module's `run`, which checks the
