@@ -13,7 +13,7 @@ use crate::rng::Rng;
 use crate::spec::{ModelPlan, PlannedLayer, PlannedOp, Run};
 use crate::train::shard::Sharding;
 use crate::train::{optim, Adam};
-use crate::Result;
+use crate::{Error, Result};
 
 mod peak;
 pub use peak::fma_peak_gflops;
@@ -152,6 +152,11 @@ pub fn bench_run(
     steps: usize,
     dev: &Device,
 ) -> Result<BenchRow> {
+    if batch == 0 || steps == 0 {
+        return Err(Error::Usage(format!(
+            "bench needs a batch and timed steps of at least 1 (got batch {batch}, steps {steps})"
+        )));
+    }
     let model = build_model(&run.plan, 0, DType::F32, dev)?;
     let mut opt = Adam::new(
         model.store().named_vars(),

@@ -32,10 +32,14 @@ pub struct RunOptions {
 pub struct SweepSummary {
     pub exp_dir: PathBuf,
     pub total: usize,
+    /// Runs found finished (done or diverged) and skipped.
     pub skipped: usize,
     pub done: usize,
     pub diverged: usize,
     pub failed: usize,
+    /// Runs that had failed in an earlier sweep and were tried again (counted again in
+    /// `done`, `diverged` or `failed`).
+    pub retried: usize,
 }
 
 /// The device named by a spec (`cpu`, `cuda`, `cuda:N`).
@@ -90,11 +94,20 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
         if opts.force && dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }
-        if let Some(rec) = results::read_record(&dir)? {
-            tracing::info!(run = %run.name, status = rec.row.status.as_str(), "already finished, skipped");
-            summary.skipped += 1;
-            sweep_bar.inc(1);
-            continue;
+        match results::read_record(&dir)? {
+            // A failed run (an error, not a result) is tried again, from its checkpoint
+            // if it got that far; done and diverged runs are results and stay.
+            Some(rec) if rec.row.status == Status::Failed => {
+                tracing::info!(run = %run.name, reason = ?rec.row.status_reason, "failed before, trying again");
+                summary.retried += 1;
+            }
+            Some(rec) => {
+                tracing::info!(run = %run.name, status = rec.row.status.as_str(), "already finished, skipped");
+                summary.skipped += 1;
+                sweep_bar.inc(1);
+                continue;
+            }
+            None => {}
         }
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let yaml = serde_yaml::to_string(&run.config).map_err(|e| Error::Usage(e.to_string()))?;

@@ -112,6 +112,69 @@ fn missing_paths_are_named_once_with_their_cause() {
     assert!(err.contains("a run directory is"), "{err}");
 }
 
+#[test]
+fn counts_below_one_are_usage_errors() {
+    for args in [
+        &["bench", "experiments/ci_small.yaml", "--batch", "0"][..],
+        &["bench", "experiments/ci_small.yaml", "--steps", "0"],
+        &["sample", "no/such/run", "--n", "0"],
+    ] {
+        let (code, _, err) = flowlab(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("must be at least 1"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn files_of_the_wrong_kind_are_refused_by_name() {
+    let (code, _, err) = flowlab(&["compare", "experiments/ci_small.yaml"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("experiments/ci_small.yaml: not a .parquet table"),
+        "{err}"
+    );
+    let (code, _, err) = flowlab(&["sample", "no/such/run", "-o", "grid.jpg"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("grid.jpg: samples are written as PNG"),
+        "{err}"
+    );
+}
+
+#[test]
+fn failed_runs_exit_1_with_plain_logs_and_run_again_next_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("s.yaml");
+    std::fs::write(&spec, SPEC).unwrap();
+    let out = dir.path().join("out");
+    let args = [
+        "run",
+        spec.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+        "--only",
+        "a",
+        // Fewer training images than a batch: every run fails.
+        "--set",
+        "data.train_subset=8",
+    ];
+    let (code, _, err) = flowlab(&args);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("2 failed") && err.contains("only 8 training images"),
+        "{err}"
+    );
+    // stderr is a pipe here: no terminal colour codes in the log lines.
+    assert!(!err.contains('\x1b'), "{err:?}");
+    let (code, _, err) = flowlab(&args);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("2 had failed in an earlier sweep and ran again"),
+        "{err}"
+    );
+}
+
 fn records(dir: &Path) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = std::fs::read_dir(dir.join("clitest/runs"))
         .map(|rd| {

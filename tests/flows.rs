@@ -2,7 +2,7 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::*;
 use flowlab::flow::actnorm::ActNorm;
 use flowlab::flow::coupling::{CouplingKind, Partition, ScaleBound};
@@ -277,6 +277,20 @@ fn sampling_and_exact_reconstruction() {
 }
 
 #[test]
+fn empty_batches_are_errors_not_panics() {
+    let store = f32_store(0);
+    let model = tutorial_multiscale(&store).unwrap();
+    let empty = Tensor::zeros((0, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
+    let e = model.bpd(&empty, &mut FlowCtx::new(0)).unwrap_err();
+    assert!(e.to_string().contains("B ≥ 1"), "{e}");
+    let e = model.sample(0, 0.7, &mut FlowCtx::new(0)).unwrap_err();
+    assert!(e.to_string().contains("n ≥ 1"), "{e}");
+    let z = Tensor::zeros((0, 8, 7, 7), DType::F32, &Device::Cpu).unwrap();
+    let e = model.decode(&z, &mut FlowCtx::new(0)).unwrap_err();
+    assert!(e.to_string().contains("B ≥ 1"), "{e}");
+}
+
+#[test]
 fn same_seed_same_model_and_bpd() {
     let x = pixels(2, 4);
     let run = |seed| {
@@ -294,7 +308,6 @@ fn same_seed_same_model_and_bpd() {
 
 #[test]
 fn learned_and_class_conditional_top_priors() {
-    use candle_core::DType;
     let text = "
 data: {dataset: mnist, downscale: 2}
 train: {steps: 1}

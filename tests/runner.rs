@@ -122,6 +122,68 @@ fn tiny_sweep_writes_tables_samples_and_skips_finished_runs() {
 }
 
 #[test]
+fn a_failed_run_runs_again_in_the_next_sweep_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("tiny");
+    // A real failure: too few training images for a batch. It is recorded, and the next
+    // sweep tries it again (and records it again) instead of counting it as finished.
+    let few = ["data.train_subset=8", "sweep.grid.seed=[0]"];
+    let s = sweep(TINY, dir.path(), &few);
+    assert_eq!(
+        (s.done, s.failed, s.skipped, s.retried),
+        (0, 2, 0, 0),
+        "{s:?}"
+    );
+    let recs = results::collect_records(&exp).unwrap();
+    assert!(recs.iter().all(|r| r.row.status == Status::Failed));
+    let reason = recs[0].row.status_reason.as_deref().unwrap();
+    assert!(reason.contains("training images"), "{reason}");
+    let s = sweep(TINY, dir.path(), &few);
+    assert_eq!(
+        (s.done, s.failed, s.skipped, s.retried),
+        (0, 2, 0, 2),
+        "{s:?}"
+    );
+
+    // A run that failed after training (say, a full disk while writing samples): the next
+    // sweep resumes it from its final checkpoint, evaluates it and records it done,
+    // without training again; finished runs are left alone.
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("tiny");
+    let s = sweep(TINY, dir.path(), &[]);
+    assert_eq!((s.done, s.skipped), (4, 0), "{s:?}");
+    let before = results::collect_records(&exp).unwrap();
+    let r0 = before
+        .iter()
+        .find(|r| r.row.status == Status::Done)
+        .unwrap();
+    let f = results::run_dir(&exp, &r0.row.name, &r0.row.run_id).join("result.json");
+    let mut rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+    rec["row"]["status"] = "failed".into();
+    rec["row"]["status_reason"] = "No space left on device".into();
+    rec["row"]["test_bpd"] = serde_json::Value::Null;
+    std::fs::write(&f, serde_json::to_vec(&rec).unwrap()).unwrap();
+    let s = sweep(TINY, dir.path(), &[]);
+    assert_eq!(
+        (s.done, s.failed, s.skipped, s.retried),
+        (1, 0, 3, 1),
+        "{s:?}"
+    );
+    let after = results::collect_records(&exp).unwrap();
+    let r = after
+        .iter()
+        .find(|r| r.row.run_id == r0.row.run_id)
+        .unwrap();
+    assert_eq!(r.row.status, Status::Done);
+    assert_eq!(r.row.steps, r0.row.steps);
+    // Nothing was trained: the run resumed at its last step.
+    assert_eq!(r.row.train_imgs_per_s, None);
+    assert_eq!(r.curves, r0.curves);
+    // Evaluation draws from the run's own seeds: the same test bpd as before.
+    assert_eq!(r.row.test_bpd, r0.row.test_bpd);
+}
+
+#[test]
 fn a_diverging_run_is_recorded_and_the_sweep_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let text = TINY.replace(

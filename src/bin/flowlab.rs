@@ -30,7 +30,9 @@ enum Command {
     /// Train every run of an experiment's sweep and write results/<experiment>/.
     ///
     /// Finished runs are skipped, an interrupted run resumes from its last checkpoint,
-    /// a diverging run is recorded as `diverged` and the sweep goes on.
+    /// a diverging run is recorded as `diverged` and the sweep goes on. A run that failed
+    /// (an error such as missing data, recorded as `failed`) is tried again by the next
+    /// `flowlab run`, from its checkpoint if it has one.
     Run(RunArgs),
     /// Statically check a spec: layer table with shapes and parameter counts, sweep size,
     /// and a numerical invertibility check on a random batch.
@@ -61,10 +63,10 @@ struct BenchArgs {
     #[command(flatten)]
     spec: SpecArgs,
     /// Batch size (default: the spec's).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     batch: Option<usize>,
     /// Timed steps (after 2 warm-up steps).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     steps: usize,
     /// One JSON object per variant per line.
     #[arg(long)]
@@ -74,6 +76,15 @@ struct BenchArgs {
     /// difference).
     #[arg(long, value_enum, default_value_t = KernelChoice::Fast)]
     kernels: KernelChoice,
+}
+
+/// A count that must be at least 1 (batch sizes, steps, images).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -87,7 +98,8 @@ enum KernelChoice {
 struct SpecArgs {
     /// Experiment file (YAML).
     spec: PathBuf,
-    /// Override a spec value, Hydra-style: `--set train.steps=200` (repeatable).
+    /// Override a spec value, Hydra-style: `--set train.steps=200` (repeatable); list
+    /// entries as `models.glow.layers[0].levels=2` or `layers.0`.
     #[arg(long = "set", value_name = "PATH=VALUE")]
     set: Vec<String>,
     /// Only these model variants (repeatable or comma-separated; `--variant` is the same).
@@ -139,7 +151,7 @@ struct SampleArgs {
     /// A run's folder (results/<experiment>/runs/<name>-<id>).
     run_dir: PathBuf,
     /// Number of images.
-    #[arg(long, short, default_value_t = 64)]
+    #[arg(long, short, default_value_t = 64, value_parser = at_least_one)]
     n: usize,
     /// Sampling temperature(s) (0 = the mode of every latent). Several
     /// (`-t 0,0.5,0.7,0.85,1`) write a temperature study: one labelled row of `n` images
@@ -187,6 +199,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours for a terminal; plain text in logs and pipes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     flowlab::kernels::tune_allocator();
@@ -240,8 +254,20 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         },
     )?;
     eprintln!(
-        "{} runs: {} done, {} diverged, {} failed, {} already finished",
-        s.total, s.done, s.diverged, s.failed, s.skipped
+        "{} runs: {} done, {} diverged, {} failed, {} already finished{}",
+        s.total,
+        s.done,
+        s.diverged,
+        s.failed,
+        s.skipped,
+        if s.retried > 0 {
+            format!(
+                "; {} had failed in an earlier sweep and ran again",
+                s.retried
+            )
+        } else {
+            String::new()
+        }
     );
     let table = s.exp_dir.join("runs.parquet");
     let df = compare::load(&table)?;
@@ -442,6 +468,15 @@ fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
 }
 
 fn cmd_sample(a: SampleArgs) -> Result<ExitCode> {
+    if a.output
+        .extension()
+        .is_some_and(|e| !e.eq_ignore_ascii_case("png"))
+    {
+        bail!(
+            "{}: samples are written as PNG; name the output *.png",
+            a.output.display()
+        );
+    }
     let cfg_path = a.run_dir.join("config.yaml");
     let text = std::fs::read_to_string(&cfg_path).with_context(|| {
         format!(

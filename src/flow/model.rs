@@ -209,11 +209,11 @@ impl FlowModel {
     }
 
     fn check_input(&self, x: &Tensor) -> Result<()> {
-        if x.rank() != 4 || x.dims()[1..] != self.data_shape[..] {
+        if x.rank() != 4 || x.dims()[1..] != self.data_shape[..] || x.dim(0)? == 0 {
             return Err(Error::shape(
                 "model",
                 format!(
-                    "expected images [B, {:?}], got {:?}",
+                    "expected images [B ≥ 1, {:?}], got {:?}",
                     self.data_shape,
                     x.dims()
                 ),
@@ -268,6 +268,12 @@ impl FlowModel {
     /// Decodes latents back to integer images: `z` plus the factored latents (given), or
     /// sampled at `ctx.latents`' temperature.
     pub fn decode(&self, z: &Tensor, ctx: &mut FlowCtx) -> Result<Tensor> {
+        if z.rank() == 0 || z.dim(0)? == 0 {
+            return Err(Error::shape(
+                "model",
+                format!("expected latents [B ≥ 1, …], got {:?}", z.dims()),
+            ));
+        }
         let ldj = Tensor::zeros(z.dim(0)?, z.dtype(), z.device())?;
         let (y, ldj) = self.flows.inverse_ctx(z, &ldj, ctx)?;
         let (x, _) = self.dequant.inverse_ctx(&y, &ldj, ctx)?;
@@ -276,6 +282,9 @@ impl FlowModel {
 
     /// Draws `n` images at `temperature` (z ~ N(0, T²I), split latents too); values 0..=255.
     pub fn sample(&self, n: usize, temperature: f64, ctx: &mut FlowCtx) -> Result<Tensor> {
+        if n == 0 {
+            return Err(Error::Usage("sampling needs n ≥ 1 images".into()));
+        }
         let mut shape = vec![n];
         shape.extend(&self.latent_shape);
         let eps = ctx

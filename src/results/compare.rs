@@ -26,6 +26,13 @@ pub struct CompareRow {
 /// The `runs.parquet` files under `path` (a parquet file, an experiment folder, or a results root).
 pub fn find_tables(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_file() {
+        if path.extension().is_none_or(|e| e != "parquet") {
+            return Err(Error::Data(format!(
+                "{}: not a .parquet table: give a results folder, an experiment's results \
+                 folder or its runs.parquet",
+                path.display()
+            )));
+        }
         return Ok(vec![path.to_path_buf()]);
     }
     let direct = path.join("runs.parquet");
@@ -126,7 +133,21 @@ pub fn summarise(
         .iter()
         .map(|b| group_column(df, b, path))
         .collect::<Result<_>>()?;
-    let metric_v = numbers(column(df, metric, path)?)?;
+    let metric_c = column(df, metric, path)?;
+    if !(metric_c.dtype().is_numeric() || metric_c.dtype().is_null()) {
+        let numeric: Vec<&str> = df
+            .columns()
+            .iter()
+            .filter(|c| c.dtype().is_numeric())
+            .map(|c| c.name().as_str())
+            .collect();
+        return Err(Error::Data(format!(
+            "{}: metric '{metric}' is not a number column; number columns: {}",
+            path.display(),
+            numeric.join(", ")
+        )));
+    }
+    let metric_v = numbers(metric_c)?;
     let status = column(df, "status", path)?;
     let params = numbers(column(df, "params", path)?)?;
     let speed = numbers(column(df, "train_imgs_per_s", path)?)?;
@@ -501,6 +522,12 @@ mod tests {
         )
         .unwrap();
         let p = Path::new("t.parquet");
+        let e = summarise(&df, p, &["variant".into()], "model.coupling.kind").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("not a number column; number columns: train.lr, test_bpd, params"),
+            "{e}"
+        );
         let rows = summarise(&df, p, &["variant".into(), "coupling".into()], "test_bpd").unwrap();
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[0].key, vec!["g", "affine"]);

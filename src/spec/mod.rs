@@ -134,6 +134,15 @@ impl Experiment {
             overrides: parsed,
             index,
         };
+        if let Some(why) = unsafe_folder_name(&exp.name) {
+            return Err(SpecErrors::one(exp.err(
+                "name",
+                format!(
+                    "'{}' {why}: the name is the results folder (results/<name>/)",
+                    exp.name
+                ),
+            )));
+        }
         if exp.variants.is_empty() {
             return Err(SpecErrors::one(exp.err(
                 "models",
@@ -646,5 +655,19 @@ pub fn parse_device(s: &str) -> Option<Option<usize>> {
             .strip_prefix("cuda:")
             .and_then(|n| n.parse().ok())
             .map(Some),
+    }
+}
+
+/// Why `name` cannot name a folder inside the results root, if it cannot: it must be
+/// one plain path component.
+fn unsafe_folder_name(name: &str) -> Option<&'static str> {
+    if name.trim().is_empty() {
+        Some("is empty")
+    } else if name.contains(['/', '\\']) {
+        Some("contains a path separator")
+    } else if name == "." || name == ".." {
+        Some("is not a folder name")
+    } else {
+        None
     }
 }

@@ -43,14 +43,29 @@ pub fn set(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
     let mut cur = doc;
     for (i, seg) in segs.iter().enumerate() {
         let last = i + 1 == segs.len();
-        match seg {
+        // `layers.0` on a list is `layers[0]` (the Hydra spelling).
+        let index = match seg {
+            Seg::Key(k) if cur.is_sequence() => k.parse().ok().map(Seg::Index),
+            _ => None,
+        };
+        match index.as_ref().unwrap_or(seg) {
             Seg::Key(k) => {
                 if cur.is_null() {
                     *cur = Value::Mapping(Mapping::new());
                 }
-                let m = cur.as_mapping_mut().ok_or_else(|| {
-                    format!("'{k}' in '{path}': the value there is not a mapping")
-                })?;
+                let m = match cur {
+                    Value::Mapping(m) => m,
+                    Value::Sequence(_) => {
+                        return Err(format!(
+                            "'{k}' in '{path}': the value there is a list; index it with a number"
+                        ))
+                    }
+                    _ => {
+                        return Err(format!(
+                            "'{k}' in '{path}': the value there is not a mapping"
+                        ))
+                    }
+                };
                 let key = Value::String(k.clone());
                 if last {
                     m.insert(key, value);
@@ -172,6 +187,14 @@ mod tests {
         assert!(set(&mut doc, "train.lr.x", Value::from(5))
             .unwrap_err()
             .contains("not a mapping"));
+        set(&mut doc, "layers.0.t", Value::from(7)).unwrap();
+        assert_eq!(doc["layers"][0]["t"], Value::from(7));
+        assert!(set(&mut doc, "layers.9.t", Value::from(5))
+            .unwrap_err()
+            .contains("out of range"));
+        assert!(set(&mut doc, "layers.t", Value::from(5))
+            .unwrap_err()
+            .contains("is a list; index it with a number"));
         assert_eq!(doc["train"]["lr"], Value::from(2));
         assert_eq!(doc["layers"][1]["t"], Value::from(5));
         let mut base: Value = serde_yaml::from_str("{a: {x: 1, y: 2}, b: 3}").unwrap();
