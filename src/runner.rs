@@ -72,6 +72,14 @@ fn bar_style(template: &str) -> ProgressStyle {
 
 /// Runs every run of `runs` (from `exp`), writing under `opts.out/<experiment>/`.
 pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<SweepSummary> {
+    // A device this build or machine lacks fails every run on it: refuse the sweep before
+    // any training instead of recording each run as failed.
+    let mut devices: Vec<&str> = runs.iter().map(|r| r.config.device.as_str()).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    for d in devices {
+        device(d)?;
+    }
     let exp_dir = results::experiment_dir(&opts.out, &exp.name);
     std::fs::create_dir_all(exp_dir.join("runs")).map_err(|e| Error::io(&exp_dir, e))?;
     let multi = MultiProgress::with_draw_target(if opts.quiet {

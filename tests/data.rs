@@ -214,6 +214,18 @@ fn parquet_file_of_png_bytes_loads() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("does not exist"), "{e}");
+    // A relative source names the folder it was looked for in.
+    let e = data::load_parts(&spec("{dataset: {name: rel, source: no/such/folder}}"))
+        .unwrap_err()
+        .to_string();
+    let cwd = std::env::current_dir().unwrap();
+    assert!(
+        e.contains(&format!(
+            "'no/such/folder' does not exist in {}",
+            cwd.display()
+        )),
+        "{e}"
+    );
 }
 
 #[test]

@@ -121,6 +121,27 @@ fn tiny_sweep_writes_tables_samples_and_skips_finished_runs() {
     assert_eq!(runs.column("cpu_kernels").unwrap().null_count(), 1);
 }
 
+/// Without the `cuda` feature no CUDA device exists: a sweep on one is refused whole,
+/// before any run starts or is recorded.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_sweep_on_a_missing_device_is_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = Experiment::from_text(TINY, "tiny.yaml", "tiny", &["device=cuda:0".into()]).unwrap();
+    let runs = exp.runs(&[], &shape_of).unwrap();
+    let opts = RunOptions {
+        out: dir.path().to_path_buf(),
+        force: false,
+        quiet: true,
+    };
+    let e = run_sweep(&exp, &runs, &opts).unwrap_err().to_string();
+    assert!(
+        e.contains("device 'cuda:0'") && e.contains("--features cuda"),
+        "{e}"
+    );
+    assert!(!dir.path().join("tiny").exists());
+}
+
 #[test]
 fn a_failed_run_runs_again_in_the_next_sweep_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();

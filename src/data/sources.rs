@@ -22,8 +22,13 @@ pub fn load(name: &str, source: &str) -> Result<(Dataset, Dataset)> {
     }
     let path = Path::new(source);
     if !path.exists() {
+        // A relative source is read from the working directory, not the spec's folder.
+        let from = match std::env::current_dir() {
+            Ok(cwd) if path.is_relative() => format!(" in {}", cwd.display()),
+            _ => String::new(),
+        };
         return Err(Error::Data(format!(
-            "{name}: source '{source}' does not exist (expected hf://<repo>, a parquet file, a folder of PNGs or of IDX files)"
+            "{name}: source '{source}' does not exist{from} (expected hf://<repo>, a parquet file, a folder of PNGs or of IDX files; a relative path is read from the working directory)"
         )));
     }
     if path.is_file() {
