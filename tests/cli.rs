@@ -173,6 +173,19 @@ fn failed_runs_exit_1_with_plain_logs_and_run_again_next_time() {
         err.contains("2 had failed in an earlier sweep and ran again"),
         "{err}"
     );
+    // Sampling from it says why there is nothing to sample from.
+    let run = std::fs::read_dir(out.join("clitest/runs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let (code, _, err) = flowlab(&["sample", run.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no checkpoint: the run is recorded as failed (data: only 8 training"),
+        "{err}"
+    );
 }
 
 fn records(dir: &Path) -> Vec<(String, String)> {

@@ -497,10 +497,23 @@ fn cmd_sample(a: SampleArgs) -> Result<ExitCode> {
     )?;
     let ckpt = flowlab::train::CheckpointPaths::in_dir(&a.run_dir);
     if !ckpt.tensors.is_file() {
-        bail!(
-            "{}: no checkpoint (has the run trained yet?)",
-            ckpt.tensors.display()
-        );
+        // Say why, where the run's record knows.
+        let why = match results::read_record(&a.run_dir).ok().flatten() {
+            Some(r) if r.row.status != results::Status::Done => format!(
+                "the run is recorded as {}{}{} before its first checkpoint",
+                r.row.status.as_str(),
+                r.row
+                    .status_step
+                    .map(|s| format!(" at step {s}"))
+                    .unwrap_or_default(),
+                r.row
+                    .status_reason
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default(),
+            ),
+            _ => "has the run trained yet?".to_string(),
+        };
+        bail!("{}: no checkpoint: {why}", ckpt.tensors.display());
     }
     let (step, _) = flowlab::train::load_checkpoint(&model, None, &ckpt)?;
     if let Some(bad) = a
