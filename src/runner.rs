@@ -1,7 +1,9 @@
 //! `flowlab run`: every run of a sweep, with resume, divergence handling, samples and tables.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -25,6 +27,9 @@ pub struct RunOptions {
     pub force: bool,
     /// No progress bars.
     pub quiet: bool,
+    /// Set (by a Ctrl-C handler, say) to stop the sweep: the run in training stops after
+    /// its current step with a checkpoint, unrecorded, and no further run starts.
+    pub stop: Option<&'static AtomicBool>,
 }
 
 /// Counts of a sweep.
@@ -40,6 +45,17 @@ pub struct SweepSummary {
     /// Runs that had failed in an earlier sweep and were tried again (counted again in
     /// `done`, `diverged` or `failed`).
     pub retried: usize,
+    /// The sweep stopped on request before its end.
+    pub stopped: bool,
+    /// The run stopped in training, and the step its checkpoint holds.
+    pub stopped_at: Option<(String, usize)>,
+}
+
+/// How [`execute`] ended.
+enum Executed {
+    Finished(Box<RunRow>, Vec<train::CurvePoint>),
+    /// Stopped on request after this step (checkpointed, not recorded).
+    Stopped(usize),
 }
 
 /// The device named by a spec (`cpu`, `cuda`, `cuda:N`).
@@ -96,7 +112,12 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
     };
     let mut data_cache: HashMap<String, Splits> = HashMap::new();
     let rev = git_rev();
+    let stopping = || opts.stop.is_some_and(|s| s.load(Ordering::Relaxed));
     for run in runs {
+        if stopping() {
+            summary.stopped = true;
+            break;
+        }
         sweep_bar.set_message(run.name.clone());
         let dir = results::run_dir(&exp_dir, &run.name, &run.id);
         if opts.force && dir.exists() {
@@ -126,8 +147,16 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
             "  {prefix} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}",
         ));
         step_bar.set_prefix(run.name.clone());
-        let (row, curves) = match execute(run, &dir, &mut data_cache, &step_bar) {
-            Ok(done) => done,
+        let stop = &stopping;
+        let (row, curves) = match execute(run, &dir, &mut data_cache, &step_bar, stop) {
+            Ok(Executed::Finished(row, curves)) => (*row, curves),
+            Ok(Executed::Stopped(step)) => {
+                step_bar.finish_and_clear();
+                tracing::info!(run = %run.name, step, "stopped on request, checkpointed");
+                summary.stopped = true;
+                summary.stopped_at = Some((run.name.clone(), step));
+                break;
+            }
             Err(e) => {
                 tracing::warn!(run = %run.name, error = %e, "run failed");
                 // Whatever the run logged before failing, from its last checkpoint.
@@ -150,7 +179,7 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
         sweep_bar.inc(1);
     }
     sweep_bar.finish_and_clear();
-    if runs.is_empty() || summary.skipped == runs.len() {
+    if runs.is_empty() || summary.skipped == runs.len() || summary.stopped {
         results::write_tables(&exp_dir)?;
     }
     Ok(summary)
@@ -277,7 +306,8 @@ fn execute(
     dir: &Path,
     cache: &mut HashMap<String, Splits>,
     bar: &ProgressBar,
-) -> Result<(RunRow, Vec<train::CurvePoint>)> {
+    stop: &dyn Fn() -> bool,
+) -> Result<Executed> {
     let c = &run.config;
     let dev = device(&c.device)?;
     let key = serde_json::to_string(&c.data).unwrap_or_default();
@@ -312,8 +342,16 @@ fn execute(
         &mut |step, _total, bpd, ips| {
             bar.set_position(step as u64);
             bar.set_message(format!("bpd {bpd:.3}  {ips:.0} img/s"));
+            if stop() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
         },
     )?;
+    if let Outcome::Stopped { step } = report.outcome {
+        return Ok(Executed::Stopped(step));
+    }
     let mut row = base_row(run, Status::Done);
     row.params = model.num_params() as u64;
     row.steps = report.steps as u64;
@@ -323,7 +361,7 @@ fn execute(
         row.status = Status::Diverged;
         row.status_step = Some(*step as u64);
         row.status_reason = Some(reason.clone());
-        return Ok((row, report.curves));
+        return Ok(Executed::Finished(Box::new(row), report.curves));
     }
     bar.set_message("evaluating test bpd".to_string());
     let seed = c.train.seed;
@@ -390,7 +428,7 @@ fn execute(
             &dir.join("samples-temperatures.png"),
         )?;
     }
-    Ok((row, report.curves))
+    Ok(Executed::Finished(Box::new(row), report.curves))
 }
 
 #[cfg(test)]

@@ -202,6 +202,87 @@ fn records(dir: &Path) -> Vec<(String, String)> {
     v
 }
 
+/// Ctrl-C (SIGINT) stops `flowlab run` gracefully: the run in training checkpoints after
+/// its current step (between its evaluations), the process exits 130 saying where it
+/// stopped, and the same command finishes the run from there.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_checkpoints_the_run_in_training_and_the_same_command_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("clitest.yaml");
+    let text = SPEC
+        .replace(
+            "train: {steps: 8, eval_every: 4, log_every: 4}",
+            "train: {steps: 3000, eval_every: 1000, log_every: 100}",
+        )
+        .replace("seed: [0, 1]", "seed: [0]");
+    std::fs::write(&spec, text).unwrap();
+    let out = dir.path().join("results");
+    let args = [
+        "run",
+        spec.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+        "--only",
+        "a",
+    ];
+    let child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the step-1000 checkpoint exists, 2000 steps before the end.
+    let runs = out.join("clitest/runs");
+    let ckpt = || {
+        std::fs::read_dir(&runs)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("checkpoint.safetensors"))
+            .find(|p| p.is_file())
+    };
+    let t0 = Instant::now();
+    while ckpt().is_none() && t0.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("stopping: the run in training checkpoints"),
+        "{err}"
+    );
+    let step: usize = err
+        .split("has a checkpoint at step ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no stop step in: {err}"));
+    assert!((1000..3000).contains(&step), "{step}");
+    let run_dir = ckpt().unwrap().parent().unwrap().to_path_buf();
+    assert!(
+        !run_dir.join("result.json").exists(),
+        "a stopped run is not recorded"
+    );
+
+    let (code, _, err) = flowlab(&args);
+    assert_eq!(code, 0, "{err}");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("result.json")).unwrap()).unwrap();
+    assert_eq!(rec["row"]["status"], "done");
+    assert_eq!(rec["row"]["steps"], 3000);
+    // Every curve point once, from the first process and the second.
+    let steps: Vec<u64> = rec["curves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=30).map(|i| i * 100).collect::<Vec<_>>());
+}
+
 #[test]
 fn killed_sweep_resumes_without_redoing_or_losing_runs_then_compare_and_sample() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,7 +1,9 @@
 //! End-to-end runs on tiny MNIST subsets (7×7, a few steps): tables, resume, divergence,
 //! reload, reproducibility.
 
+use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device};
 use flowlab::build::build_model;
@@ -9,7 +11,7 @@ use flowlab::data::{shape_of, Loader};
 use flowlab::results::{self, Status};
 use flowlab::runner::{run_sweep, RunOptions};
 use flowlab::spec::Experiment;
-use flowlab::train::{self, derive_seed, streams, CheckpointPaths};
+use flowlab::train::{self, derive_seed, streams, CheckpointPaths, Outcome};
 
 const TINY: &str = "
 name: tiny
@@ -41,6 +43,7 @@ fn sweep(text: &str, out: &Path, overrides: &[&str]) -> flowlab::runner::SweepSu
             out: out.to_path_buf(),
             force: false,
             quiet: true,
+            stop: None,
         },
     )
     .unwrap()
@@ -133,6 +136,7 @@ fn a_sweep_on_a_missing_device_is_refused_before_training() {
         out: dir.path().to_path_buf(),
         force: false,
         quiet: true,
+        stop: None,
     };
     let e = run_sweep(&exp, &runs, &opts).unwrap_err().to_string();
     assert!(
@@ -140,6 +144,26 @@ fn a_sweep_on_a_missing_device_is_refused_before_training() {
         "{e}"
     );
     assert!(!dir.path().join("tiny").exists());
+}
+
+#[test]
+fn a_stop_request_ends_the_sweep_before_its_next_run() {
+    static STOP: AtomicBool = AtomicBool::new(true);
+    let dir = tempfile::tempdir().unwrap();
+    let exp = Experiment::from_text(TINY, "tiny.yaml", "tiny", &[]).unwrap();
+    let runs = exp.runs(&[], &shape_of).unwrap();
+    let opts = RunOptions {
+        out: dir.path().to_path_buf(),
+        force: false,
+        quiet: true,
+        stop: Some(&STOP),
+    };
+    let s = run_sweep(&exp, &runs, &opts).unwrap();
+    assert!(s.stopped && s.stopped_at.is_none(), "{s:?}");
+    assert_eq!((s.done, s.failed, s.skipped), (0, 0, 0), "{s:?}");
+    assert!(results::collect_records(&dir.path().join("tiny"))
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -337,7 +361,7 @@ fn resumes_exactly(variant: &str, batch: usize) {
         &tl,
         &vl,
         Some(&CheckpointPaths::in_dir(d1.path())),
-        &mut |_, _, _, _| {},
+        &mut |_, _, _, _| ControlFlow::Continue(()),
     )
     .unwrap();
 
@@ -352,7 +376,7 @@ fn resumes_exactly(variant: &str, batch: usize) {
         &tl,
         &vl,
         Some(&CheckpointPaths::in_dir(d2.path())),
-        &mut |_, _, _, _| {},
+        &mut |_, _, _, _| ControlFlow::Continue(()),
     )
     .unwrap();
     let m3 = build_model(&run.plan, 999, DType::F32, &Device::Cpu).unwrap();
@@ -362,10 +386,44 @@ fn resumes_exactly(variant: &str, batch: usize) {
         &tl,
         &vl,
         Some(&CheckpointPaths::in_dir(d2.path())),
-        &mut |_, _, _, _| {},
+        &mut |_, _, _, _| ControlFlow::Continue(()),
     )
     .unwrap();
     assert_eq!(resumed.resumed_from, 3, "{variant}");
     assert_eq!(resumed.steps, 6, "{variant}");
+    assert_eq!(resumed.curves, full.curves, "{variant}");
+
+    // Stopped on request after step 5, between curve points (log every 2, evaluate every
+    // 3): a checkpoint there, and the resumed run's curves are the uninterrupted ones
+    // (the average since the step-4 point is kept in the checkpoint).
+    let d3 = tempfile::tempdir().unwrap();
+    let stopped = train::train(
+        &fresh(),
+        &run.config,
+        &tl,
+        &vl,
+        Some(&CheckpointPaths::in_dir(d3.path())),
+        &mut |step, _, _, _| {
+            if step == 5 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(stopped.outcome, Outcome::Stopped { step: 5 }, "{variant}");
+    assert_eq!(stopped.steps, 5, "{variant}");
+    let resumed = train::train(
+        &build_model(&run.plan, 999, DType::F32, &Device::Cpu).unwrap(),
+        &run.config,
+        &tl,
+        &vl,
+        Some(&CheckpointPaths::in_dir(d3.path())),
+        &mut |_, _, _, _| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    assert_eq!(resumed.resumed_from, 5, "{variant}");
+    assert_eq!(resumed.outcome, Outcome::Done, "{variant}");
     assert_eq!(resumed.curves, full.curves, "{variant}");
 }

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -32,7 +33,9 @@ enum Command {
     /// Finished runs are skipped, an interrupted run resumes from its last checkpoint,
     /// a diverging run is recorded as `diverged` and the sweep goes on. A run that failed
     /// (an error such as missing data, recorded as `failed`) is tried again by the next
-    /// `flowlab run`, from its checkpoint if it has one.
+    /// `flowlab run`, from its checkpoint if it has one. Ctrl-C (or SIGTERM) stops the sweep
+    /// gracefully: the run in training checkpoints after its current step, and the same
+    /// command resumes it (a second Ctrl-C quits at once).
     Run(RunArgs),
     /// Statically check a spec: layer table with shapes and parameter counts, sweep size,
     /// and a numerical invertibility check on a random batch.
@@ -235,8 +238,36 @@ fn load_runs(a: &SpecArgs) -> Result<(Experiment, Vec<Run>)> {
     Ok((exp, runs))
 }
 
+/// Set by the first Ctrl-C (SIGINT) or SIGTERM during `flowlab run`.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Ctrl-C and SIGTERM (a job scheduler's pre-emption) stop a sweep gracefully: the run in
+/// training checkpoints after its current step and no other run starts. A second signal
+/// ends the process at once.
+#[cfg(unix)]
+fn stop_gracefully_on_signals() {
+    extern "C" fn on_signal(_: libc::c_int) {
+        // Only async-signal-safe calls here: an atomic swap, write(2) and _exit(2).
+        if STOP.swap(true, Ordering::SeqCst) {
+            unsafe { libc::_exit(130) };
+        }
+        const MSG: &[u8] = b"\nstopping: the run in training checkpoints after its current step \
+            (an evaluation in progress finishes first); Ctrl-C again quits at once\n";
+        unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+    }
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+#[cfg(not(unix))]
+fn stop_gracefully_on_signals() {}
+
 fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     let (exp, runs) = load_runs(&a.spec)?;
+    stop_gracefully_on_signals();
     eprintln!(
         "{}: {} run{} → {}",
         exp.name,
@@ -251,6 +282,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
             out: a.out.clone(),
             force: a.force,
             quiet: a.quiet,
+            stop: Some(&STOP),
         },
     )?;
     eprintln!(
@@ -282,6 +314,16 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         s.exp_dir.join("curves.parquet").display()
     );
     say!("samples: {}/runs/*/samples-t*.png", s.exp_dir.display());
+    if s.stopped {
+        match &s.stopped_at {
+            Some((run, step)) => eprintln!(
+                "stopped: {run} has a checkpoint at step {step}; the same `flowlab run` resumes \
+                 it and the runs after it"
+            ),
+            None => eprintln!("stopped between runs; the same `flowlab run` goes on from there"),
+        }
+        return Ok(ExitCode::from(130));
+    }
     Ok(if s.failed > 0 {
         ExitCode::FAILURE
     } else {

@@ -9,6 +9,7 @@ pub mod eval;
 pub mod optim;
 pub mod shard;
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -42,6 +43,11 @@ pub enum Outcome {
     Diverged {
         step: usize,
         reason: String,
+    },
+    /// Stopped on request (the progress callback broke) after `step`, with a checkpoint
+    /// there when training had one; training the same run again resumes from it.
+    Stopped {
+        step: usize,
     },
 }
 
@@ -120,18 +126,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// Sums since the last curve point: (train bpd, steps, gradient norm). A checkpoint keeps
+/// them, so a run stopped between two curve points resumes to the same curves.
+type Accumulator = (f64, usize, f64);
+
 fn save_checkpoint(
     model: &FlowModel,
     opt: &Adam,
-    step: usize,
+    (step, acc): (usize, Accumulator),
     curves: &[CurvePoint],
     paths: &CheckpointPaths,
 ) -> Result<()> {
     let mut all = model.store().tensors();
     all.extend(opt.state()?);
+    let cpu = &candle_core::Device::Cpu;
+    all.insert("train.step".into(), Tensor::new(&[step as f64], cpu)?);
     all.insert(
-        "train.step".into(),
-        Tensor::new(&[step as f64], &candle_core::Device::Cpu)?,
+        "train.acc".into(),
+        Tensor::new(&[acc.0, acc.1 as f64, acc.2], cpu)?,
     );
     let tmp = paths.tensors.with_extension("safetensors.tmp");
     candle_core::safetensors::save(&all, &tmp)?;
@@ -150,6 +162,16 @@ pub fn load_checkpoint(
     opt: Option<&mut Adam>,
     paths: &CheckpointPaths,
 ) -> Result<(usize, Vec<CurvePoint>)> {
+    load_all(model, opt, paths).map(|(step, curves, _)| (step, curves))
+}
+
+/// [`load_checkpoint`] and the accumulator since the last curve point (zero in
+/// checkpoints written at a curve point, and in those written before it was kept).
+fn load_all(
+    model: &FlowModel,
+    opt: Option<&mut Adam>,
+    paths: &CheckpointPaths,
+) -> Result<(usize, Vec<CurvePoint>, Accumulator)> {
     let all = candle_core::safetensors::load(&paths.tensors, model.device())?;
     let params: std::collections::HashMap<String, Tensor> = all
         .iter()
@@ -176,11 +198,24 @@ pub fn load_checkpoint(
         Err(_) => Vec::new(),
     };
     curves.retain(|c| c.step <= step);
-    Ok((step, curves))
+    let acc = match all.get("train.acc") {
+        Some(t) => match t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[..] {
+            [bpd, n, norm] => (bpd, n as usize, norm),
+            _ => {
+                return Err(Error::Checkpoint {
+                    path: paths.tensors.clone(),
+                    msg: "train.acc is not 3 numbers".into(),
+                })
+            }
+        },
+        None => (0.0, 0, 0.0),
+    };
+    Ok((step, curves, acc))
 }
 
-/// Progress callback: (step, total, latest train bpd, images/s).
-pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, f64, f64);
+/// Progress callback after every step: (step, total, latest train bpd, images/s).
+/// `ControlFlow::Break` stops training there, with a checkpoint ([`Outcome::Stopped`]).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, f64, f64) -> ControlFlow<()>;
 
 /// Trains `model` on `train`, validating on `val`. Checkpoints go to `ckpt` (if given) at
 /// every evaluation and at the end; an existing checkpoint there is resumed.
@@ -199,15 +234,14 @@ pub fn train(
     let sharding = shard::Sharding::new(model);
     let per_epoch = steps_per_epoch(cfg, train.len());
     let total = total_steps(cfg, train.len());
-    let (mut step, mut curves) = match ckpt {
-        Some(p) if p.tensors.is_file() => load_checkpoint(model, Some(&mut opt), p)?,
-        _ => (0, Vec::new()),
+    let (mut step, mut curves, mut acc) = match ckpt {
+        Some(p) if p.tensors.is_file() => load_all(model, Some(&mut opt), p)?,
+        _ => (0, Vec::new(), (0.0, 0, 0.0)),
     };
     let resumed_from = step;
     let val_batches = eval::first_batches(val, t.val_subset);
     let mut epoch_batches: Option<(usize, Vec<Vec<usize>>)> = None;
     let mut train_seconds = 0.0;
-    let mut acc = (0.0, 0usize, 0.0);
     let mut outcome = Outcome::Done;
 
     while step < total {
@@ -248,7 +282,7 @@ pub fn train(
 
         let imgs_per_s =
             ((step - resumed_from) * train.batch_size()) as f64 / train_seconds.max(1e-9);
-        progress(step, total, loss_v, imgs_per_s);
+        let stop = progress(step, total, loss_v, imgs_per_s).is_break();
         let log_now = step % t.log_every == 0;
         let eval_now = step % t.eval_every == 0 || step == total;
         if log_now || eval_now {
@@ -274,9 +308,16 @@ pub fn train(
             acc = (0.0, 0, 0.0);
             if eval_now {
                 if let Some(p) = ckpt {
-                    save_checkpoint(model, &opt, step, &curves, p)?;
+                    save_checkpoint(model, &opt, (step, acc), &curves, p)?;
                 }
             }
+        }
+        if stop && step < total {
+            if let Some(p) = ckpt.filter(|_| !eval_now) {
+                save_checkpoint(model, &opt, (step, acc), &curves, p)?;
+            }
+            outcome = Outcome::Stopped { step };
+            break;
         }
     }
     let imgs_per_s = ((step - resumed_from) * train.batch_size()) as f64 / train_seconds.max(1e-9);
