@@ -12,6 +12,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::build::build_model;
 use crate::data::{self, Loader, Splits};
 use crate::flow::{FlowCtx, FlowModel};
+use crate::results::lock::{clear_run_dir, RunLock};
 use crate::results::{self, png, RunRecord, RunRow, Status};
 use crate::spec::{parse_device, Experiment, Run};
 use crate::train::shard::Sharding;
@@ -45,6 +46,8 @@ pub struct SweepSummary {
     /// Runs that had failed in an earlier sweep and were tried again (counted again in
     /// `done`, `diverged` or `failed`).
     pub retried: usize,
+    /// Runs skipped because another `flowlab run` process was training them.
+    pub busy: usize,
     /// The sweep stopped on request before its end.
     pub stopped: bool,
     /// The run stopped in training, and the step its checkpoint holds.
@@ -120,8 +123,15 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
         }
         sweep_bar.set_message(run.name.clone());
         let dir = results::run_dir(&exp_dir, &run.name, &run.id);
-        if opts.force && dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        // Another `flowlab run` of this sweep may be training this run: leave it to it.
+        let Some(_claim) = RunLock::try_claim(&dir)? else {
+            tracing::info!(run = %run.name, "in training in another flowlab process, skipped");
+            summary.busy += 1;
+            sweep_bar.inc(1);
+            continue;
+        };
+        if opts.force {
+            clear_run_dir(&dir)?;
         }
         match results::read_record(&dir)? {
             // A failed run (an error, not a result) is tried again, from its checkpoint

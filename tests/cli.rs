@@ -283,6 +283,53 @@ fn ctrl_c_checkpoints_the_run_in_training_and_the_same_command_resumes_it() {
     assert_eq!(steps, (1..=30).map(|i| i * 100).collect::<Vec<_>>());
 }
 
+/// Two `flowlab run`s of one sweep at once (one per GPU, say) share its runs: each run is
+/// trained by one of them, never both.
+#[test]
+fn two_processes_share_a_sweep_without_training_a_run_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("clitest.yaml");
+    let text = SPEC
+        .replace(
+            "train: {steps: 8, eval_every: 4, log_every: 4}",
+            "train: {steps: 150, eval_every: 50, log_every: 50}",
+        )
+        .replace("seed: [0, 1]", "seed: [0, 1, 2]");
+    std::fs::write(&spec, text).unwrap();
+    let out = dir.path().join("results");
+    let args = [
+        "run",
+        spec.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
+    let start = || {
+        Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start(), start());
+    let done = |c: std::process::Child| {
+        let o = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        let n: usize = err
+            .split(" done,")
+            .next()
+            .and_then(|h| h.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no summary in: {err}"));
+        n
+    };
+    let (na, nb) = (done(a), done(b));
+    assert_eq!(na + nb, 6);
+    assert_eq!(records(&out).len(), 6);
+}
+
 #[test]
 fn killed_sweep_resumes_without_redoing_or_losing_runs_then_compare_and_sample() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicBool;
 use candle_core::{DType, Device};
 use flowlab::build::build_model;
 use flowlab::data::{shape_of, Loader};
+use flowlab::results::lock::RunLock;
 use flowlab::results::{self, Status};
 use flowlab::runner::{run_sweep, RunOptions};
 use flowlab::spec::Experiment;
@@ -164,6 +165,22 @@ fn a_stop_request_ends_the_sweep_before_its_next_run() {
     assert!(results::collect_records(&dir.path().join("tiny"))
         .unwrap()
         .is_empty());
+}
+
+#[test]
+fn a_run_claimed_by_another_process_is_left_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = Experiment::from_text(TINY, "tiny.yaml", "tiny", &[]).unwrap();
+    let runs = exp.runs(&[], &shape_of).unwrap();
+    let exp_dir = dir.path().join("tiny");
+    let claimed = results::run_dir(&exp_dir, &runs[1].name, &runs[1].id);
+    let claim = RunLock::try_claim(&claimed).unwrap().unwrap();
+    let s = sweep(TINY, dir.path(), &[]);
+    assert_eq!((s.done, s.busy, s.skipped), (3, 1, 0), "{s:?}");
+    assert!(!claimed.join("result.json").exists());
+    drop(claim);
+    let s = sweep(TINY, dir.path(), &[]);
+    assert_eq!((s.done, s.busy, s.skipped), (1, 0, 3), "{s:?}");
 }
 
 #[test]

@@ -285,21 +285,19 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
             stop: Some(&STOP),
         },
     )?;
+    let mut notes = String::new();
+    if s.busy > 0 {
+        notes += &format!(", {} in training in another flowlab process", s.busy);
+    }
+    if s.retried > 0 {
+        notes += &format!(
+            "; {} had failed in an earlier sweep and ran again",
+            s.retried
+        );
+    }
     eprintln!(
-        "{} runs: {} done, {} diverged, {} failed, {} already finished{}",
-        s.total,
-        s.done,
-        s.diverged,
-        s.failed,
-        s.skipped,
-        if s.retried > 0 {
-            format!(
-                "; {} had failed in an earlier sweep and ran again",
-                s.retried
-            )
-        } else {
-            String::new()
-        }
+        "{} runs: {} done, {} diverged, {} failed, {} already finished{notes}",
+        s.total, s.done, s.diverged, s.failed, s.skipped,
     );
     let table = s.exp_dir.join("runs.parquet");
     let df = compare::load(&table)?;

@@ -115,12 +115,19 @@ impl CheckpointPaths {
     }
 }
 
+/// A temporary file's path in `path`'s folder, for a write then rename: `.name.PID.tmp`,
+/// so that two processes writing the same file never share one.
+pub fn temporary_beside(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
 /// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
+    let tmp = temporary_beside(path);
     // Errors name the file asked for; the temporary one beside it is a detail.
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(path, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
@@ -145,7 +152,7 @@ fn save_checkpoint(
         "train.acc".into(),
         Tensor::new(&[acc.0, acc.1 as f64, acc.2], cpu)?,
     );
-    let tmp = paths.tensors.with_extension("safetensors.tmp");
+    let tmp = temporary_beside(&paths.tensors);
     candle_core::safetensors::save(&all, &tmp)?;
     // Curves first: a crash between the two renames leaves curves ahead of tensors, which
     // the loader trims to the checkpoint's step.
