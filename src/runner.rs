@@ -1,6 +1,7 @@
 //! `flowlab run`: every run of a sweep, with resume, divergence handling, samples and tables.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,6 +84,19 @@ pub fn git_rev() -> Option<String> {
         .map(String::from)
 }
 
+/// Seconds between progress lines in a log (when stderr is not a terminal).
+const LINE_EVERY_S: f64 = 30.0;
+
+/// `75` → `1m15s`; `4000` → `1h06m`.
+fn duration_text(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
 fn bar_style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template)
         .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -106,6 +120,8 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
     } else {
         ProgressDrawTarget::stderr()
     });
+    // Progress bars need a terminal; a log file (nohup, a batch job) gets lines instead.
+    let lines = !opts.quiet && !std::io::stderr().is_terminal();
     let sweep_bar = multi.add(ProgressBar::new(runs.len() as u64));
     sweep_bar.set_style(bar_style("sweep [{bar:30}] {pos}/{len} runs  {msg}"));
     let mut summary = SweepSummary {
@@ -116,11 +132,12 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
     let mut data_cache: HashMap<String, Splits> = HashMap::new();
     let rev = git_rev();
     let stopping = || opts.stop.is_some_and(|s| s.load(Ordering::Relaxed));
-    for run in runs {
+    for (i, run) in runs.iter().enumerate() {
         if stopping() {
             summary.stopped = true;
             break;
         }
+        let label = format!("[{}/{}] {}", i + 1, runs.len(), run.name);
         sweep_bar.set_message(run.name.clone());
         let dir = results::run_dir(&exp_dir, &run.name, &run.id);
         // Another `flowlab run` of this sweep may be training this run: leave it to it.
@@ -142,6 +159,9 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
             }
             Some(rec) => {
                 tracing::info!(run = %run.name, status = rec.row.status.as_str(), "already finished, skipped");
+                if lines {
+                    eprintln!("{label}: already finished ({})", rec.row.status.as_str());
+                }
                 summary.skipped += 1;
                 sweep_bar.inc(1);
                 continue;
@@ -158,7 +178,8 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
         ));
         step_bar.set_prefix(run.name.clone());
         let stop = &stopping;
-        let (row, curves) = match execute(run, &dir, &mut data_cache, &step_bar, stop) {
+        let log = lines.then_some(label.as_str());
+        let (row, curves) = match execute(run, &dir, &mut data_cache, &step_bar, log, stop) {
             Ok(Executed::Finished(row, curves)) => (*row, curves),
             Ok(Executed::Stopped(step)) => {
                 step_bar.finish_and_clear();
@@ -184,6 +205,15 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
             Status::Failed => summary.failed += 1,
         }
         tracing::info!(run = %run.name, status = row.status.as_str(), test_bpd = ?row.test_bpd, "finished");
+        if lines {
+            let bpd = row.test_bpd.map(|b| format!(", test bpd {b:.4}"));
+            eprintln!(
+                "{label}: {}{} ({})",
+                row.status.as_str(),
+                bpd.unwrap_or_default(),
+                duration_text(row.wall_seconds)
+            );
+        }
         results::write_record(&dir, &RunRecord { row, curves })?;
         results::write_tables(&exp_dir)?;
         sweep_bar.inc(1);
@@ -316,6 +346,7 @@ fn execute(
     dir: &Path,
     cache: &mut HashMap<String, Splits>,
     bar: &ProgressBar,
+    log: Option<&str>,
     stop: &dyn Fn() -> bool,
 ) -> Result<Executed> {
     let c = &run.config;
@@ -343,15 +374,27 @@ fn execute(
     }
     bar.set_length(train::total_steps(c, train_l.len()) as u64);
     let ckpt = CheckpointPaths::in_dir(dir);
+    let mut last_line: Option<Instant> = None;
     let report = train::train(
         &model,
         c,
         &train_l,
         &val_l,
         Some(&ckpt),
-        &mut |step, _total, bpd, ips| {
+        &mut |step, total, bpd, ips| {
             bar.set_position(step as u64);
             bar.set_message(format!("bpd {bpd:.3}  {ips:.0} img/s"));
+            if let Some(label) = log {
+                let due = last_line.is_none_or(|t| t.elapsed().as_secs_f64() >= LINE_EVERY_S);
+                if due || step == total {
+                    let eta = (total - step) as f64 * c.data.batch_size as f64 / ips.max(1e-9);
+                    eprintln!(
+                        "{label}: step {step}/{total}, train bpd {bpd:.3}, {ips:.0} img/s, eta {}",
+                        duration_text(eta)
+                    );
+                    last_line = Some(Instant::now());
+                }
+            }
             if stop() {
                 ControlFlow::Break(())
             } else {
@@ -443,6 +486,15 @@ fn execute(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn durations_read_as_seconds_minutes_or_hours() {
+        use super::duration_text as d;
+        assert_eq!(
+            [d(0.4), d(59.0), d(75.0), d(3599.0), d(4000.0), d(-3.0)],
+            ["0s", "59s", "1m15s", "59m59s", "1h06m", "0s"]
+        );
+    }
+
     #[test]
     fn git_rev_is_the_revision_built_from() {
         // The sources' checkout, as `build.rs` saw it (tests run where they were built).

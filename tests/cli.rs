@@ -330,6 +330,40 @@ fn two_processes_share_a_sweep_without_training_a_run_twice() {
     assert_eq!(records(&out).len(), 6);
 }
 
+/// Without a terminal (a log file, a batch job) progress comes as lines, not bars.
+#[test]
+fn a_sweep_logged_to_a_file_reports_progress_in_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("clitest.yaml");
+    std::fs::write(&spec, SPEC.replace("seed: [0, 1]", "seed: [0]")).unwrap();
+    let out = dir.path().join("results");
+    let args = [
+        "run",
+        spec.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--only",
+        "a",
+    ];
+    let (code, _, err) = flowlab(&args);
+    assert_eq!(code, 0, "{err}");
+    for line in [
+        "[1/1] a-seed=0: step 1/8, train bpd ",
+        "[1/1] a-seed=0: step 8/8, train bpd ",
+        "[1/1] a-seed=0: done, test bpd ",
+    ] {
+        assert!(err.contains(line), "{line:?} not in:\n{err}");
+    }
+    let (_, _, err) = flowlab(&args);
+    assert!(
+        err.contains("[1/1] a-seed=0: already finished (done)"),
+        "{err}"
+    );
+    // --quiet: neither bars nor lines.
+    let (_, _, err) = flowlab(&[&args[..], &["--quiet"]].concat());
+    assert!(!err.contains("[1/1]"), "{err}");
+}
+
 #[test]
 fn killed_sweep_resumes_without_redoing_or_losing_runs_then_compare_and_sample() {
     let dir = tempfile::tempdir().unwrap();

@@ -120,7 +120,8 @@ struct RunArgs {
     /// Rerun runs that already finished.
     #[arg(long)]
     force: bool,
-    /// No progress bars (for CI and logs).
+    /// No progress output (without it: bars on a terminal; in a log file, a line at each
+    /// run's start and end and every 30 s).
     #[arg(long, short)]
     quiet: bool,
 }
