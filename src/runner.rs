@@ -417,6 +417,13 @@ fn execute(
         return Ok(Executed::Finished(Box::new(row), report.curves));
     }
     bar.set_message("evaluating test bpd".to_string());
+    if let Some(label) = log {
+        eprintln!(
+            "{label}: evaluating: test bpd over {} images with {} dequantization draws each",
+            test_l.len(),
+            c.eval.importance_samples
+        );
+    }
     let seed = c.train.seed;
     row.val_bpd = Some(train::eval::mean_bpd(
         &model,

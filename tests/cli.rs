@@ -350,6 +350,7 @@ fn a_sweep_logged_to_a_file_reports_progress_in_lines() {
     for line in [
         "[1/1] a-seed=0: step 1/8, train bpd ",
         "[1/1] a-seed=0: step 8/8, train bpd ",
+        "[1/1] a-seed=0: evaluating: test bpd over 64 images with 2 dequantization draws each",
         "[1/1] a-seed=0: done, test bpd ",
     ] {
         assert!(err.contains(line), "{line:?} not in:\n{err}");
