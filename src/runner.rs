@@ -276,8 +276,14 @@ fn base_row(run: &Run, status: Status) -> RunRow {
 }
 
 fn failed_row(run: &Run, reason: &str) -> RunRow {
+    // The parameter count belongs to the architecture, whatever became of the run: the
+    // model built on the CPU counts it (0 if even that fails).
+    let params = build_model(&run.plan, 0, DType::F32, &Device::Cpu)
+        .map(|m| m.num_params() as u64)
+        .unwrap_or(0);
     RunRow {
         status_reason: Some(reason.to_string()),
+        params,
         ..base_row(run, Status::Failed)
     }
 }

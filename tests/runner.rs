@@ -200,6 +200,9 @@ fn a_failed_run_runs_again_in_the_next_sweep_from_its_checkpoint() {
     assert!(recs.iter().all(|r| r.row.status == Status::Failed));
     let reason = recs[0].row.status_reason.as_deref().unwrap();
     assert!(reason.contains("training images"), "{reason}");
+    // A failed run still records its architecture's parameter count.
+    let counts: Vec<u64> = recs.iter().map(|r| r.row.params).collect();
+    assert!(counts.iter().all(|&p| p > 0), "{counts:?}");
     let s = sweep(TINY, dir.path(), &few);
     assert_eq!(
         (s.done, s.failed, s.skipped, s.retried),

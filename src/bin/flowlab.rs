@@ -312,7 +312,9 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         table.display(),
         s.exp_dir.join("curves.parquet").display()
     );
-    say!("samples: {}/runs/*/samples-t*.png", s.exp_dir.display());
+    if s.done + s.skipped > 0 {
+        say!("samples: {}/runs/*/samples-t*.png", s.exp_dir.display());
+    }
     if s.stopped {
         match &s.stopped_at {
             Some((run, step)) => eprintln!(
