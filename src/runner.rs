@@ -225,6 +225,17 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
     Ok(summary)
 }
 
+/// Records in `exp_dir` that are not runs of `spec_runs` (every run of the spec, all
+/// variants): runs of an earlier version of the spec, or of other `--set` values. The
+/// tables include them.
+pub fn runs_from_elsewhere(exp_dir: &Path, spec_runs: &[Run]) -> Result<Vec<RunRecord>> {
+    let ids: std::collections::HashSet<&str> = spec_runs.iter().map(|r| r.id.as_str()).collect();
+    Ok(results::collect_records(exp_dir)?
+        .into_iter()
+        .filter(|r| !ids.contains(r.row.run_id.as_str()))
+        .collect())
+}
+
 fn read_curves(dir: &Path) -> Vec<train::CurvePoint> {
     std::fs::read(CheckpointPaths::in_dir(dir).curves)
         .ok()

@@ -184,6 +184,28 @@ fn a_run_claimed_by_another_process_is_left_to_it() {
 }
 
 #[test]
+fn runs_of_an_earlier_version_of_the_spec_are_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp_dir = dir.path().join("tiny");
+    let runs_of = |o: &[String]| {
+        Experiment::from_text(TINY, "tiny.yaml", "tiny", o)
+            .unwrap()
+            .runs(&[], &shape_of)
+            .unwrap()
+    };
+    // Part of the sweep trained (seed 0 of its seeds 0 and 1): all of it is the spec's.
+    sweep(TINY, dir.path(), &["sweep.grid.seed=[0]"]);
+    let now = runs_of(&[]);
+    assert!(flowlab::runner::runs_from_elsewhere(&exp_dir, &now)
+        .unwrap()
+        .is_empty());
+    // The spec changed (another learning rate): both earlier runs are from elsewhere.
+    let changed = runs_of(&["train.lr=1.0e-3".into()]);
+    let other = flowlab::runner::runs_from_elsewhere(&exp_dir, &changed).unwrap();
+    assert_eq!(other.len(), 2);
+}
+
+#[test]
 fn a_failed_run_runs_again_in_the_next_sweep_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let exp = dir.path().join("tiny");

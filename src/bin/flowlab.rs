@@ -297,9 +297,26 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         );
     }
     eprintln!(
-        "{} runs: {} done, {} diverged, {} failed, {} already finished{notes}",
-        s.total, s.done, s.diverged, s.failed, s.skipped,
+        "{} run{}: {} done, {} diverged, {} failed, {} already finished{notes}",
+        s.total,
+        if s.total == 1 { "" } else { "s" },
+        s.done,
+        s.diverged,
+        s.failed,
+        s.skipped,
     );
+    let elsewhere = runner::runs_from_elsewhere(&s.exp_dir, &exp.runs(&[], &shape_of)?)?;
+    if !elsewhere.is_empty() {
+        eprintln!(
+            "note: {} run{} in {} {} not of this spec as it is now (an earlier version of it, \
+             or other --set values); the tables include them and `compare` groups them with \
+             this spec's runs by variant: move them away, or use --out for a new folder",
+            elsewhere.len(),
+            if elsewhere.len() == 1 { "" } else { "s" },
+            s.exp_dir.display(),
+            if elsewhere.len() == 1 { "is" } else { "are" },
+        );
+    }
     let table = s.exp_dir.join("runs.parquet");
     let df = compare::load(&table)?;
     let rows = compare::summarise(&df, &table, &["variant".to_string()], "test_bpd")?;
