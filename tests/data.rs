@@ -65,6 +65,14 @@ fn default_split_is_50k_10k_deterministic_and_subsets_downscale_classes_apply() 
         .iter()
         .chain(&small.test.labels)
         .all(|&l| l == 3 || l == 7));
+    // A class the data lacks is named, with the classes it has.
+    let e = data::load(&spec("{dataset: mnist, classes: [3, 11]}"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no images of class [11]; its classes are [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"),
+        "{e}"
+    );
 }
 
 /// Writes raw IDX image and label files for both MNIST parts into `d`.

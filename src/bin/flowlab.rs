@@ -102,7 +102,8 @@ struct SpecArgs {
     /// Experiment file (YAML).
     spec: PathBuf,
     /// Override a spec value, Hydra-style: `--set train.steps=200` (repeatable); list
-    /// entries as `models.glow.layers[0].levels=2` or `layers.0`.
+    /// entries as `models.glow.layers[0].levels=2` or `layers.0`; a sweep axis as
+    /// `sweep.grid.train.lr=[1e-3,2e-3]`.
     #[arg(long = "set", value_name = "PATH=VALUE")]
     set: Vec<String>,
     /// Only these model variants (repeatable or comma-separated; `--variant` is the same).

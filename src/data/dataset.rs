@@ -123,6 +123,20 @@ impl Dataset {
                 self.name
             )));
         }
+        let missing: Vec<u32> = classes
+            .iter()
+            .copied()
+            .filter(|c| !self.labels.contains(c))
+            .collect();
+        if !missing.is_empty() {
+            let mut present = self.labels.clone();
+            present.sort_unstable();
+            present.dedup();
+            return Err(Error::Data(format!(
+                "{}: no images of class {missing:?}; its classes are {present:?}",
+                self.name
+            )));
+        }
         let idx: Vec<usize> = (0..self.len())
             .filter(|&i| classes.contains(&self.labels[i]))
             .collect();

@@ -99,7 +99,7 @@ impl Experiment {
             match o.split_once('=') {
                 Some((p, v)) if !p.trim().is_empty() => {
                     let p = p.trim();
-                    match path::set(&mut doc, p, path::parse_value(v)) {
+                    match path::set_override(&mut doc, p, path::parse_value(v)) {
                         Ok(()) => parsed.push((p.to_string(), v.to_string())),
                         Err(m) => errs.push(cli(p, m)),
                     }
@@ -606,6 +606,11 @@ fn check_sections(c: &RunConfig) -> Vec<(String, String)> {
         t.epochs.is_none_or(|e| e.is_finite() && e > 0.0),
         "train.epochs",
         "must be positive".into(),
+    );
+    need(
+        t.val_subset.is_none_or(|n| n >= 1),
+        "train.val_subset",
+        "must be at least 1 (or null: the whole validation set)".into(),
     );
     need(
         t.eval_every >= 1,

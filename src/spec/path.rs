@@ -95,6 +95,32 @@ pub fn set(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
     unreachable!("non-empty path")
 }
 
+/// Sets `path` in `doc` like [`set`], except below `sweep.grid.`, whose keys are dotted
+/// paths themselves: `sweep.grid.train.lr=[1e-3, 2e-3]` sets the grid's `train.lr` entry.
+pub fn set_override(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
+    let Some(key) = path.strip_prefix("sweep.grid.").filter(|k| !k.is_empty()) else {
+        return set(doc, path, value);
+    };
+    let mut cur = doc;
+    for k in ["sweep", "grid"] {
+        if cur.is_null() {
+            *cur = Value::Mapping(Mapping::new());
+        }
+        let m = cur
+            .as_mapping_mut()
+            .ok_or_else(|| format!("'{k}' in '{path}': the value there is not a mapping"))?;
+        cur = m.entry(Value::String(k.into())).or_insert(Value::Null);
+    }
+    if cur.is_null() {
+        *cur = Value::Mapping(Mapping::new());
+    }
+    let grid = cur
+        .as_mapping_mut()
+        .ok_or_else(|| format!("'{path}': sweep.grid is not a mapping"))?;
+    grid.insert(Value::String(key.into()), value);
+    Ok(())
+}
+
 /// Deep-merges mapping `over` into `base` (non-mapping values replace).
 pub fn merge(base: &mut Value, over: &Value) {
     match (base, over) {
@@ -197,6 +223,25 @@ mod tests {
             .contains("is a list; index it with a number"));
         assert_eq!(doc["train"]["lr"], Value::from(2));
         assert_eq!(doc["layers"][1]["t"], Value::from(5));
+        // Grid keys are dotted paths: the rest of the path is one key.
+        let mut spec: Value = serde_yaml::from_str("sweep: {grid: {seed: [0]}}").unwrap();
+        set_override(&mut spec, "sweep.grid.train.lr", parse_value("[1, 2]")).unwrap();
+        set_override(&mut spec, "sweep.grid.seed", parse_value("[3]")).unwrap();
+        assert_eq!(
+            serde_yaml::to_string(&spec).unwrap(),
+            "sweep:\n  grid:\n    seed:\n    - 3\n    train.lr:\n    - 1\n    - 2\n"
+        );
+        let mut none = Value::Null;
+        set_override(
+            &mut none,
+            "sweep.grid.models.a.layers[0].levels",
+            Value::from(1),
+        )
+        .unwrap();
+        assert_eq!(
+            none["sweep"]["grid"]["models.a.layers[0].levels"],
+            Value::from(1)
+        );
         let mut base: Value = serde_yaml::from_str("{a: {x: 1, y: 2}, b: 3}").unwrap();
         merge(&mut base, &serde_yaml::from_str("{a: {y: 9}}").unwrap());
         assert_eq!(base["a"]["x"], Value::from(1));
