@@ -1,6 +1,6 @@
 //! The `flowlab` binary: help, check, run with kill-and-resume, compare, sample.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -143,22 +143,16 @@ fn files_of_the_wrong_kind_are_refused_by_name() {
 
 #[test]
 fn failed_runs_exit_1_with_plain_logs_and_run_again_next_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("s.yaml");
-    std::fs::write(&spec, SPEC).unwrap();
-    let out = dir.path().join("out");
-    let args = [
-        "run",
-        spec.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
+    let sw = sweep_of(None, "[0, 1]");
+    let out = &sw.out;
+    let args = sw.run_args(&[
         "-q",
         "--only",
         "a",
         // Fewer training images than a batch: every run fails.
         "--set",
         "data.train_subset=8",
-    ];
+    ]);
     let (code, _, err) = flowlab(&args);
     assert_eq!(code, 1, "{err}");
     assert!(
@@ -202,33 +196,52 @@ fn records(dir: &Path) -> Vec<(String, String)> {
     v
 }
 
+/// A temporary folder holding SPEC (its `train:` line and seeds replaced when given) as
+/// `clitest.yaml`, with `results/` beside it for the runs.
+struct Sweep {
+    _dir: tempfile::TempDir,
+    spec: String,
+    out: PathBuf,
+}
+
+impl Sweep {
+    /// `run <spec> --out <results>` and `more`.
+    fn run_args<'a>(&'a self, more: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec!["run", &self.spec, "--out", self.out.to_str().unwrap()];
+        a.extend(more);
+        a
+    }
+}
+
+fn sweep_of(train: Option<&str>, seeds: &str) -> Sweep {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("clitest.yaml");
+    let mut text = SPEC.replace("seed: [0, 1]", &format!("seed: {seeds}"));
+    if let Some(t) = train {
+        text = text.replace("train: {steps: 8, eval_every: 4, log_every: 4}", t);
+    }
+    std::fs::write(&spec, text).unwrap();
+    Sweep {
+        out: dir.path().join("results"),
+        spec: spec.to_str().unwrap().to_string(),
+        _dir: dir,
+    }
+}
+
 /// Ctrl-C (SIGINT) stops `flowlab run` gracefully: the run in training checkpoints after
 /// its current step (between its evaluations), the process exits 130 saying where it
 /// stopped, and the same command finishes the run from there.
 #[cfg(unix)]
 #[test]
 fn ctrl_c_checkpoints_the_run_in_training_and_the_same_command_resumes_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("clitest.yaml");
-    let text = SPEC
-        .replace(
-            "train: {steps: 8, eval_every: 4, log_every: 4}",
-            "train: {steps: 3000, eval_every: 1000, log_every: 100}",
-        )
-        .replace("seed: [0, 1]", "seed: [0]");
-    std::fs::write(&spec, text).unwrap();
-    let out = dir.path().join("results");
-    let args = [
-        "run",
-        spec.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-        "--only",
-        "a",
-    ];
+    let sw = sweep_of(
+        Some("train: {steps: 3000, eval_every: 1000, log_every: 100}"),
+        "[0]",
+    );
+    let out = &sw.out;
+    let args = sw.run_args(&["--quiet", "--only", "a"]);
     let child = Command::new(BIN)
-        .args(args)
+        .args(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -287,26 +300,15 @@ fn ctrl_c_checkpoints_the_run_in_training_and_the_same_command_resumes_it() {
 /// trained by one of them, never both.
 #[test]
 fn two_processes_share_a_sweep_without_training_a_run_twice() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("clitest.yaml");
-    let text = SPEC
-        .replace(
-            "train: {steps: 8, eval_every: 4, log_every: 4}",
-            "train: {steps: 150, eval_every: 50, log_every: 50}",
-        )
-        .replace("seed: [0, 1]", "seed: [0, 1, 2]");
-    std::fs::write(&spec, text).unwrap();
-    let out = dir.path().join("results");
-    let args = [
-        "run",
-        spec.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ];
+    let sw = sweep_of(
+        Some("train: {steps: 150, eval_every: 50, log_every: 50}"),
+        "[0, 1, 2]",
+    );
+    let out = &sw.out;
+    let args = sw.run_args(&["--quiet"]);
     let start = || {
         Command::new(BIN)
-            .args(args)
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -327,24 +329,14 @@ fn two_processes_share_a_sweep_without_training_a_run_twice() {
     };
     let (na, nb) = (done(a), done(b));
     assert_eq!(na + nb, 6);
-    assert_eq!(records(&out).len(), 6);
+    assert_eq!(records(out).len(), 6);
 }
 
 /// Without a terminal (a log file, a batch job) progress comes as lines, not bars.
 #[test]
 fn a_sweep_logged_to_a_file_reports_progress_in_lines() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("clitest.yaml");
-    std::fs::write(&spec, SPEC.replace("seed: [0, 1]", "seed: [0]")).unwrap();
-    let out = dir.path().join("results");
-    let args = [
-        "run",
-        spec.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--only",
-        "a",
-    ];
+    let sw = sweep_of(None, "[0]");
+    let args = sw.run_args(&["--only", "a"]);
     let (code, _, err) = flowlab(&args);
     assert_eq!(code, 0, "{err}");
     for line in [
@@ -367,32 +359,24 @@ fn a_sweep_logged_to_a_file_reports_progress_in_lines() {
 
 #[test]
 fn killed_sweep_resumes_without_redoing_or_losing_runs_then_compare_and_sample() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("clitest.yaml");
-    std::fs::write(&spec, SPEC).unwrap();
-    let out = dir.path().join("results");
-    let args = [
-        "run",
-        spec.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ];
+    let sw = sweep_of(None, "[0, 1]");
+    let out = &sw.out;
+    let args = sw.run_args(&["--quiet"]);
 
     // Start, wait for the first finished run, kill.
     let mut child = Command::new(BIN)
-        .args(args)
+        .args(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    while records(&out).is_empty() && t0.elapsed() < Duration::from_secs(300) {
+    while records(out).is_empty() && t0.elapsed() < Duration::from_secs(300) {
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let before = records(&out);
+    let before = records(out);
     assert!(
         !before.is_empty() && before.len() < 4,
         "kill came too late to test resuming: {}",
@@ -405,7 +389,7 @@ fn killed_sweep_resumes_without_redoing_or_losing_runs_then_compare_and_sample()
         stderr.contains(&format!("{} already finished", before.len())),
         "{stderr}"
     );
-    let after = records(&out);
+    let after = records(out);
     assert_eq!(after.len(), 4);
     for r in &before {
         assert!(after.contains(r), "finished run {} was redone or lost", r.0);
@@ -452,7 +436,7 @@ fn killed_sweep_resumes_without_redoing_or_losing_runs_then_compare_and_sample()
         .unwrap()
         .unwrap()
         .path();
-    let png = dir.path().join("s.png");
+    let png = sw.out.join("s.png");
     let (code, msg, err) = flowlab(&[
         "sample",
         run_dir.to_str().unwrap(),
