@@ -228,12 +228,23 @@ fn sweep_of(train: Option<&str>, seeds: &str) -> Sweep {
     }
 }
 
-/// Ctrl-C (SIGINT) stops `flowlab run` gracefully: the run in training checkpoints after
-/// its current step (between its evaluations), the process exits 130 saying where it
-/// stopped, and the same command finishes the run from there.
+/// Ctrl-C (SIGINT) or SIGTERM stops `flowlab run` gracefully: the run in training
+/// checkpoints after its current step (between its evaluations), the process exits
+/// 128 + the signal saying where it stopped, and the same command finishes the run.
 #[cfg(unix)]
 #[test]
 fn ctrl_c_checkpoints_the_run_in_training_and_the_same_command_resumes_it() {
+    stop_and_resume(libc::SIGINT, 130);
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_stops_a_sweep_like_ctrl_c() {
+    stop_and_resume(libc::SIGTERM, 143);
+}
+
+#[cfg(unix)]
+fn stop_and_resume(signal: libc::c_int, status: i32) {
     let sw = sweep_of(
         Some("train: {steps: 3000, eval_every: 1000, log_every: 100}"),
         "[0]",
@@ -259,10 +270,10 @@ fn ctrl_c_checkpoints_the_run_in_training_and_the_same_command_resumes_it() {
     while ckpt().is_none() && t0.elapsed() < Duration::from_secs(300) {
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert_eq!(o.status.code(), Some(status), "{err}");
     assert!(
         err.contains("stopping: the run in training checkpoints"),
         "{err}"

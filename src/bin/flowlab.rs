@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -242,17 +242,20 @@ fn load_runs(a: &SpecArgs) -> Result<(Experiment, Vec<Run>)> {
 
 /// Set by the first Ctrl-C (SIGINT) or SIGTERM during `flowlab run`.
 static STOP: AtomicBool = AtomicBool::new(false);
+/// That signal's number (the exit status is 128 + it: 130 for Ctrl-C, 143 for SIGTERM).
+static SIGNAL: AtomicI32 = AtomicI32::new(2);
 
 /// Ctrl-C and SIGTERM (a job scheduler's pre-emption) stop a sweep gracefully: the run in
 /// training checkpoints after its current step and no other run starts. A second signal
 /// ends the process at once.
 #[cfg(unix)]
 fn stop_gracefully_on_signals() {
-    extern "C" fn on_signal(_: libc::c_int) {
-        // Only async-signal-safe calls here: an atomic swap, write(2) and _exit(2).
+    extern "C" fn on_signal(signal: libc::c_int) {
+        // Only async-signal-safe calls here: atomics, write(2) and _exit(2).
         if STOP.swap(true, Ordering::SeqCst) {
-            unsafe { libc::_exit(130) };
+            unsafe { libc::_exit(128 + signal) };
         }
+        SIGNAL.store(signal, Ordering::SeqCst);
         const MSG: &[u8] = b"\nstopping: the run in training checkpoints after its current step \
             (an evaluation in progress finishes first); Ctrl-C again quits at once\n";
         unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
@@ -341,7 +344,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
             ),
             None => eprintln!("stopped between runs; the same `flowlab run` goes on from there"),
         }
-        return Ok(ExitCode::from(130));
+        return Ok(ExitCode::from((128 + SIGNAL.load(Ordering::SeqCst)) as u8));
     }
     Ok(if s.failed > 0 {
         ExitCode::FAILURE
