@@ -343,6 +343,18 @@ fn two_processes_share_a_sweep_without_training_a_run_twice() {
     assert_eq!(records(out).len(), 6);
 }
 
+#[test]
+fn a_subset_larger_than_the_data_is_said() {
+    let sw = sweep_of(None, "[0]");
+    let args = sw.run_args(&["-q", "--only", "a", "--set", "data.train_subset=100000"]);
+    let (code, _, err) = flowlab(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("data.train_subset 100000 is more than the 59936 train images"),
+        "{err}"
+    );
+}
+
 /// Without a terminal (a log file, a batch job) progress comes as lines, not bars.
 #[test]
 fn a_sweep_logged_to_a_file_reports_progress_in_lines() {

@@ -86,10 +86,22 @@ pub fn load(spec: &DataSpec) -> crate::Result<Splits> {
         test = test.downscale(spec.downscale)?;
     }
     let (mut train, val) = train.split(spec.val_size, SPLIT_SEED)?;
+    // A subset larger than its part is the whole part (said, since the spec asked for more).
+    let larger = |what: &str, n: usize, d: &Dataset| {
+        if n > d.len() {
+            tracing::warn!(
+                "data.{what}_subset {n} is more than the {} {what} images of {}: using all of them",
+                d.len(),
+                d.name
+            );
+        }
+    };
     if let Some(n) = spec.train_subset {
+        larger("train", n, &train);
         train = train.subset(n, SPLIT_SEED);
     }
     if let Some(n) = spec.test_subset {
+        larger("test", n, &test);
         test = test.subset(n, SPLIT_SEED);
     }
     Ok(Splits { train, val, test })
