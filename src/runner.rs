@@ -13,7 +13,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::build::build_model;
 use crate::data::{self, Loader, Splits};
 use crate::flow::{FlowCtx, FlowModel};
-use crate::results::lock::{clear_run_dir, RunLock};
+use crate::results::lock::{clear_run_dir, FileLock};
 use crate::results::{self, png, RunRecord, RunRow, Status};
 use crate::spec::{parse_device, Experiment, Run};
 use crate::train::shard::Sharding;
@@ -141,7 +141,7 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
         sweep_bar.set_message(run.name.clone());
         let dir = results::run_dir(&exp_dir, &run.name, &run.id);
         // Another `flowlab run` of this sweep may be training this run: leave it to it.
-        let Some(_claim) = RunLock::try_claim(&dir)? else {
+        let Some(_claim) = FileLock::try_claim(&dir)? else {
             tracing::info!(run = %run.name, "in training in another flowlab process, skipped");
             summary.busy += 1;
             sweep_bar.inc(1);
@@ -168,7 +168,6 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
             }
             None => {}
         }
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let yaml = serde_yaml::to_string(&run.config).map_err(|e| Error::Usage(e.to_string()))?;
         train::write_atomic(&dir.join("config.yaml"), yaml.as_bytes())?;
         let started = Instant::now();
@@ -219,7 +218,9 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
         sweep_bar.inc(1);
     }
     sweep_bar.finish_and_clear();
-    if runs.is_empty() || summary.skipped == runs.len() || summary.stopped {
+    // Tables are rewritten after each run recorded; when none was (all finished, claimed
+    // elsewhere, or stopped before one ended), they are written here, so they exist.
+    if summary.done + summary.diverged + summary.failed == 0 {
         results::write_tables(&exp_dir)?;
     }
     Ok(summary)

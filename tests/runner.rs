@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use candle_core::{DType, Device};
 use flowlab::build::build_model;
 use flowlab::data::{shape_of, Loader};
-use flowlab::results::lock::RunLock;
+use flowlab::results::lock::FileLock;
 use flowlab::results::{self, Status};
 use flowlab::runner::{run_sweep, RunOptions};
 use flowlab::spec::Experiment;
@@ -174,7 +174,7 @@ fn a_run_claimed_by_another_process_is_left_to_it() {
     let runs = exp.runs(&[], &shape_of).unwrap();
     let exp_dir = dir.path().join("tiny");
     let claimed = results::run_dir(&exp_dir, &runs[1].name, &runs[1].id);
-    let claim = RunLock::try_claim(&claimed).unwrap().unwrap();
+    let claim = FileLock::try_claim(&claimed).unwrap().unwrap();
     let s = sweep(TINY, dir.path(), &[]);
     assert_eq!((s.done, s.busy, s.skipped), (3, 1, 0), "{s:?}");
     assert!(!claimed.join("result.json").exists());
@@ -384,53 +384,38 @@ fn resumes_exactly(variant: &str, batch: usize) {
         )
     };
     let (tl, vl) = loaders(&run.config);
-    let fresh = || {
-        build_model(
-            &run.plan,
-            derive_seed(0, streams::INIT, 0),
-            DType::F32,
-            &Device::Cpu,
+    // Trains a model of `seed` on `cfg` with checkpoints in `dir`, stopping on request
+    // after `stop_at`.
+    let train_in = |seed: u64, cfg: &flowlab::spec::RunConfig, dir: &Path, stop_at: usize| {
+        train::train(
+            &build_model(&run.plan, seed, DType::F32, &Device::Cpu).unwrap(),
+            cfg,
+            &tl,
+            &vl,
+            Some(&CheckpointPaths::in_dir(dir)),
+            &mut |step, _, _, _| {
+                if step == stop_at {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
         )
         .unwrap()
     };
+    let init = derive_seed(0, streams::INIT, 0);
 
     // Uninterrupted.
     let d1 = tempfile::tempdir().unwrap();
-    let m1 = fresh();
-    let full = train::train(
-        &m1,
-        &run.config,
-        &tl,
-        &vl,
-        Some(&CheckpointPaths::in_dir(d1.path())),
-        &mut |_, _, _, _| ControlFlow::Continue(()),
-    )
-    .unwrap();
+    let full = train_in(init, &run.config, d1.path(), usize::MAX);
 
-    // Stopped after the step-3 checkpoint (as if killed), then resumed by a new process.
+    // Stopped after the step-3 checkpoint (as if killed), then resumed by a new process
+    // (whose model starts from other parameters: the checkpoint replaces them).
     let d2 = tempfile::tempdir().unwrap();
     let mut first = run.config.clone();
     first.train.steps = Some(3);
-    let m2 = fresh();
-    train::train(
-        &m2,
-        &first,
-        &tl,
-        &vl,
-        Some(&CheckpointPaths::in_dir(d2.path())),
-        &mut |_, _, _, _| ControlFlow::Continue(()),
-    )
-    .unwrap();
-    let m3 = build_model(&run.plan, 999, DType::F32, &Device::Cpu).unwrap();
-    let resumed = train::train(
-        &m3,
-        &run.config,
-        &tl,
-        &vl,
-        Some(&CheckpointPaths::in_dir(d2.path())),
-        &mut |_, _, _, _| ControlFlow::Continue(()),
-    )
-    .unwrap();
+    train_in(init, &first, d2.path(), usize::MAX);
+    let resumed = train_in(999, &run.config, d2.path(), usize::MAX);
     assert_eq!(resumed.resumed_from, 3, "{variant}");
     assert_eq!(resumed.steps, 6, "{variant}");
     assert_eq!(resumed.curves, full.curves, "{variant}");
@@ -439,32 +424,10 @@ fn resumes_exactly(variant: &str, batch: usize) {
     // 3): a checkpoint there, and the resumed run's curves are the uninterrupted ones
     // (the average since the step-4 point is kept in the checkpoint).
     let d3 = tempfile::tempdir().unwrap();
-    let stopped = train::train(
-        &fresh(),
-        &run.config,
-        &tl,
-        &vl,
-        Some(&CheckpointPaths::in_dir(d3.path())),
-        &mut |step, _, _, _| {
-            if step == 5 {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        },
-    )
-    .unwrap();
+    let stopped = train_in(init, &run.config, d3.path(), 5);
     assert_eq!(stopped.outcome, Outcome::Stopped { step: 5 }, "{variant}");
     assert_eq!(stopped.steps, 5, "{variant}");
-    let resumed = train::train(
-        &build_model(&run.plan, 999, DType::F32, &Device::Cpu).unwrap(),
-        &run.config,
-        &tl,
-        &vl,
-        Some(&CheckpointPaths::in_dir(d3.path())),
-        &mut |_, _, _, _| ControlFlow::Continue(()),
-    )
-    .unwrap();
+    let resumed = train_in(999, &run.config, d3.path(), usize::MAX);
     assert_eq!(resumed.resumed_from, 5, "{variant}");
     assert_eq!(resumed.outcome, Outcome::Done, "{variant}");
     assert_eq!(resumed.curves, full.curves, "{variant}");

@@ -1,5 +1,7 @@
 //! The `flowlab` command line: run | check | compare | sample.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -10,6 +12,7 @@ use flowlab::build::{build_model, params_under};
 use flowlab::data::shape_of;
 use flowlab::results::{self, compare};
 use flowlab::runner::{self, RunOptions};
+use flowlab::spec::DataSpec;
 use flowlab::spec::{Experiment, Run, RunConfig, SpecErrors};
 use flowlab::testing::{perturb_params, round_trip, FlowCheck};
 
@@ -234,10 +237,33 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_runs(a: &SpecArgs) -> Result<(Experiment, Vec<Run>)> {
+/// [`shape_of`], each distinct data spec looked up once: a local or hub source is loaded
+/// to learn its shape, and a spec's runs (all of them, then those of `--only`) ask for it
+/// once each.
+#[derive(Default)]
+struct Shapes(RefCell<HashMap<String, Result<[usize; 3], String>>>);
+
+impl Shapes {
+    fn of(&self, d: &DataSpec) -> Result<[usize; 3], String> {
+        let key = serde_json::to_string(d).map_err(|e| e.to_string())?;
+        if let Some(r) = self.0.borrow().get(&key) {
+            return r.clone();
+        }
+        let r = shape_of(d);
+        self.0.borrow_mut().insert(key, r.clone());
+        r
+    }
+}
+
+fn load_runs(a: &SpecArgs, shapes: &Shapes) -> Result<(Experiment, Vec<Run>)> {
     let exp = Experiment::load(&a.spec, &a.set)?;
-    let runs = exp.runs(&a.only, &shape_of)?;
+    let runs = exp.runs(&a.only, &|d| shapes.of(d))?;
     Ok((exp, runs))
+}
+
+/// `1 run`, `2 runs`.
+fn runs_text(n: usize) -> String {
+    format!("{n} run{}", if n == 1 { "" } else { "s" })
 }
 
 /// Set by the first Ctrl-C (SIGINT) or SIGTERM during `flowlab run`.
@@ -271,13 +297,13 @@ fn stop_gracefully_on_signals() {
 fn stop_gracefully_on_signals() {}
 
 fn cmd_run(a: RunArgs) -> Result<ExitCode> {
-    let (exp, runs) = load_runs(&a.spec)?;
+    let shapes = Shapes::default();
+    let (exp, runs) = load_runs(&a.spec, &shapes)?;
     stop_gracefully_on_signals();
     eprintln!(
-        "{}: {} run{} → {}",
+        "{}: {} → {}",
         exp.name,
-        runs.len(),
-        if runs.len() == 1 { "" } else { "s" },
+        runs_text(runs.len()),
         results::experiment_dir(&a.out, &exp.name).display()
     );
     let s = runner::run_sweep(
@@ -301,25 +327,27 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         );
     }
     eprintln!(
-        "{} run{}: {} done, {} diverged, {} failed, {} already finished{notes}",
-        s.total,
-        if s.total == 1 { "" } else { "s" },
+        "{}: {} done, {} diverged, {} failed, {} already finished{notes}",
+        runs_text(s.total),
         s.done,
         s.diverged,
         s.failed,
         s.skipped,
     );
-    let elsewhere = runner::runs_from_elsewhere(&s.exp_dir, &exp.runs(&[], &shape_of)?)?;
-    if !elsewhere.is_empty() {
-        eprintln!(
-            "note: {} run{} in {} {} not of this spec as it is now (an earlier version of it, \
-             or other --set values); the tables include them and `compare` groups them with \
-             this spec's runs by variant: move them away, or use --out for a new folder",
-            elsewhere.len(),
-            if elsewhere.len() == 1 { "" } else { "s" },
-            s.exp_dir.display(),
-            if elsewhere.len() == 1 { "is" } else { "are" },
-        );
+    // Every run of the spec, all variants (a variant left out by --only may not plan: then
+    // there is no note).
+    if let Ok(all) = exp.runs(&[], &|d| shapes.of(d)) {
+        let elsewhere = runner::runs_from_elsewhere(&s.exp_dir, &all)?;
+        if !elsewhere.is_empty() {
+            eprintln!(
+                "note: {} in {} {} not of this spec as it is now (an earlier version of it, \
+                 or other --set values); the tables include them and `compare` groups them \
+                 with this spec's runs by variant: move them away, or use --out for a new folder",
+                runs_text(elsewhere.len()),
+                s.exp_dir.display(),
+                if elsewhere.len() == 1 { "is" } else { "are" },
+            );
+        }
     }
     let table = s.exp_dir.join("runs.parquet");
     let df = compare::load(&table)?;
@@ -361,7 +389,7 @@ fn shape_text(s: &[usize]) -> String {
 }
 
 fn cmd_check(a: SpecArgs) -> Result<ExitCode> {
-    let (exp, runs) = load_runs(&a)?;
+    let (exp, runs) = load_runs(&a, &Shapes::default())?;
     let mut ok = true;
     say!(
         "{}: {} variant(s), {} run(s) in the sweep",
@@ -607,7 +635,7 @@ fn cmd_sample(a: SampleArgs) -> Result<ExitCode> {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
-    let (_, runs) = load_runs(&a.spec)?;
+    let (_, runs) = load_runs(&a.spec, &Shapes::default())?;
     flowlab::kernels::set_kernels(match a.kernels {
         KernelChoice::Fast => flowlab::kernels::Kernels::Fast,
         KernelChoice::Direct => flowlab::kernels::Kernels::Direct,

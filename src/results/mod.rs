@@ -171,7 +171,8 @@ fn pl_err(path: &Path) -> impl Fn(PolarsError) -> Error + '_ {
 
 fn write_parquet(df: &mut DataFrame, path: &Path) -> Result<()> {
     let tmp = crate::train::temporary_beside(path);
-    let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    // Errors name the file asked for, as `write_atomic`'s do.
+    let f = File::create(&tmp).map_err(|e| Error::io(path, e))?;
     ParquetWriter::new(f).finish(df).map_err(pl_err(path))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
@@ -384,7 +385,7 @@ pub fn curves_frame(records: &[RunRecord]) -> Result<DataFrame> {
 /// Several `flowlab run`s of one sweep take turns (a lock on `<exp>/.tables.lock`), and each
 /// reads the records after its own run's is written: the last to write sees every record.
 pub fn write_tables(exp_dir: &Path) -> Result<usize> {
-    let _turn = lock::hold(&exp_dir.join(".tables.lock"))?;
+    let _turn = lock::FileLock::hold(&exp_dir.join(".tables.lock"))?;
     let records = collect_records(exp_dir)?;
     write_parquet(&mut runs_frame(&records)?, &exp_dir.join("runs.parquet"))?;
     write_parquet(

@@ -40,6 +40,11 @@ pub fn parse(path: &str) -> Option<Vec<Seg>> {
 /// afterwards rejects keys that do not exist in the schema); list indices must exist.
 pub fn set(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
     let segs = parse(path).ok_or_else(|| format!("malformed path '{path}'"))?;
+    set_segs(doc, &segs, path, value)
+}
+
+/// [`set`] along parsed segments (`path` names them in errors).
+fn set_segs(doc: &mut Value, segs: &[Seg], path: &str, value: Value) -> Result<(), String> {
     let mut cur = doc;
     for (i, seg) in segs.iter().enumerate() {
         let last = i + 1 == segs.len();
@@ -101,24 +106,8 @@ pub fn set_override(doc: &mut Value, path: &str, value: Value) -> Result<(), Str
     let Some(key) = path.strip_prefix("sweep.grid.").filter(|k| !k.is_empty()) else {
         return set(doc, path, value);
     };
-    let mut cur = doc;
-    for k in ["sweep", "grid"] {
-        if cur.is_null() {
-            *cur = Value::Mapping(Mapping::new());
-        }
-        let m = cur
-            .as_mapping_mut()
-            .ok_or_else(|| format!("'{k}' in '{path}': the value there is not a mapping"))?;
-        cur = m.entry(Value::String(k.into())).or_insert(Value::Null);
-    }
-    if cur.is_null() {
-        *cur = Value::Mapping(Mapping::new());
-    }
-    let grid = cur
-        .as_mapping_mut()
-        .ok_or_else(|| format!("'{path}': sweep.grid is not a mapping"))?;
-    grid.insert(Value::String(key.into()), value);
-    Ok(())
+    let segs = ["sweep", "grid", key].map(|k| Seg::Key(k.to_string()));
+    set_segs(doc, &segs, path, value)
 }
 
 /// Deep-merges mapping `over` into `base` (non-mapping values replace).
