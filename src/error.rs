@@ -36,6 +36,10 @@ pub enum Error {
     /// A checkpoint does not match the model it is loaded into.
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
+
+    /// A stop request (Ctrl-C) ended an evaluation before its last batch.
+    #[error("stopped on request")]
+    Stopped,
 }
 
 impl Error {

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -29,8 +28,9 @@ pub struct RunOptions {
     pub force: bool,
     /// No progress bars.
     pub quiet: bool,
-    /// Set (by a Ctrl-C handler, say) to stop the sweep: the run in training stops after
-    /// its current step with a checkpoint, unrecorded, and no further run starts.
+    /// Set (by a Ctrl-C handler, say) to stop the sweep: the run in training or evaluation
+    /// stops after its current step or evaluation batch with a checkpoint, unrecorded, and
+    /// no further run starts.
     pub stop: Option<&'static AtomicBool>,
 }
 
@@ -413,12 +413,8 @@ fn execute(
                     last_line = Some(Instant::now());
                 }
             }
-            if stop() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
         },
+        stop,
     )?;
     if let Outcome::Stopped { step } = report.outcome {
         return Ok(Executed::Stopped(step));
@@ -434,79 +430,91 @@ fn execute(
         row.status_reason = Some(reason.clone());
         return Ok(Executed::Finished(Box::new(row), report.curves));
     }
-    bar.set_message("evaluating test bpd".to_string());
-    if let Some(label) = log {
-        eprintln!(
-            "{label}: evaluating: test bpd over {} images with {} dequantization draws each",
-            test_l.len(),
-            c.eval.importance_samples
-        );
-    }
-    let seed = c.train.seed;
-    row.val_bpd = Some(train::eval::mean_bpd(
-        &model,
-        &val_l,
-        &val_l.ordered(),
-        1,
-        derive_seed(seed, streams::VAL, 0),
-    )?);
-    let (test_bpd, by_class) = train::eval::bpd_by_class(
-        &model,
-        &test_l,
-        &test_l.ordered(),
-        c.eval.importance_samples,
-        derive_seed(seed, streams::TEST, 0),
-    )?;
-    row.test_bpd = Some(test_bpd);
-    row.class_bpd = by_class;
-    for (i, &k) in c.eval.importance_study.iter().enumerate() {
-        bar.set_message(format!("importance study: K = {k}"));
-        let bpd = train::eval::mean_bpd(
+    // Evaluation and samples; a stop request during evaluation leaves the run checkpointed
+    // after its last step, and the same command evaluates it.
+    let evaluated = (|| -> Result<()> {
+        bar.set_message("evaluating test bpd".to_string());
+        if let Some(label) = log {
+            eprintln!(
+                "{label}: evaluating: test bpd over {} images with {} dequantization draws each",
+                test_l.len(),
+                c.eval.importance_samples
+            );
+        }
+        let seed = c.train.seed;
+        row.val_bpd = Some(train::eval::mean_bpd(
+            &model,
+            &val_l,
+            &val_l.ordered(),
+            1,
+            derive_seed(seed, streams::VAL, 0),
+            stop,
+        )?);
+        let (test_bpd, by_class) = train::eval::bpd_by_class(
             &model,
             &test_l,
             &test_l.ordered(),
-            k,
-            derive_seed(seed, streams::TEST, 1 + i as u64),
+            c.eval.importance_samples,
+            derive_seed(seed, streams::TEST, 0),
+            stop,
         )?;
-        row.importance_study.push((k as u64, bpd));
+        row.test_bpd = Some(test_bpd);
+        row.class_bpd = by_class;
+        for (i, &k) in c.eval.importance_study.iter().enumerate() {
+            bar.set_message(format!("importance study: K = {k}"));
+            let bpd = train::eval::mean_bpd(
+                &model,
+                &test_l,
+                &test_l.ordered(),
+                k,
+                derive_seed(seed, streams::TEST, 1 + i as u64),
+                stop,
+            )?;
+            row.importance_study.push((k as u64, bpd));
+        }
+        let eval_batch: Vec<usize> = (0..c.data.eval_batch_size.min(test_l.len())).collect();
+        let (xb, yb) = test_l.batch(&eval_batch)?;
+        let sharding = Sharding::new(&model);
+        row.infer_ms_per_batch = Some(time_ms(3, || {
+            let bpd = |ctx: &mut FlowCtx, xs: &Tensor| model.bpd(xs, ctx).map(|_| ());
+            sharding.map(&model, &xb, yb.as_ref(), 0, bpd).map(|_| ())
+        })?);
+        row.sample_ms_per_batch = Some(time_ms(3, || {
+            model
+                .sample(
+                    eval_batch.len(),
+                    1.0,
+                    &mut model.sample_ctx(0, eval_batch.len(), None)?,
+                )
+                .map(|_| ())
+        })?);
+        for &t in &c.eval.temperatures {
+            save_samples(
+                &model,
+                c.eval.n_samples,
+                t,
+                derive_seed(seed, streams::SAMPLE, 0),
+                None,
+                &dir.join(format!("samples-t{t}.png")),
+            )?;
+        }
+        if c.eval.temperatures.len() > 1 {
+            save_temperature_grid(
+                &model,
+                c.eval.n_samples.min(10),
+                &c.eval.temperatures,
+                derive_seed(seed, streams::SAMPLE, 1),
+                None,
+                &dir.join("samples-temperatures.png"),
+            )?;
+        }
+        Ok(())
+    })();
+    match evaluated {
+        Ok(()) => Ok(Executed::Finished(Box::new(row), report.curves)),
+        Err(Error::Stopped) => Ok(Executed::Stopped(report.steps)),
+        Err(e) => Err(e),
     }
-    let eval_batch: Vec<usize> = (0..c.data.eval_batch_size.min(test_l.len())).collect();
-    let (xb, yb) = test_l.batch(&eval_batch)?;
-    let sharding = Sharding::new(&model);
-    row.infer_ms_per_batch = Some(time_ms(3, || {
-        let bpd = |ctx: &mut FlowCtx, xs: &Tensor| model.bpd(xs, ctx).map(|_| ());
-        sharding.map(&model, &xb, yb.as_ref(), 0, bpd).map(|_| ())
-    })?);
-    row.sample_ms_per_batch = Some(time_ms(3, || {
-        model
-            .sample(
-                eval_batch.len(),
-                1.0,
-                &mut model.sample_ctx(0, eval_batch.len(), None)?,
-            )
-            .map(|_| ())
-    })?);
-    for &t in &c.eval.temperatures {
-        save_samples(
-            &model,
-            c.eval.n_samples,
-            t,
-            derive_seed(seed, streams::SAMPLE, 0),
-            None,
-            &dir.join(format!("samples-t{t}.png")),
-        )?;
-    }
-    if c.eval.temperatures.len() > 1 {
-        save_temperature_grid(
-            &model,
-            c.eval.n_samples.min(10),
-            &c.eval.temperatures,
-            derive_seed(seed, streams::SAMPLE, 1),
-            None,
-            &dir.join("samples-temperatures.png"),
-        )?;
-    }
-    Ok(Executed::Finished(Box::new(row), report.curves))
 }
 
 #[cfg(test)]

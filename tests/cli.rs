@@ -307,6 +307,85 @@ fn stop_and_resume(signal: libc::c_int, status: i32) {
     assert_eq!(steps, (1..=30).map(|i| i * 100).collect::<Vec<_>>());
 }
 
+/// Ctrl-C during a run's test evaluation (importance sampling of the whole test set, which
+/// takes minutes for the full-size models) stops it after the current batch, not at its
+/// end; the same command evaluates the run again and records what an uninterrupted run does.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_during_evaluation_stops_it_and_the_same_command_evaluates_again() {
+    use std::io::BufRead;
+    // The whole test set (10,000 images) with 64 draws each: seconds of evaluation.
+    let sw = sweep_of(None, "[0]");
+    let args = sw.run_args(&[
+        "--only",
+        "a",
+        "--set",
+        "data.test_subset=null",
+        "--set",
+        "eval.importance_samples=64",
+    ]);
+    let mut child = Command::new(BIN)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Not a terminal: progress comes as lines, one of them when the evaluation starts.
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut err = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        err += &line;
+        err.push('\n');
+        if line.contains("evaluating: test bpd over 10000 images") {
+            assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+            break;
+        }
+    }
+    err.extend(lines.map(|l| l.unwrap() + "\n"));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("has a checkpoint at step 8;"), "{err}");
+    let runs = sw.out.join("clitest/runs");
+    let run_dir = std::fs::read_dir(&runs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(run_dir.join("checkpoint.safetensors").is_file());
+    assert!(!run_dir.join("result.json").exists(), "{err}");
+
+    let (code, _, err) = flowlab(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !err.contains("step 1/8"),
+        "resumed at step 8, not trained again: {err}"
+    );
+    let record = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("result.json")).unwrap()).unwrap()
+    };
+    let resumed = record(&run_dir);
+    assert_eq!(resumed["row"]["status"], "done");
+
+    // The same run uninterrupted, in another results folder.
+    let other = sw.out.with_file_name("uninterrupted");
+    let mut args2 = args.clone();
+    let at = args2.iter().position(|a| *a == "--out").unwrap();
+    args2[at + 1] = other.to_str().unwrap();
+    let (code, _, err) = flowlab(&args2);
+    assert_eq!(code, 0, "{err}");
+    let full = record(
+        &other
+            .join("clitest/runs")
+            .join(run_dir.file_name().unwrap()),
+    );
+    for key in ["test_bpd", "val_bpd", "class_bpd"] {
+        assert_eq!(resumed["row"][key], full["row"][key], "{key}");
+    }
+    assert_eq!(resumed["curves"], full["curves"]);
+}
+
 /// Two `flowlab run`s of one sweep at once (one per GPU, say) share its runs: each run is
 /// trained by one of them, never both.
 #[test]

@@ -1,7 +1,7 @@
 //! End-to-end runs on tiny MNIST subsets (7×7, a few steps): tables, resume, divergence,
 //! reload, reproducibility.
 
-use std::ops::ControlFlow;
+use std::cell::Cell;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
@@ -321,6 +321,7 @@ fn checkpoint_reloads_to_the_same_val_bpd_and_temperature_zero_is_deterministic(
         &val.ordered(),
         1,
         derive_seed(cfg.train.seed, streams::VAL, 0),
+        &|| false,
     )
     .unwrap();
     assert!(
@@ -363,9 +364,11 @@ fn an_interrupted_run_resumes_exactly_from_its_checkpoint() {
 }
 
 fn resumes_exactly(variant: &str, batch: usize) {
+    // Validation in four batches, so that a stop request can come in the middle of one.
     let overrides = [
         "sweep.grid.seed=[0]".to_string(),
         format!("data.batch_size={batch}"),
+        "data.eval_batch_size=16".to_string(),
     ];
     let exp = Experiment::from_text(TINY, "tiny.yaml", "tiny", &overrides).unwrap();
     let runs = exp.runs(&[variant.into()], &shape_of).unwrap();
@@ -384,21 +387,24 @@ fn resumes_exactly(variant: &str, batch: usize) {
         )
     };
     let (tl, vl) = loaders(&run.config);
-    // Trains a model of `seed` on `cfg` with checkpoints in `dir`, stopping on request
-    // after `stop_at`.
-    let train_in = |seed: u64, cfg: &flowlab::spec::RunConfig, dir: &Path, stop_at: usize| {
+    // Trains a model of `seed` on `cfg` with checkpoints in `dir`. From step `stop_at` on,
+    // stop requests come after `grace` polls: 0 stops after that step (or before its
+    // validation's first batch), 1 after its validation's first batch.
+    let train_in = |seed: u64, cfg: &flowlab::spec::RunConfig, dir: &Path, stop_at, grace| {
+        let (step, polls) = (Cell::new(0), Cell::new(0));
         train::train(
             &build_model(&run.plan, seed, DType::F32, &Device::Cpu).unwrap(),
             cfg,
             &tl,
             &vl,
             Some(&CheckpointPaths::in_dir(dir)),
-            &mut |step, _, _, _| {
-                if step == stop_at {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
+            &mut |s, _, _, _| step.set(s),
+            &|| {
+                if step.get() < stop_at {
+                    return false;
                 }
+                polls.set(polls.get() + 1);
+                polls.get() > grace
             },
         )
         .unwrap()
@@ -407,15 +413,15 @@ fn resumes_exactly(variant: &str, batch: usize) {
 
     // Uninterrupted.
     let d1 = tempfile::tempdir().unwrap();
-    let full = train_in(init, &run.config, d1.path(), usize::MAX);
+    let full = train_in(init, &run.config, d1.path(), usize::MAX, 0);
 
     // Stopped after the step-3 checkpoint (as if killed), then resumed by a new process
     // (whose model starts from other parameters: the checkpoint replaces them).
     let d2 = tempfile::tempdir().unwrap();
     let mut first = run.config.clone();
     first.train.steps = Some(3);
-    train_in(init, &first, d2.path(), usize::MAX);
-    let resumed = train_in(999, &run.config, d2.path(), usize::MAX);
+    train_in(init, &first, d2.path(), usize::MAX, 0);
+    let resumed = train_in(999, &run.config, d2.path(), usize::MAX, 0);
     assert_eq!(resumed.resumed_from, 3, "{variant}");
     assert_eq!(resumed.steps, 6, "{variant}");
     assert_eq!(resumed.curves, full.curves, "{variant}");
@@ -424,11 +430,33 @@ fn resumes_exactly(variant: &str, batch: usize) {
     // 3): a checkpoint there, and the resumed run's curves are the uninterrupted ones
     // (the average since the step-4 point is kept in the checkpoint).
     let d3 = tempfile::tempdir().unwrap();
-    let stopped = train_in(init, &run.config, d3.path(), 5);
+    let stopped = train_in(init, &run.config, d3.path(), 5, 0);
     assert_eq!(stopped.outcome, Outcome::Stopped { step: 5 }, "{variant}");
     assert_eq!(stopped.steps, 5, "{variant}");
-    let resumed = train_in(999, &run.config, d3.path(), usize::MAX);
+    let resumed = train_in(999, &run.config, d3.path(), usize::MAX, 0);
     assert_eq!(resumed.resumed_from, 5, "{variant}");
     assert_eq!(resumed.outcome, Outcome::Done, "{variant}");
     assert_eq!(resumed.curves, full.curves, "{variant}");
+
+    // Stopped while validating after step 3, and after the last step (6): the checkpoint
+    // holds that step without its curve point, and the resumed run validates first.
+    for at in [3, 6] {
+        let d4 = tempfile::tempdir().unwrap();
+        let stopped = train_in(init, &run.config, d4.path(), at, 1);
+        assert_eq!(stopped.outcome, Outcome::Stopped { step: at }, "{variant}");
+        let before: Vec<_> = full
+            .curves
+            .iter()
+            .filter(|c| c.step < at)
+            .cloned()
+            .collect();
+        assert_eq!(
+            stopped.curves, before,
+            "{variant}: no point for the interrupted step"
+        );
+        let resumed = train_in(999, &run.config, d4.path(), usize::MAX, 0);
+        assert_eq!(resumed.resumed_from, at, "{variant}");
+        assert_eq!(resumed.outcome, Outcome::Done, "{variant}");
+        assert_eq!(resumed.curves, full.curves, "{variant}");
+    }
 }

@@ -37,8 +37,9 @@ enum Command {
     /// a diverging run is recorded as `diverged` and the sweep goes on. A run that failed
     /// (an error such as missing data, recorded as `failed`) is tried again by the next
     /// `flowlab run`, from its checkpoint if it has one. Ctrl-C (or SIGTERM) stops the sweep
-    /// gracefully: the run in training checkpoints after its current step, and the same
-    /// command resumes it (a second Ctrl-C quits at once).
+    /// gracefully: the run in training checkpoints after its current step (in evaluation:
+    /// after its current batch), and the same command resumes it (a second Ctrl-C quits
+    /// at once).
     Run(RunArgs),
     /// Statically check a spec: layer table with shapes and parameter counts, sweep size,
     /// and a numerical invertibility check on a random batch.
@@ -272,8 +273,8 @@ static STOP: AtomicBool = AtomicBool::new(false);
 static SIGNAL: AtomicI32 = AtomicI32::new(2);
 
 /// Ctrl-C and SIGTERM (a job scheduler's pre-emption) stop a sweep gracefully: the run in
-/// training checkpoints after its current step and no other run starts. A second signal
-/// ends the process at once.
+/// training checkpoints after its current step (or evaluation batch) and no other run
+/// starts. A second signal ends the process at once.
 #[cfg(unix)]
 fn stop_gracefully_on_signals() {
     extern "C" fn on_signal(signal: libc::c_int) {
@@ -283,7 +284,7 @@ fn stop_gracefully_on_signals() {
         }
         SIGNAL.store(signal, Ordering::SeqCst);
         const MSG: &[u8] = b"\nstopping: the run in training checkpoints after its current step \
-            (an evaluation in progress finishes first); Ctrl-C again quits at once\n";
+            or evaluation batch; Ctrl-C again quits at once\n";
         unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
     }
     let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;

@@ -2,25 +2,27 @@
 
 use candle_core::Tensor;
 
-use super::derive_seed;
 use super::shard::Sharding;
+use super::{derive_seed, Stop};
 use crate::data::Loader;
 use crate::flow::FlowModel;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Mean bpd over `batches` of `loader`. With `importance_samples` K > 1 each image's
 /// likelihood is the importance-sampled logsumexp over K dequantization draws; K = 1 is
 /// the single-draw bound. Batch `i`'s dequantization noise comes from
 /// `derive_seed(seed, 0, i)` (per shard on the CPU, [`Sharding::map`]), so repeated
-/// evaluations of the same model agree exactly, whatever the thread count.
+/// evaluations of the same model agree exactly, whatever the thread count. `stop` is polled
+/// before each batch: a request ends the evaluation with [`Error::Stopped`].
 pub fn mean_bpd(
     model: &FlowModel,
     loader: &Loader,
     batches: &[Vec<usize>],
     importance_samples: usize,
     seed: u64,
+    stop: Stop<'_>,
 ) -> Result<f64> {
-    Ok(bpd_by_class(model, loader, batches, importance_samples, seed)?.0)
+    Ok(bpd_by_class(model, loader, batches, importance_samples, seed, stop)?.0)
 }
 
 /// Like [`mean_bpd`], also returning the mean bpd per class label (sorted by label; empty
@@ -31,12 +33,16 @@ pub fn bpd_by_class(
     batches: &[Vec<usize>],
     importance_samples: usize,
     seed: u64,
+    stop: Stop<'_>,
 ) -> Result<(f64, Vec<(u64, f64)>)> {
     let sharding = Sharding::new(model);
     let mut total = 0.0;
     let mut n = 0usize;
     let mut per_class: std::collections::BTreeMap<u64, (f64, usize)> = Default::default();
     for (i, idx) in batches.iter().enumerate() {
+        if stop() {
+            return Err(Error::Stopped);
+        }
         let (x, y) = loader.batch(idx)?;
         let batch_seed = derive_seed(seed, 0, i as u64);
         let parts = sharding.map(model, &x, y.as_ref(), batch_seed, |ctx, xs| {

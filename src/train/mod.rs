@@ -9,7 +9,6 @@ pub mod eval;
 pub mod optim;
 pub mod shard;
 
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -44,8 +43,9 @@ pub enum Outcome {
         step: usize,
         reason: String,
     },
-    /// Stopped on request (the progress callback broke) after `step`, with a checkpoint
-    /// there when training had one; training the same run again resumes from it.
+    /// Stopped on request (see [`Stop`]) after `step`, or while validating after it, with
+    /// a checkpoint there when training had one; training the same run again resumes from
+    /// it (first with that validation, when it was interrupted).
     Stopped {
         step: usize,
     },
@@ -221,11 +221,70 @@ fn load_all(
 }
 
 /// Progress callback after every step: (step, total, latest train bpd, images/s).
-/// `ControlFlow::Break` stops training there, with a checkpoint ([`Outcome::Stopped`]).
-pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, f64, f64) -> ControlFlow<()>;
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, f64, f64);
+
+/// A stop request, polled after every training step and before every evaluation batch:
+/// `true` stops there ([`Outcome::Stopped`] in training, [`Error::Stopped`] in evaluation).
+pub type Stop<'a> = &'a dyn Fn() -> bool;
+
+/// What recording a curve point needs besides the training state.
+struct Recorder<'a> {
+    model: &'a FlowModel,
+    val: &'a Loader,
+    val_batches: Vec<Vec<usize>>,
+    seed: u64,
+    ckpt: Option<&'a CheckpointPaths>,
+    stop: Stop<'a>,
+}
+
+impl Recorder<'_> {
+    /// Appends the curve point of `step` (of `epoch`, at learning rate `lr`) from the
+    /// accumulator, which it then resets; with `eval`, validates first and checkpoints
+    /// after. A stop request during the validation returns `Ok(false)` with neither point
+    /// nor reset, and checkpoints `step` that way: resuming records the point first.
+    fn point(
+        &self,
+        opt: &Adam,
+        (step, epoch, lr): (usize, usize, f64),
+        eval: bool,
+        acc: &mut Accumulator,
+        curves: &mut Vec<CurvePoint>,
+    ) -> Result<bool> {
+        let val_bpd = if eval {
+            let seed = derive_seed(self.seed, streams::VAL, 0);
+            match eval::mean_bpd(self.model, self.val, &self.val_batches, 1, seed, self.stop) {
+                Ok(v) => Some(v),
+                Err(Error::Stopped) => {
+                    if let Some(p) = self.ckpt {
+                        save_checkpoint(self.model, opt, (step, *acc), curves, p)?;
+                    }
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
+        curves.push(CurvePoint {
+            step,
+            epoch,
+            train_bpd: (acc.1 > 0).then(|| acc.0 / acc.1 as f64),
+            val_bpd,
+            lr,
+            grad_norm: (acc.1 > 0).then(|| acc.2 / acc.1 as f64),
+        });
+        *acc = (0.0, 0, 0.0);
+        if eval {
+            if let Some(p) = self.ckpt {
+                save_checkpoint(self.model, opt, (step, *acc), curves, p)?;
+            }
+        }
+        Ok(true)
+    }
+}
 
 /// Trains `model` on `train`, validating on `val`. Checkpoints go to `ckpt` (if given) at
-/// every evaluation and at the end; an existing checkpoint there is resumed.
+/// every evaluation, at a stop and at the end; an existing checkpoint there is resumed.
 pub fn train(
     model: &FlowModel,
     cfg: &RunConfig,
@@ -233,6 +292,7 @@ pub fn train(
     val: &Loader,
     ckpt: Option<&CheckpointPaths>,
     progress: Progress<'_>,
+    stop: Stop<'_>,
 ) -> Result<TrainReport> {
     let t = &cfg.train;
     let seed = t.seed;
@@ -246,20 +306,47 @@ pub fn train(
         _ => (0, Vec::new(), (0.0, 0, 0.0)),
     };
     let resumed_from = step;
-    let val_batches = eval::first_batches(val, t.val_subset);
+    let rec = Recorder {
+        model,
+        val,
+        val_batches: eval::first_batches(val, t.val_subset),
+        seed,
+        ckpt,
+        stop,
+    };
+    let eval_due = |s: usize| s.is_multiple_of(t.eval_every) || s == total;
+    let point_due = |s: usize| s.is_multiple_of(t.log_every) || eval_due(s);
+    // Epoch and learning rate of the step that ends at `s` (> 0).
+    let schedule = |s: usize| {
+        let epoch = (s - 1) / per_epoch;
+        let lr = optim::learning_rate(t.lr, s - 1, epoch, t.warmup_steps, t.lr_decay);
+        (epoch, lr)
+    };
     let mut epoch_batches: Option<(usize, Vec<Vec<usize>>)> = None;
     let mut train_seconds = 0.0;
     let mut outcome = Outcome::Done;
 
-    while step < total {
-        let epoch = step / per_epoch;
+    // A run stopped while validating after `step` left that step without its point.
+    if step > 0 && point_due(step) && curves.last().map(|c| c.step) != Some(step) {
+        let (epoch, lr) = schedule(step);
+        if !rec.point(
+            &opt,
+            (step, epoch, lr),
+            eval_due(step),
+            &mut acc,
+            &mut curves,
+        )? {
+            outcome = Outcome::Stopped { step };
+        }
+    }
+    while step < total && outcome == Outcome::Done {
+        let (epoch, lr) = schedule(step + 1);
         if epoch_batches.as_ref().is_none_or(|(e, _)| *e != epoch) {
             let mut rng = crate::rng::Rng::new(derive_seed(seed, streams::SHUFFLE, epoch as u64));
             epoch_batches = Some((epoch, train.shuffled_epoch(&mut rng)));
         }
         let batches = &epoch_batches.as_ref().expect("set above").1;
         let idx = &batches[(step % per_epoch) % batches.len()];
-        let lr = optim::learning_rate(t.lr, step, epoch, t.warmup_steps, t.lr_decay);
 
         let started = Instant::now();
         let (x, y) = train.batch(idx)?;
@@ -289,42 +376,17 @@ pub fn train(
 
         let imgs_per_s =
             ((step - resumed_from) * train.batch_size()) as f64 / train_seconds.max(1e-9);
-        let stop = progress(step, total, loss_v, imgs_per_s).is_break();
-        let log_now = step % t.log_every == 0;
-        let eval_now = step % t.eval_every == 0 || step == total;
-        if log_now || eval_now {
-            let val_bpd = if eval_now {
-                Some(eval::mean_bpd(
-                    model,
-                    val,
-                    &val_batches,
-                    1,
-                    derive_seed(seed, streams::VAL, 0),
-                )?)
-            } else {
-                None
-            };
-            curves.push(CurvePoint {
-                step,
-                epoch,
-                train_bpd: (acc.1 > 0).then(|| acc.0 / acc.1 as f64),
-                val_bpd,
-                lr,
-                grad_norm: (acc.1 > 0).then(|| acc.2 / acc.1 as f64),
-            });
-            acc = (0.0, 0, 0.0);
-            if eval_now {
-                if let Some(p) = ckpt {
-                    save_checkpoint(model, &opt, (step, acc), &curves, p)?;
-                }
-            }
-        }
-        if stop && step < total {
+        progress(step, total, loss_v, imgs_per_s);
+        let eval_now = eval_due(step);
+        if point_due(step)
+            && !rec.point(&opt, (step, epoch, lr), eval_now, &mut acc, &mut curves)?
+        {
+            outcome = Outcome::Stopped { step };
+        } else if stop() && step < total {
             if let Some(p) = ckpt.filter(|_| !eval_now) {
                 save_checkpoint(model, &opt, (step, acc), &curves, p)?;
             }
             outcome = Outcome::Stopped { step };
-            break;
         }
     }
     let imgs_per_s = ((step - resumed_from) * train.batch_size()) as f64 / train_seconds.max(1e-9);
