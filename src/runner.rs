@@ -383,13 +383,6 @@ fn execute(
     let train_l = Loader::new(&splits.train, c.data.batch_size, DType::F32, &dev)?;
     let val_l = Loader::new(&splits.val, c.data.eval_batch_size, DType::F32, &dev)?;
     let test_l = Loader::new(&splits.test, c.data.eval_batch_size, DType::F32, &dev)?;
-    if train_l.len() < c.data.batch_size {
-        return Err(Error::Data(format!(
-            "only {} training images for batch size {}",
-            train_l.len(),
-            c.data.batch_size
-        )));
-    }
     bar.set_length(train::total_steps(c, train_l.len()) as u64);
     let ckpt = CheckpointPaths::in_dir(dir);
     let mut last_line: Option<Instant> = None;

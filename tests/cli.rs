@@ -83,6 +83,38 @@ fn every_experiment_file_passes_check() {
     assert!(n >= 2);
 }
 
+/// `check` loads the data of the sweep: it states its sizes, and refuses data that no run
+/// could train on before a sweep records every run as failed.
+#[test]
+fn check_states_the_data_and_refuses_data_that_cannot_train() {
+    let (code, out, err) = flowlab(&["check", "experiments/ci_small.yaml"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("1×14×14, 4000 training, 1000 validation and 1000 test images"),
+        "{out}"
+    );
+    let cases = [
+        (
+            "data.val_size=70000",
+            "cannot hold out 70000 validation images from 60000",
+        ),
+        ("data.classes=[3,12]", "no images of class [12]"),
+        (
+            "data.train_subset=10",
+            "only 10 training images for data.batch_size 64",
+        ),
+    ];
+    for (set, msg) in cases {
+        let (code, _, err) = flowlab(&["check", "experiments/ci_small.yaml", "--set", set]);
+        assert_eq!(code, 1, "{set}: {err}");
+        assert!(err.contains(msg), "{set}: {err}");
+        assert!(
+            err.contains("(the data of 4 runs of the sweep)"),
+            "{set}: {err}"
+        );
+    }
+}
+
 #[test]
 fn broken_spec_exits_2_with_a_located_message() {
     let (code, _, err) = flowlab(&["check", "tests/specs/broken/bad_mask_value.yaml"]);
@@ -177,7 +209,8 @@ fn failed_runs_exit_1_with_plain_logs_and_run_again_next_time() {
     let (code, _, err) = flowlab(&["sample", run.to_str().unwrap()]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("no checkpoint: the run is recorded as failed (data: only 8 training"),
+        err.contains("no checkpoint: the run is recorded as failed (data: ")
+            && err.contains("only 8 training images for data.batch_size 32"),
         "{err}"
     );
 }

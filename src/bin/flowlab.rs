@@ -41,8 +41,9 @@ enum Command {
     /// after its current batch), and the same command resumes it (a second Ctrl-C quits
     /// at once).
     Run(RunArgs),
-    /// Statically check a spec: layer table with shapes and parameter counts, sweep size,
-    /// and a numerical invertibility check on a random batch.
+    /// Check a spec without training: layer table with shapes and parameter counts, sweep
+    /// size, the data's sizes (loaded: a class it lacks or too few images is an error), and
+    /// a numerical invertibility check on a random batch.
     Check(SpecArgs),
     /// Summarise results: mean ± std of a metric over seeds, grouped by columns.
     Compare(CompareArgs),
@@ -398,6 +399,33 @@ fn cmd_check(a: SpecArgs) -> Result<ExitCode> {
         exp.variants.len(),
         runs.len()
     );
+    // The data of every run, loaded: its sizes, and what cannot be trained on (a class the
+    // data lacks, more validation images than there are, fewer training images than a
+    // batch), refused here rather than in the middle of a sweep.
+    let mut data: Vec<(String, &DataSpec, usize)> = Vec::new();
+    for run in &runs {
+        let key = serde_json::to_string(&run.config.data)?;
+        match data.iter_mut().find(|(k, _, _)| *k == key) {
+            Some(d) => d.2 += 1,
+            None => data.push((key, &run.config.data, 1)),
+        }
+    }
+    for (_, spec, n) in data {
+        match flowlab::data::load(spec) {
+            Ok(s) => say!(
+                "data: {} {}, {} training, {} validation and {} test images",
+                s.train.name,
+                shape_text(&s.train.shape),
+                s.train.len(),
+                s.val.len(),
+                s.test.len()
+            ),
+            Err(e) => {
+                eprintln!("error: {e}\n  (the data of {} of the sweep)", runs_text(n));
+                ok = false;
+            }
+        }
+    }
     let mut seen = std::collections::HashSet::new();
     for run in &runs {
         let v = &run.config.variant;

@@ -74,7 +74,8 @@ pub fn load_parts(spec: &DataSpec) -> crate::Result<(Dataset, Dataset)> {
     }
 }
 
-/// Loads and prepares all three parts of a data spec.
+/// Loads and prepares all three parts of a data spec; refuses one whose training part
+/// cannot fill a batch.
 pub fn load(spec: &DataSpec) -> crate::Result<Splits> {
     let (mut train, mut test) = load_parts(spec)?;
     if let Some(classes) = &spec.classes {
@@ -103,6 +104,14 @@ pub fn load(spec: &DataSpec) -> crate::Result<Splits> {
     if let Some(n) = spec.test_subset {
         larger("test", n, &test);
         test = test.subset(n, SPLIT_SEED);
+    }
+    if train.len() < spec.batch_size {
+        return Err(crate::Error::Data(format!(
+            "{}: only {} training images for data.batch_size {}",
+            train.name,
+            train.len(),
+            spec.batch_size
+        )));
     }
     Ok(Splits { train, val, test })
 }
