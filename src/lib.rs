@@ -12,6 +12,8 @@
 //! - [`linalg`]: small host-side f64 linear algebra (LU, determinant, inverse, QR) that
 //!   candle lacks;
 //! - [`rng`]: the seeded random source every stochastic op draws from;
+//! - [`trained`]: a run loaded back from its results folder, for sampling and evaluations
+//!   after training;
 //! - [`testing`]: numerical checkers (round trip, brute-force Jacobian log-determinant)
 //!   shared by the unit and integration tests.
 
@@ -30,5 +32,6 @@ pub mod runner;
 pub mod spec;
 pub mod testing;
 pub mod train;
+pub mod trained;
 
 pub use error::{Error, Result};

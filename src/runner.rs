@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -359,6 +360,33 @@ pub fn save_temperature_grid(
 }
 
 /// Trains and evaluates one run; returns its row and its training curves.
+/// An evaluation's progress on the run's bar (and, in a log, a line every
+/// [`LINE_EVERY_S`]), and the stop request.
+struct EvalProgress<'a> {
+    bar: &'a ProgressBar,
+    log: Option<&'a str>,
+    stop: &'a dyn Fn() -> bool,
+    last_line: Instant,
+}
+
+impl EvalProgress<'_> {
+    fn poll(&mut self, what: &str, done: usize, all: usize) -> ControlFlow<()> {
+        self.bar
+            .set_message(format!("evaluating {what}: {done}/{all} images"));
+        if let Some(label) = self.log {
+            if self.last_line.elapsed().as_secs_f64() >= LINE_EVERY_S && done < all {
+                eprintln!("{label}: evaluating {what}: {done}/{all} images");
+                self.last_line = Instant::now();
+            }
+        }
+        if (self.stop)() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
 fn execute(
     run: &Run,
     dir: &Path,
@@ -426,7 +454,6 @@ fn execute(
     // Evaluation and samples; a stop request during evaluation leaves the run checkpointed
     // after its last step, and the same command evaluates it.
     let evaluated = (|| -> Result<()> {
-        bar.set_message("evaluating test bpd".to_string());
         if let Some(label) = log {
             eprintln!(
                 "{label}: evaluating: test bpd over {} images with {} dequantization draws each",
@@ -435,13 +462,19 @@ fn execute(
             );
         }
         let seed = c.train.seed;
+        let mut ev = EvalProgress {
+            bar,
+            log,
+            stop,
+            last_line: Instant::now(),
+        };
         row.val_bpd = Some(train::eval::mean_bpd(
             &model,
             &val_l,
             &val_l.ordered(),
             1,
             derive_seed(seed, streams::VAL, 0),
-            stop,
+            &mut |d, n| ev.poll("val bpd", d, n),
         )?);
         let (test_bpd, by_class) = train::eval::bpd_by_class(
             &model,
@@ -449,19 +482,19 @@ fn execute(
             &test_l.ordered(),
             c.eval.importance_samples,
             derive_seed(seed, streams::TEST, 0),
-            stop,
+            &mut |d, n| ev.poll("test bpd", d, n),
         )?;
         row.test_bpd = Some(test_bpd);
         row.class_bpd = by_class;
         for (i, &k) in c.eval.importance_study.iter().enumerate() {
-            bar.set_message(format!("importance study: K = {k}"));
+            let what = format!("importance study, K = {k}");
             let bpd = train::eval::mean_bpd(
                 &model,
                 &test_l,
                 &test_l.ordered(),
                 k,
                 derive_seed(seed, streams::TEST, 1 + i as u64),
-                stop,
+                &mut |d, n| ev.poll(&what, d, n),
             )?;
             row.importance_study.push((k as u64, bpd));
         }

@@ -45,7 +45,7 @@ sweep:
 fn help_lists_the_commands() {
     let (code, out, _) = flowlab(&["--help"]);
     assert_eq!(code, 0);
-    for c in ["run", "check", "compare", "sample", "bench"] {
+    for c in ["run", "check", "compare", "sample", "eval", "bench"] {
         assert!(out.contains(c), "{out}");
     }
     let (code, out, _) = flowlab(&["run", "--help"]);
@@ -417,6 +417,61 @@ fn ctrl_c_during_evaluation_stops_it_and_the_same_command_evaluates_again() {
         assert_eq!(resumed["row"][key], full["row"][key], "{key}");
     }
     assert_eq!(resumed["curves"], full["curves"]);
+}
+
+/// `flowlab eval` evaluates a trained run again: with the run's settings it reproduces the
+/// recorded bpd exactly, and it takes other numbers of importance samples and images.
+#[test]
+fn eval_reproduces_the_recorded_bpd_and_takes_more_samples_and_images() {
+    let sw = sweep_of(None, "[0]");
+    let (code, _, err) = flowlab(&sw.run_args(&["-q", "--only", "a"]));
+    assert_eq!(code, 0, "{err}");
+    let run = std::fs::read_dir(sw.out.join("clitest/runs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("result.json")).unwrap()).unwrap();
+    let run_s = run.to_str().unwrap();
+    let json_lines = |more: &[&str]| -> Vec<serde_json::Value> {
+        let mut args = vec!["eval", run_s, "--json"];
+        args.extend(more);
+        let (code, out, err) = flowlab(&args);
+        assert_eq!(code, 0, "{more:?}: {err}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    // The run's own evaluation: K = 2 on its 64 test images; K = 1 on its 64 validation ones.
+    let test = json_lines(&[]);
+    assert_eq!(test.len(), 1);
+    assert_eq!((&test[0]["k"], &test[0]["images"]), (&2.into(), &64.into()));
+    assert_eq!(test[0]["bpd"], rec["row"]["test_bpd"]);
+    assert_eq!(test[0]["step"], 8);
+    let val = json_lines(&["--split", "val"]);
+    assert_eq!(val[0]["bpd"], rec["row"]["val_bpd"]);
+    // More draws on the whole test set: a tighter bound than one draw.
+    let more = json_lines(&["-k", "1,16", "--images", "all"]);
+    assert_eq!(more.len(), 2);
+    assert_eq!(more[1]["images"], 10000);
+    let bpd = |v: &serde_json::Value| v["bpd"].as_f64().unwrap();
+    assert!(bpd(&more[1]) < bpd(&more[0]), "{more:?}");
+    assert_eq!(more[1]["class_bpd"].as_object().unwrap().len(), 10);
+
+    // The table names what the sweep recorded, to compare with.
+    let (code, out, err) = flowlab(&["eval", run_s]);
+    assert_eq!(code, 0, "{err}");
+    let recorded = format!("{:.4}", rec["row"]["test_bpd"].as_f64().unwrap());
+    assert!(
+        out.contains(&format!(
+            "recorded by the sweep: test bpd {recorded} with K = 2"
+        )),
+        "{out}"
+    );
+    let (code, _, err) = flowlab(&["eval", run_s, "--images", "0"]);
+    assert_eq!(code, 2, "{err}");
 }
 
 /// Two `flowlab run`s of one sweep at once (one per GPU, say) share its runs: each run is

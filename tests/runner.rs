@@ -321,7 +321,7 @@ fn checkpoint_reloads_to_the_same_val_bpd_and_temperature_zero_is_deterministic(
         &val.ordered(),
         1,
         derive_seed(cfg.train.seed, streams::VAL, 0),
-        &|| false,
+        &mut train::eval::stop_when(&|| false),
     )
     .unwrap();
     assert!(

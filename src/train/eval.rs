@@ -1,9 +1,11 @@
 //! Evaluation: mean bits per dimension over a set of images.
 
+use std::ops::ControlFlow;
+
 use candle_core::Tensor;
 
+use super::derive_seed;
 use super::shard::Sharding;
-use super::{derive_seed, Stop};
 use crate::data::Loader;
 use crate::flow::FlowModel;
 use crate::{Error, Result};
@@ -12,17 +14,32 @@ use crate::{Error, Result};
 /// likelihood is the importance-sampled logsumexp over K dequantization draws; K = 1 is
 /// the single-draw bound. Batch `i`'s dequantization noise comes from
 /// `derive_seed(seed, 0, i)` (per shard on the CPU, [`Sharding::map`]), so repeated
-/// evaluations of the same model agree exactly, whatever the thread count. `stop` is polled
-/// before each batch: a request ends the evaluation with [`Error::Stopped`].
+/// evaluations of the same model agree exactly, whatever the thread count. `poll` is called
+/// before each batch and at the end (see [`Poll`]).
 pub fn mean_bpd(
     model: &FlowModel,
     loader: &Loader,
     batches: &[Vec<usize>],
     importance_samples: usize,
     seed: u64,
-    stop: Stop<'_>,
+    poll: Poll<'_>,
 ) -> Result<f64> {
-    Ok(bpd_by_class(model, loader, batches, importance_samples, seed, stop)?.0)
+    Ok(bpd_by_class(model, loader, batches, importance_samples, seed, poll)?.0)
+}
+
+/// Called with (images evaluated, images in all) before each batch and once at the end,
+/// for progress; `Break` before a batch ends the evaluation with [`Error::Stopped`].
+pub type Poll<'a> = &'a mut dyn FnMut(usize, usize) -> ControlFlow<()>;
+
+/// A [`Poll`] that only stops, when `stop()` says so.
+pub fn stop_when(stop: &dyn Fn() -> bool) -> impl FnMut(usize, usize) -> ControlFlow<()> + '_ {
+    move |_, _| {
+        if stop() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
 }
 
 /// Like [`mean_bpd`], also returning the mean bpd per class label (sorted by label; empty
@@ -33,14 +50,15 @@ pub fn bpd_by_class(
     batches: &[Vec<usize>],
     importance_samples: usize,
     seed: u64,
-    stop: Stop<'_>,
+    poll: Poll<'_>,
 ) -> Result<(f64, Vec<(u64, f64)>)> {
     let sharding = Sharding::new(model);
     let mut total = 0.0;
     let mut n = 0usize;
     let mut per_class: std::collections::BTreeMap<u64, (f64, usize)> = Default::default();
+    let all: usize = batches.iter().map(Vec::len).sum();
     for (i, idx) in batches.iter().enumerate() {
-        if stop() {
+        if poll(n, all).is_break() {
             return Err(Error::Stopped);
         }
         let (x, y) = loader.batch(idx)?;
@@ -65,6 +83,7 @@ pub fn bpd_by_class(
             }
         }
     }
+    let _ = poll(n, all);
     let mean = if n == 0 { f64::NAN } else { total / n as f64 };
     let classes = per_class
         .into_iter()

@@ -252,7 +252,8 @@ impl Recorder<'_> {
     ) -> Result<bool> {
         let val_bpd = if eval {
             let seed = derive_seed(self.seed, streams::VAL, 0);
-            match eval::mean_bpd(self.model, self.val, &self.val_batches, 1, seed, self.stop) {
+            let poll = &mut eval::stop_when(self.stop);
+            match eval::mean_bpd(self.model, self.val, &self.val_batches, 1, seed, poll) {
                 Ok(v) => Some(v),
                 Err(Error::Stopped) => {
                     if let Some(p) = self.ckpt {

@@ -6,15 +6,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use flowlab::build::{build_model, params_under};
 use flowlab::data::shape_of;
 use flowlab::results::{self, compare};
 use flowlab::runner::{self, RunOptions};
 use flowlab::spec::DataSpec;
-use flowlab::spec::{Experiment, Run, RunConfig, SpecErrors};
+use flowlab::spec::{Experiment, Run, SpecErrors};
 use flowlab::testing::{perturb_params, round_trip, FlowCheck};
+use flowlab::trained::TrainedRun;
 
 /// The system allocator, advising transparent huge pages for tensors (2 MiB and up).
 #[global_allocator]
@@ -49,6 +50,10 @@ enum Command {
     Compare(CompareArgs),
     /// Draw samples from a trained run.
     Sample(SampleArgs),
+    /// Evaluate a trained run again from its last checkpoint, without training: its test
+    /// (or validation) bpd with other numbers of importance samples (`-k 1,8,64`) or of
+    /// images (`--images all`) than its sweep used.
+    Eval(eval::EvalArgs),
     /// Time the training step (forward, backward, optimizer), inference and sampling of
     /// each variant on random batches; FLOPs from the graph, GFLOP/s and its share of the
     /// cores' FMA peak (on a CPU: the best of measurements between the timed steps); peak
@@ -198,6 +203,8 @@ macro_rules! say {
     }};
 }
 
+mod eval;
+
 /// Exit code for spec errors (distinct from 1 = a failed check or run).
 const SPEC_ERROR: u8 = 2;
 
@@ -219,6 +226,7 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd_check(a),
         Command::Compare(a) => cmd_compare(a),
         Command::Sample(a) => cmd_sample(a),
+        Command::Eval(a) => eval::cmd_eval(a),
         Command::Bench(a) => cmd_bench(a),
     };
     match result {
@@ -588,6 +596,17 @@ fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
     })
 }
 
+/// [`TrainedRun::load`], saying what a run folder is when `dir` is not one.
+fn load_trained(dir: &Path, device: Option<&str>) -> Result<TrainedRun> {
+    TrainedRun::load(dir, device).map_err(|e| match e {
+        flowlab::Error::Io { path, cause } => anyhow::anyhow!(
+            "reading {} (a run directory is results/<experiment>/runs/<run>): {cause}",
+            path.display()
+        ),
+        e => e.into(),
+    })
+}
+
 fn cmd_sample(a: SampleArgs) -> Result<ExitCode> {
     if a.output
         .extension()
@@ -598,45 +617,8 @@ fn cmd_sample(a: SampleArgs) -> Result<ExitCode> {
             a.output.display()
         );
     }
-    let cfg_path = a.run_dir.join("config.yaml");
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| {
-        format!(
-            "reading {} (a run directory is results/<experiment>/runs/<run>)",
-            cfg_path.display()
-        )
-    })?;
-    let cfg: RunConfig =
-        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
-    let shape = shape_of(&cfg.data).map_err(anyhow::Error::msg)?;
-    let plan = flowlab::spec::plan::plan(&cfg.model, shape, "model")
-        .map_err(|issues| anyhow::anyhow!("{issues:?}"))?;
-    let model = build_model(
-        &plan,
-        0,
-        candle_core::DType::F32,
-        &runner::device(&cfg.device)?,
-    )?;
-    let ckpt = flowlab::train::CheckpointPaths::in_dir(&a.run_dir);
-    if !ckpt.tensors.is_file() {
-        // Say why, where the run's record knows.
-        let why = match results::read_record(&a.run_dir).ok().flatten() {
-            Some(r) if r.row.status != results::Status::Done => format!(
-                "the run is recorded as {}{}{} before its first checkpoint",
-                r.row.status.as_str(),
-                r.row
-                    .status_step
-                    .map(|s| format!(" at step {s}"))
-                    .unwrap_or_default(),
-                r.row
-                    .status_reason
-                    .map(|s| format!(" ({s})"))
-                    .unwrap_or_default(),
-            ),
-            _ => "has the run trained yet?".to_string(),
-        };
-        bail!("{}: no checkpoint: {why}", ckpt.tensors.display());
-    }
-    let (step, _) = flowlab::train::load_checkpoint(&model, None, &ckpt)?;
+    let run = load_trained(&a.run_dir, None)?;
+    let (model, step) = (&run.model, run.step);
     if let Some(bad) = a
         .temperatures
         .iter()
@@ -645,14 +627,14 @@ fn cmd_sample(a: SampleArgs) -> Result<ExitCode> {
         bail!("temperature must be a finite number ≥ 0, got {bad}");
     }
     if let [t] = a.temperatures[..] {
-        runner::save_samples(&model, a.n, t, a.seed, a.label, &a.output)?;
+        runner::save_samples(model, a.n, t, a.seed, a.label, &a.output)?;
         say!(
             "{} samples at temperature {t} from step {step} → {}",
             a.n,
             a.output.display()
         );
     } else {
-        runner::save_temperature_grid(&model, a.n, &a.temperatures, a.seed, a.label, &a.output)?;
+        runner::save_temperature_grid(model, a.n, &a.temperatures, a.seed, a.label, &a.output)?;
         say!(
             "{} samples per temperature at {:?} from step {step} → {}",
             a.n,

@@ -1,0 +1,161 @@
+//! `flowlab eval`: a trained run's bpd again, from its last checkpoint, with other numbers
+//! of importance samples or images than its sweep used.
+
+use std::io::IsTerminal;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use flowlab::trained::{Images, Split};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::{at_least_one, load_trained};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A run's folder (results/<experiment>/runs/<name>-<id>).
+    run_dir: PathBuf,
+    /// Importance samples K per image: the dequantization draws whose logsumexp is each
+    /// image's likelihood (1 = the single-draw bound). Several (`-k 1,8,64`) evaluate
+    /// each. Default: the run's `eval.importance_samples` (for `--split val`: 1, as in
+    /// training).
+    #[arg(long = "importance-samples", short = 'k', value_delimiter = ',', value_parser = at_least_one)]
+    k: Vec<usize>,
+    /// The run's test images or its validation images.
+    #[arg(long, value_enum, default_value_t = SplitArg::Test)]
+    split: SplitArg,
+    /// How many: a number, or `all` (test: the whole test set, whatever the run's
+    /// `data.test_subset`). Default: the images the run's own evaluation used.
+    #[arg(long, value_parser = images_arg)]
+    images: Option<Images>,
+    /// Seed of the dequantization draws. Default: the run's, which with the run's K and
+    /// images reproduces its recorded bpd.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Device to evaluate on (`cpu`, `cuda`, `cuda:1`). Default: the run's.
+    #[arg(long)]
+    device: Option<String>,
+    /// One JSON object per K: `run, step, split, images, k, bpd, class_bpd, seconds`.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SplitArg {
+    Test,
+    Val,
+}
+
+fn images_arg(text: &str) -> Result<Images, String> {
+    if text == "all" {
+        return Ok(Images::All);
+    }
+    at_least_one(text)
+        .map(Images::Count)
+        .map_err(|e| format!("{e} (or `all`)"))
+}
+
+pub fn cmd_eval(a: EvalArgs) -> Result<ExitCode> {
+    let run = load_trained(&a.run_dir, a.device.as_deref())?;
+    let split = match a.split {
+        SplitArg::Test => Split::Test,
+        SplitArg::Val => Split::Val,
+    };
+    let images = a.images.unwrap_or(Images::Run);
+    let set = run.eval_set(split, images)?;
+    let ks = if a.k.is_empty() {
+        vec![match split {
+            Split::Test => run.config.eval.importance_samples,
+            Split::Val => 1,
+        }]
+    } else {
+        a.k.clone()
+    };
+    let name = run.name();
+    let what = format!("{} bpd", split.as_str());
+    if !a.json {
+        say!(
+            "{name} at step {}: {what} over {} images",
+            run.step,
+            set.len()
+        );
+        say!("{:>6}  {:>10}  {:>9}", "K", what, "seconds");
+    }
+    let bar = if a.quiet || !std::io::stderr().is_terminal() {
+        ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::hidden())
+    } else {
+        ProgressBar::new(set.len() as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut last = None;
+    for &k in &ks {
+        bar.set_message(format!("K = {k}"));
+        bar.reset();
+        let started = Instant::now();
+        let (bpd, by_class) = run.evaluate(&set, k, a.seed, &mut |done, _| {
+            bar.set_position(done as u64);
+            ControlFlow::Continue(())
+        })?;
+        let seconds = started.elapsed().as_secs_f64();
+        bar.suspend(|| {
+            if a.json {
+                let classes: serde_json::Map<String, serde_json::Value> = by_class
+                    .iter()
+                    .map(|(c, b)| (c.to_string(), (*b).into()))
+                    .collect();
+                say!(
+                    "{}",
+                    serde_json::json!({
+                        "run": name,
+                        "step": run.step,
+                        "split": split.as_str(),
+                        "images": set.len(),
+                        "k": k,
+                        "bpd": bpd,
+                        "class_bpd": classes,
+                        "seconds": seconds,
+                    })
+                );
+            } else {
+                say!("{k:>6}  {bpd:>10.4}  {seconds:>9.1}");
+            }
+        });
+        last = Some((k, by_class));
+    }
+    bar.finish_and_clear();
+    if a.json {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some((k, by_class)) = last.filter(|(_, c)| !c.is_empty()) {
+        let classes: Vec<String> = by_class
+            .iter()
+            .map(|(c, b)| format!("{c}: {b:.4}"))
+            .collect();
+        say!("per class (K = {k}): {}", classes.join(", "));
+    }
+    // What the sweep recorded for the same images and seed, to compare with.
+    let record = flowlab::results::read_record(&run.dir).ok().flatten();
+    if let (Some(rec), Images::Run, None) = (record, images, a.seed) {
+        let recorded = match split {
+            Split::Test => rec
+                .row
+                .test_bpd
+                .map(|b| (b, run.config.eval.importance_samples)),
+            Split::Val => rec.row.val_bpd.map(|b| (b, 1)),
+        };
+        if let Some((b, k)) = recorded {
+            say!("recorded by the sweep: {what} {b:.4} with K = {k}, same images and draws");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
