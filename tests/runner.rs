@@ -330,6 +330,20 @@ fn checkpoint_reloads_to_the_same_val_bpd_and_temperature_zero_is_deterministic(
         rec.row.val_bpd
     );
 
+    // The same through `trained`, which `flowlab eval` uses: the run's own evaluations.
+    use flowlab::trained::{Images, Split, TrainedRun};
+    let run = TrainedRun::load(&run_dir, None).unwrap();
+    assert_eq!(run.step, rec.row.steps as usize);
+    let mut go = train::eval::stop_when(&|| false);
+    for (split, k, want) in [
+        (Split::Val, 1, rec.row.val_bpd),
+        (Split::Test, cfg.eval.importance_samples, rec.row.test_bpd),
+    ] {
+        let set = run.eval_set(split, Images::Run).unwrap();
+        let (got, _) = run.evaluate(&set, k, None, &mut go).unwrap();
+        assert_eq!(Some(got), want, "{split:?}");
+    }
+
     let ctx = flowlab::flow::FlowCtx::new;
     let a = model.sample(3, 0.0, &mut ctx(1)).unwrap();
     let b = model.sample(3, 0.0, &mut ctx(2)).unwrap();
