@@ -472,6 +472,16 @@ fn eval_reproduces_the_recorded_bpd_and_takes_more_samples_and_images() {
     );
     let (code, _, err) = flowlab(&["eval", run_s, "--images", "0"]);
     assert_eq!(code, 2, "{err}");
+    // An experiment's folder stands for its runs.
+    let exp = sw.out.join("clitest");
+    let (code, out, err) = flowlab(&["eval", exp.to_str().unwrap(), "--json", "-k", "1"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert_eq!(rows[0]["run"], run.file_name().unwrap().to_str().unwrap());
 }
 
 /// Two `flowlab run`s of one sweep at once (one per GPU, say) share its runs: each run is

@@ -3,12 +3,13 @@
 
 use std::io::IsTerminal;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use flowlab::train::CheckpointPaths;
 use flowlab::trained::{Images, Split};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -16,8 +17,10 @@ use super::{at_least_one, load_trained};
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// A run's folder (results/<experiment>/runs/<name>-<id>).
-    run_dir: PathBuf,
+    /// Runs' folders (results/<experiment>/runs/<name>-<id>), or an experiment's results
+    /// folder (results/<experiment>) for all its runs that have a checkpoint.
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
     /// Importance samples K per image: the dequantization draws whose logsumexp is each
     /// image's likelihood (1 = the single-draw bound). Several (`-k 1,8,64`) evaluate
     /// each. Default: the run's `eval.importance_samples` (for `--split val`: 1, as in
@@ -62,7 +65,43 @@ fn images_arg(text: &str) -> Result<Images, String> {
 }
 
 pub fn cmd_eval(a: EvalArgs) -> Result<ExitCode> {
-    let run = load_trained(&a.run_dir, a.device.as_deref())?;
+    let mut dirs = Vec::new();
+    for path in &a.runs {
+        let runs = path.join("runs");
+        if !path.join("config.yaml").is_file() && runs.is_dir() {
+            // An experiment's folder: its runs, leaving out those with nothing to evaluate.
+            let mut found: Vec<PathBuf> = std::fs::read_dir(&runs)
+                .with_context(|| format!("reading {}", runs.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.join("config.yaml").is_file())
+                .collect();
+            found.sort();
+            for d in found {
+                if CheckpointPaths::in_dir(&d).tensors.is_file() {
+                    dirs.push(d);
+                } else {
+                    eprintln!("{}: no checkpoint, left out", d.display());
+                }
+            }
+        } else {
+            dirs.push(path.clone());
+        }
+    }
+    if dirs.is_empty() {
+        bail!("no run with a checkpoint in {:?}", a.runs);
+    }
+    for (i, dir) in dirs.iter().enumerate() {
+        if i > 0 && !a.json {
+            say!();
+        }
+        eval_run(&a, dir)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Evaluates the run in `dir` as `a` asks, printing its table (or JSON lines).
+fn eval_run(a: &EvalArgs, dir: &Path) -> Result<()> {
+    let run = load_trained(dir, a.device.as_deref())?;
     let split = match a.split {
         SplitArg::Test => Split::Test,
         SplitArg::Val => Split::Val,
@@ -134,7 +173,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<ExitCode> {
     }
     bar.finish_and_clear();
     if a.json {
-        return Ok(ExitCode::SUCCESS);
+        return Ok(());
     }
     if let Some((k, by_class)) = last.filter(|(_, c)| !c.is_empty()) {
         let classes: Vec<String> = by_class
@@ -157,5 +196,5 @@ pub fn cmd_eval(a: EvalArgs) -> Result<ExitCode> {
             say!("recorded by the sweep: {what} {b:.4} with K = {k}, same images and draws");
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

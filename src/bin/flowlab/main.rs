@@ -50,9 +50,9 @@ enum Command {
     Compare(CompareArgs),
     /// Draw samples from a trained run.
     Sample(SampleArgs),
-    /// Evaluate a trained run again from its last checkpoint, without training: its test
+    /// Evaluate trained runs again from their last checkpoints, without training: the test
     /// (or validation) bpd with other numbers of importance samples (`-k 1,8,64`) or of
-    /// images (`--images all`) than its sweep used.
+    /// images (`--images all`) than their sweep used.
     Eval(eval::EvalArgs),
     /// Time the training step (forward, backward, optimizer), inference and sampling of
     /// each variant on random batches; FLOPs from the graph, GFLOP/s and its share of the
