@@ -289,6 +289,21 @@ fn a_diverging_run_is_recorded_and_the_sweep_goes_on() {
             r.row.status_reason
         );
     }
+    // The table's summary says which runs diverged, where and why.
+    let table = dir.path().join("tiny/runs.parquet");
+    let df = results::compare::load(&table).unwrap();
+    let lines = results::compare::not_done(&df, &table).unwrap();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for l in &lines {
+        let r = recs.iter().find(|r| l.starts_with(&r.row.name)).unwrap();
+        let want = format!(
+            "{}: diverged at step {} ({})",
+            r.row.name,
+            r.row.status_step.unwrap(),
+            r.row.status_reason.as_deref().unwrap()
+        );
+        assert_eq!(l, &want);
+    }
 }
 
 #[test]

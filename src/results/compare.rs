@@ -186,6 +186,26 @@ pub fn summarise(
         .collect())
 }
 
+/// One line per run of `df` that is not done: `name: diverged at step 3 (loss is NaN)`.
+/// The table's row of such a run has no metric, so this says why.
+pub fn not_done(df: &DataFrame, path: &Path) -> Result<Vec<String>> {
+    let name = column(df, "name", path)?;
+    let status = column(df, "status", path)?;
+    let step = numbers(column(df, "status_step", path)?)?;
+    let reason = column(df, "status_reason", path)?;
+    Ok((0..df.height())
+        .filter(|&i| cell_text(status, i) != "done")
+        .map(|i| {
+            let at = step[i].map(|s| format!(" at step {s}")).unwrap_or_default();
+            let why = match cell_text(reason, i) {
+                r if r == "-" => String::new(),
+                r => format!(" ({r})"),
+            };
+            format!("{}: {}{at}{why}", cell_text(name, i), cell_text(status, i))
+        })
+        .collect())
+}
+
 /// Renders the table, aligned for a terminal or as GitHub markdown.
 pub fn render(rows: &[CompareRow], by: &[String], metric: &str, markdown: bool) -> String {
     let fmt =

@@ -366,6 +366,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
         "{}",
         compare::render(&rows, &["variant".to_string()], "test_bpd", false)
     );
+    say_not_done(&compare::not_done(&df, &table)?);
     say!(
         "\ntables: {}  {}",
         table.display(),
@@ -389,6 +390,16 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The runs of a table that are not done, and why, under it.
+fn say_not_done(lines: &[String]) {
+    if !lines.is_empty() {
+        say!("\nnot done ({}):", runs_text(lines.len()));
+        for l in lines {
+            say!("  {l}");
+        }
+    }
 }
 
 fn shape_text(s: &[usize]) -> String {
@@ -541,7 +552,9 @@ fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         say!("## {name} ({} runs)\n", df.height());
-        say!("{}\n", compare::render(&rows, &a.by, &a.metric, a.markdown));
+        say!("{}", compare::render(&rows, &a.by, &a.metric, a.markdown));
+        say_not_done(&compare::not_done(&df, t)?);
+        say!();
         if let Some(t) = compare::importance_table(&df, t, &a.by, a.markdown)? {
             say!("test bpd vs importance samples K (eval.importance_study):\n{t}\n");
         }
