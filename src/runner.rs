@@ -52,15 +52,25 @@ pub struct SweepSummary {
     pub busy: usize,
     /// The sweep stopped on request before its end.
     pub stopped: bool,
-    /// The run stopped in training, and the step its checkpoint holds.
-    pub stopped_at: Option<(String, usize)>,
+    /// The run stopped in training or evaluation, and where.
+    pub stopped_at: Option<StoppedAt>,
+}
+
+/// Where a stop request left the run it interrupted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoppedAt {
+    pub run: String,
+    /// The step its checkpoint holds.
+    pub step: usize,
+    /// Its training steps in all: `step == steps` when it stopped in its final evaluation.
+    pub steps: usize,
 }
 
 /// How [`execute`] ended.
 enum Executed {
     Finished(Box<RunRow>, Vec<train::CurvePoint>),
-    /// Stopped on request after this step (checkpointed, not recorded).
-    Stopped(usize),
+    /// Stopped on request after step `.0` of `.1` (checkpointed, not recorded).
+    Stopped(usize, usize),
 }
 
 /// The device named by a spec (`cpu`, `cuda`, `cuda:N`).
@@ -181,11 +191,15 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
         let log = lines.then_some(label.as_str());
         let (row, curves) = match execute(run, &dir, &mut data_cache, &step_bar, log, stop) {
             Ok(Executed::Finished(row, curves)) => (*row, curves),
-            Ok(Executed::Stopped(step)) => {
+            Ok(Executed::Stopped(step, steps)) => {
                 step_bar.finish_and_clear();
                 tracing::info!(run = %run.name, step, "stopped on request, checkpointed");
                 summary.stopped = true;
-                summary.stopped_at = Some((run.name.clone(), step));
+                summary.stopped_at = Some(StoppedAt {
+                    run: run.name.clone(),
+                    step,
+                    steps,
+                });
                 break;
             }
             Err(e) => {
@@ -411,7 +425,8 @@ fn execute(
     let train_l = Loader::new(&splits.train, c.data.batch_size, DType::F32, &dev)?;
     let val_l = Loader::new(&splits.val, c.data.eval_batch_size, DType::F32, &dev)?;
     let test_l = Loader::new(&splits.test, c.data.eval_batch_size, DType::F32, &dev)?;
-    bar.set_length(train::total_steps(c, train_l.len()) as u64);
+    let total = train::total_steps(c, train_l.len());
+    bar.set_length(total as u64);
     let ckpt = CheckpointPaths::in_dir(dir);
     let mut last_line: Option<Instant> = None;
     let report = train::train(
@@ -438,7 +453,7 @@ fn execute(
         stop,
     )?;
     if let Outcome::Stopped { step } = report.outcome {
-        return Ok(Executed::Stopped(step));
+        return Ok(Executed::Stopped(step, total));
     }
     let mut row = base_row(run, Status::Done);
     row.params = model.num_params() as u64;
@@ -538,7 +553,7 @@ fn execute(
     })();
     match evaluated {
         Ok(()) => Ok(Executed::Finished(Box::new(row), report.curves)),
-        Err(Error::Stopped) => Ok(Executed::Stopped(report.steps)),
+        Err(Error::Stopped) => Ok(Executed::Stopped(report.steps, total)),
         Err(e) => Err(e),
     }
 }

@@ -377,9 +377,15 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     }
     if s.stopped {
         match &s.stopped_at {
-            Some((run, step)) => eprintln!(
-                "stopped: {run} has a checkpoint at step {step}; the same `flowlab run` resumes \
-                 it and the runs after it"
+            Some(at) if at.step == at.steps => eprintln!(
+                "stopped: {} finished training (step {}) and stopped in its evaluation; the same \
+                 `flowlab run` evaluates it and runs the runs after it",
+                at.run, at.step
+            ),
+            Some(at) => eprintln!(
+                "stopped: {} has a checkpoint at step {} of {}; the same `flowlab run` resumes \
+                 it and the runs after it",
+                at.run, at.step, at.steps
             ),
             None => eprintln!("stopped between runs; the same `flowlab run` goes on from there"),
         }
