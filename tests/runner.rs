@@ -466,6 +466,13 @@ fn resumes_exactly(variant: &str, batch: usize) {
     assert_eq!(resumed.resumed_from, 5, "{variant}");
     assert_eq!(resumed.outcome, Outcome::Done, "{variant}");
     assert_eq!(resumed.curves, full.curves, "{variant}");
+    // The training seconds of the first process are kept, and the second's added.
+    assert!(
+        resumed.train_seconds > stopped.train_seconds,
+        "{variant}: {} then {}",
+        stopped.train_seconds,
+        resumed.train_seconds
+    );
 
     // Stopped while validating after step 3, and after the last step (6): the checkpoint
     // holds that step without its curve point, and the resumed run validates first.

@@ -58,10 +58,16 @@ pub struct RunRow {
     pub val_bpd: Option<f64>,
     pub test_bpd: Option<f64>,
     pub importance_samples: u64,
+    /// Training images per second in the process that finished the run (`None` when it
+    /// had no step left to train).
     pub train_imgs_per_s: Option<f64>,
     pub infer_ms_per_batch: Option<f64>,
     pub sample_ms_per_batch: Option<f64>,
+    /// Seconds of optimizer steps, over every process that trained the run (a resumed
+    /// run's checkpoint keeps those before).
     pub train_seconds: f64,
+    /// Wall time of the `flowlab run` process that finished the run: its training since
+    /// any resume, and the evaluation.
     pub wall_seconds: f64,
     pub steps: u64,
     pub batch_size: u64,

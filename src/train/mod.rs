@@ -57,7 +57,8 @@ pub struct TrainReport {
     pub outcome: Outcome,
     pub steps: usize,
     pub curves: Vec<CurvePoint>,
-    /// Seconds spent in optimisation steps in this process (evaluation excluded).
+    /// Seconds of optimization steps (evaluation excluded), over every process that
+    /// trained the run: those before a resume are kept in its checkpoint.
     pub train_seconds: f64,
     /// Training images per second in this process.
     pub imgs_per_s: f64,
@@ -137,28 +138,40 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// them, so a run stopped between two curve points resumes to the same curves.
 type Accumulator = (f64, usize, f64);
 
+/// Where training stands: what a checkpoint holds besides parameters and optimizer.
+#[derive(Debug, Clone, Default)]
+struct State {
+    /// Optimizer steps done.
+    step: usize,
+    curves: Vec<CurvePoint>,
+    acc: Accumulator,
+    /// Seconds of optimizer steps up to `step`, over every process that trained the run.
+    seconds: f64,
+}
+
 fn save_checkpoint(
     model: &FlowModel,
     opt: &Adam,
-    (step, acc): (usize, Accumulator),
-    curves: &[CurvePoint],
+    st: &State,
     paths: &CheckpointPaths,
 ) -> Result<()> {
     let mut all = model.store().tensors();
     all.extend(opt.state()?);
     let cpu = &candle_core::Device::Cpu;
-    all.insert("train.step".into(), Tensor::new(&[step as f64], cpu)?);
+    let acc = st.acc;
+    all.insert("train.step".into(), Tensor::new(&[st.step as f64], cpu)?);
     all.insert(
         "train.acc".into(),
         Tensor::new(&[acc.0, acc.1 as f64, acc.2], cpu)?,
     );
+    all.insert("train.seconds".into(), Tensor::new(&[st.seconds], cpu)?);
     let tmp = temporary_beside(&paths.tensors);
     candle_core::safetensors::save(&all, &tmp)?;
     // Curves first: a crash between the two renames leaves curves ahead of tensors, which
     // the loader trims to the checkpoint's step.
     write_atomic(
         &paths.curves,
-        &serde_json::to_vec(curves).map_err(|e| Error::Usage(e.to_string()))?,
+        &serde_json::to_vec(&st.curves).map_err(|e| Error::Usage(e.to_string()))?,
     )?;
     std::fs::rename(&tmp, &paths.tensors).map_err(|e| Error::io(&paths.tensors, e))
 }
@@ -169,16 +182,13 @@ pub fn load_checkpoint(
     opt: Option<&mut Adam>,
     paths: &CheckpointPaths,
 ) -> Result<(usize, Vec<CurvePoint>)> {
-    load_all(model, opt, paths).map(|(step, curves, _)| (step, curves))
+    load_all(model, opt, paths).map(|st| (st.step, st.curves))
 }
 
-/// [`load_checkpoint`] and the accumulator since the last curve point (zero in
-/// checkpoints written at a curve point, and in those written before it was kept).
-fn load_all(
-    model: &FlowModel,
-    opt: Option<&mut Adam>,
-    paths: &CheckpointPaths,
-) -> Result<(usize, Vec<CurvePoint>, Accumulator)> {
+/// [`load_checkpoint`] with the rest of the training state: the accumulator since the last
+/// curve point (zero in checkpoints written at a curve point) and the training seconds
+/// (zero in checkpoints written before either was kept).
+fn load_all(model: &FlowModel, opt: Option<&mut Adam>, paths: &CheckpointPaths) -> Result<State> {
     let all = candle_core::safetensors::load(&paths.tensors, model.device())?;
     let params: std::collections::HashMap<String, Tensor> = all
         .iter()
@@ -205,19 +215,27 @@ fn load_all(
         Err(_) => Vec::new(),
     };
     curves.retain(|c| c.step <= step);
-    let acc = match all.get("train.acc") {
-        Some(t) => match t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[..] {
-            [bpd, n, norm] => (bpd, n as usize, norm),
-            _ => {
-                return Err(Error::Checkpoint {
-                    path: paths.tensors.clone(),
-                    msg: "train.acc is not 3 numbers".into(),
-                })
-            }
-        },
-        None => (0.0, 0, 0.0),
+    let numbers = |key: &str, n: usize| -> Result<Option<Vec<f64>>> {
+        let Some(t) = all.get(key) else {
+            return Ok(None);
+        };
+        let v = t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+        if v.len() != n {
+            return Err(Error::Checkpoint {
+                path: paths.tensors.clone(),
+                msg: format!("{key} is not {n} number(s)"),
+            });
+        }
+        Ok(Some(v))
     };
-    Ok((step, curves, acc))
+    let acc = numbers("train.acc", 3)?.map_or((0.0, 0, 0.0), |v| (v[0], v[1] as usize, v[2]));
+    let seconds = numbers("train.seconds", 1)?.map_or(0.0, |v| v[0]);
+    Ok(State {
+        step,
+        curves,
+        acc,
+        seconds,
+    })
 }
 
 /// Progress callback after every step: (step, total, latest train bpd, images/s).
@@ -238,18 +256,18 @@ struct Recorder<'a> {
 }
 
 impl Recorder<'_> {
-    /// Appends the curve point of `step` (of `epoch`, at learning rate `lr`) from the
-    /// accumulator, which it then resets; with `eval`, validates first and checkpoints
+    /// Appends the curve point of the state's step (of `epoch`, at learning rate `lr`) from
+    /// its accumulator, which it then resets; with `eval`, validates first and checkpoints
     /// after. A stop request during the validation returns `Ok(false)` with neither point
-    /// nor reset, and checkpoints `step` that way: resuming records the point first.
+    /// nor reset, and checkpoints the state that way: resuming records the point first.
     fn point(
         &self,
         opt: &Adam,
-        (step, epoch, lr): (usize, usize, f64),
+        (epoch, lr): (usize, f64),
         eval: bool,
-        acc: &mut Accumulator,
-        curves: &mut Vec<CurvePoint>,
+        st: &mut State,
     ) -> Result<bool> {
+        let step = st.step;
         let val_bpd = if eval {
             let seed = derive_seed(self.seed, streams::VAL, 0);
             let poll = &mut eval::stop_when(self.stop);
@@ -257,7 +275,7 @@ impl Recorder<'_> {
                 Ok(v) => Some(v),
                 Err(Error::Stopped) => {
                     if let Some(p) = self.ckpt {
-                        save_checkpoint(self.model, opt, (step, *acc), curves, p)?;
+                        save_checkpoint(self.model, opt, st, p)?;
                     }
                     return Ok(false);
                 }
@@ -266,7 +284,8 @@ impl Recorder<'_> {
         } else {
             None
         };
-        curves.push(CurvePoint {
+        let acc = st.acc;
+        st.curves.push(CurvePoint {
             step,
             epoch,
             train_bpd: (acc.1 > 0).then(|| acc.0 / acc.1 as f64),
@@ -274,10 +293,10 @@ impl Recorder<'_> {
             lr,
             grad_norm: (acc.1 > 0).then(|| acc.2 / acc.1 as f64),
         });
-        *acc = (0.0, 0, 0.0);
+        st.acc = (0.0, 0, 0.0);
         if eval {
             if let Some(p) = self.ckpt {
-                save_checkpoint(self.model, opt, (step, *acc), curves, p)?;
+                save_checkpoint(self.model, opt, st, p)?;
             }
         }
         Ok(true)
@@ -302,11 +321,11 @@ pub fn train(
     let sharding = shard::Sharding::new(model);
     let per_epoch = steps_per_epoch(cfg, train.len());
     let total = total_steps(cfg, train.len());
-    let (mut step, mut curves, mut acc) = match ckpt {
+    let mut st = match ckpt {
         Some(p) if p.tensors.is_file() => load_all(model, Some(&mut opt), p)?,
-        _ => (0, Vec::new(), (0.0, 0, 0.0)),
+        _ => State::default(),
     };
-    let resumed_from = step;
+    let resumed_from = st.step;
     let rec = Recorder {
         model,
         val,
@@ -324,23 +343,18 @@ pub fn train(
         (epoch, lr)
     };
     let mut epoch_batches: Option<(usize, Vec<Vec<usize>>)> = None;
-    let mut train_seconds = 0.0;
+    // Seconds of optimizer steps in this process (the state's count all of them).
+    let mut seconds_here = 0.0;
     let mut outcome = Outcome::Done;
 
-    // A run stopped while validating after `step` left that step without its point.
-    if step > 0 && point_due(step) && curves.last().map(|c| c.step) != Some(step) {
-        let (epoch, lr) = schedule(step);
-        if !rec.point(
-            &opt,
-            (step, epoch, lr),
-            eval_due(step),
-            &mut acc,
-            &mut curves,
-        )? {
-            outcome = Outcome::Stopped { step };
-        }
+    // A run stopped while validating after its step left that step without its point.
+    let step = st.step;
+    let pending = step > 0 && point_due(step) && st.curves.last().map(|c| c.step) != Some(step);
+    if pending && !rec.point(&opt, schedule(step), eval_due(step), &mut st)? {
+        outcome = Outcome::Stopped { step };
     }
-    while step < total && outcome == Outcome::Done {
+    while st.step < total && outcome == Outcome::Done {
+        let step = st.step;
         let (epoch, lr) = schedule(step + 1);
         if epoch_batches.as_ref().is_none_or(|(e, _)| *e != epoch) {
             let mut rng = crate::rng::Rng::new(derive_seed(seed, streams::SHUFFLE, epoch as u64));
@@ -371,31 +385,33 @@ pub fn train(
             break;
         }
         opt.step(&grads, lr, optim::clip_scale(norm, t.grad_clip))?;
-        train_seconds += started.elapsed().as_secs_f64();
-        step += 1;
-        acc = (acc.0 + loss_v, acc.1 + 1, acc.2 + norm);
+        let took = started.elapsed().as_secs_f64();
+        seconds_here += took;
+        st.seconds += took;
+        st.step += 1;
+        st.acc = (st.acc.0 + loss_v, st.acc.1 + 1, st.acc.2 + norm);
+        let step = st.step;
 
         let imgs_per_s =
-            ((step - resumed_from) * train.batch_size()) as f64 / train_seconds.max(1e-9);
+            ((step - resumed_from) * train.batch_size()) as f64 / seconds_here.max(1e-9);
         progress(step, total, loss_v, imgs_per_s);
         let eval_now = eval_due(step);
-        if point_due(step)
-            && !rec.point(&opt, (step, epoch, lr), eval_now, &mut acc, &mut curves)?
-        {
+        if point_due(step) && !rec.point(&opt, (epoch, lr), eval_now, &mut st)? {
             outcome = Outcome::Stopped { step };
         } else if stop() && step < total {
             if let Some(p) = ckpt.filter(|_| !eval_now) {
-                save_checkpoint(model, &opt, (step, acc), &curves, p)?;
+                save_checkpoint(model, &opt, &st, p)?;
             }
             outcome = Outcome::Stopped { step };
         }
     }
-    let imgs_per_s = ((step - resumed_from) * train.batch_size()) as f64 / train_seconds.max(1e-9);
+    let imgs_per_s =
+        ((st.step - resumed_from) * train.batch_size()) as f64 / seconds_here.max(1e-9);
     Ok(TrainReport {
         outcome,
-        steps: step,
-        curves,
-        train_seconds,
+        steps: st.step,
+        curves: st.curves,
+        train_seconds: st.seconds,
         imgs_per_s,
         resumed_from,
     })
