@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use flowlab::results::compare;
 
-use super::say_not_done;
+use super::{runs_text, say_not_done};
 
 #[derive(Args)]
 pub struct CompareArgs {
@@ -44,7 +44,7 @@ pub fn cmd_compare(a: CompareArgs) -> Result<ExitCode> {
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        say!("## {name} ({} runs)\n", df.height());
+        say!("## {name} ({})\n", runs_text(df.height()));
         say!("{}", compare::render(&rows, &a.by, &a.metric, a.markdown));
         say_not_done(&compare::not_done(&df, t)?);
         say!();
