@@ -108,7 +108,8 @@ fn duration_text(seconds: f64) -> String {
     }
 }
 
-fn bar_style(template: &str) -> ProgressStyle {
+/// flowlab's progress-bar look for `template` (indicatif's default if it does not parse).
+pub fn bar_style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template)
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ")
@@ -373,7 +374,6 @@ pub fn save_temperature_grid(
     png::labelled_rows(&rows, n, [s[0], s[1], s[2]], scale).save(path)
 }
 
-/// Trains and evaluates one run; returns its row and its training curves.
 /// An evaluation's progress on the run's bar (and, in a log, a line every
 /// [`LINE_EVERY_S`]), and the stop request.
 struct EvalProgress<'a> {
@@ -401,6 +401,8 @@ impl EvalProgress<'_> {
     }
 }
 
+/// Trains and evaluates one run; returns its row and its training curves, or where a stop
+/// request left it.
 fn execute(
     run: &Run,
     dir: &Path,

@@ -160,6 +160,15 @@ impl TrainedRun {
         })
     }
 
+    /// The importance samples K of the run's own evaluation of `split`: its
+    /// `eval.importance_samples` for the test images, 1 for validation (as in training).
+    pub fn own_k(&self, split: Split) -> usize {
+        match split {
+            Split::Test => self.config.eval.importance_samples,
+            Split::Val => 1,
+        }
+    }
+
     /// Mean bpd on `set` with `k` importance samples per image, and per class for labelled
     /// data. The dequantization draws come from `seed` (default: the run's), as in the
     /// run's own evaluation: with its K and images this is its recorded test or val bpd.

@@ -343,8 +343,12 @@ pub fn train(
         (epoch, lr)
     };
     let mut epoch_batches: Option<(usize, Vec<Vec<usize>>)> = None;
-    // Seconds of optimizer steps in this process (the state's count all of them).
+    // Seconds of optimizer steps in this process (the state's count all of them), and the
+    // images per second they trained.
     let mut seconds_here = 0.0;
+    let rate = |step: usize, seconds: f64| {
+        ((step - resumed_from) * train.batch_size()) as f64 / seconds.max(1e-9)
+    };
     let mut outcome = Outcome::Done;
 
     // A run stopped while validating after its step left that step without its point.
@@ -392,9 +396,7 @@ pub fn train(
         st.acc = (st.acc.0 + loss_v, st.acc.1 + 1, st.acc.2 + norm);
         let step = st.step;
 
-        let imgs_per_s =
-            ((step - resumed_from) * train.batch_size()) as f64 / seconds_here.max(1e-9);
-        progress(step, total, loss_v, imgs_per_s);
+        progress(step, total, loss_v, rate(step, seconds_here));
         let eval_now = eval_due(step);
         if point_due(step) && !rec.point(&opt, (epoch, lr), eval_now, &mut st)? {
             outcome = Outcome::Stopped { step };
@@ -405,8 +407,7 @@ pub fn train(
             outcome = Outcome::Stopped { step };
         }
     }
-    let imgs_per_s =
-        ((st.step - resumed_from) * train.batch_size()) as f64 / seconds_here.max(1e-9);
+    let imgs_per_s = rate(st.step, seconds_here);
     Ok(TrainReport {
         outcome,
         steps: st.step,

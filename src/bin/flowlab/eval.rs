@@ -9,9 +9,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use flowlab::runner;
 use flowlab::train::CheckpointPaths;
 use flowlab::trained::{Images, Split};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget};
 
 use super::{at_least_one, load_trained};
 
@@ -109,10 +110,7 @@ fn eval_run(a: &EvalArgs, dir: &Path) -> Result<()> {
     let images = a.images.unwrap_or(Images::Run);
     let set = run.eval_set(split, images)?;
     let ks = if a.k.is_empty() {
-        vec![match split {
-            Split::Test => run.config.eval.importance_samples,
-            Split::Val => 1,
-        }]
+        vec![run.own_k(split)]
     } else {
         a.k.clone()
     };
@@ -131,11 +129,9 @@ fn eval_run(a: &EvalArgs, dir: &Path) -> Result<()> {
     } else {
         ProgressBar::new(set.len() as u64)
     };
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images  eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
+    bar.set_style(runner::bar_style(
+        "{msg} [{bar:30}] {pos}/{len} images  eta {eta}",
+    ));
     let mut last = None;
     for &k in &ks {
         bar.set_message(format!("K = {k}"));
@@ -186,13 +182,11 @@ fn eval_run(a: &EvalArgs, dir: &Path) -> Result<()> {
     let record = flowlab::results::read_record(&run.dir).ok().flatten();
     if let (Some(rec), Images::Run, None) = (record, images, a.seed) {
         let recorded = match split {
-            Split::Test => rec
-                .row
-                .test_bpd
-                .map(|b| (b, run.config.eval.importance_samples)),
-            Split::Val => rec.row.val_bpd.map(|b| (b, 1)),
+            Split::Test => rec.row.test_bpd,
+            Split::Val => rec.row.val_bpd,
         };
-        if let Some((b, k)) = recorded {
+        if let Some(b) = recorded {
+            let k = run.own_k(split);
             say!("recorded by the sweep: {what} {b:.4} with K = {k}, same images and draws");
         }
     }
