@@ -203,10 +203,9 @@ impl ParamStore {
         Ok(())
     }
 
-    /// Loads a safetensors file written by [`ParamStore::save`].
+    /// Loads a safetensors file written by [`ParamStore::save`] (or a checkpoint).
     pub fn load(&self, path: &Path) -> Result<()> {
-        let tensors = candle_core::safetensors::load(path, &self.device)?;
-        self.load_tensors(&tensors, path)
+        self.load_tensors(&read_safetensors(path, &self.device)?, path)
     }
 
     /// Draws a fresh tensor from the store's RNG (used for initialisation).
@@ -332,6 +331,15 @@ impl Params {
         self.store.lock().init_flags.push(self.path(name));
         Ok(var)
     }
+}
+
+/// The tensors of a safetensors file (a checkpoint), on `device`. A file that cannot be
+/// read or is not safetensors (truncated, overwritten) is an error naming it.
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: format!("cannot be read: {e}"),
+    })
 }
 
 #[cfg(test)]

@@ -126,6 +126,7 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
         device(d)?;
     }
     let exp_dir = results::experiment_dir(&opts.out, &exp.name);
+    let mut data_cache = load_data(runs, &exp_dir, opts.force)?;
     std::fs::create_dir_all(exp_dir.join("runs")).map_err(|e| Error::io(&exp_dir, e))?;
     let multi = MultiProgress::with_draw_target(if opts.quiet {
         ProgressDrawTarget::hidden()
@@ -141,7 +142,6 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
         total: runs.len(),
         ..Default::default()
     };
-    let mut data_cache: HashMap<String, Splits> = HashMap::new();
     let rev = git_rev();
     let stopping = || opts.stop.is_some_and(|s| s.load(Ordering::Relaxed));
     for (i, run) in runs.iter().enumerate() {
@@ -240,6 +240,31 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
         results::write_tables(&exp_dir)?;
     }
     Ok(summary)
+}
+
+/// The data of every run that will train (not finished yet, or all with `force`), each
+/// distinct data spec loaded once. Data that cannot be trained on (a missing file, a class
+/// it lacks, fewer training images than a batch) would fail every run that reads it: the
+/// sweep is refused before any training, naming how many runs read it.
+fn load_data(runs: &[Run], exp_dir: &Path, force: bool) -> Result<HashMap<String, Splits>> {
+    let finished = |run: &Run| {
+        let rec = results::read_record(&results::run_dir(exp_dir, &run.name, &run.id));
+        // An unreadable record is the sweep's to report, when it reaches the run.
+        matches!(rec, Ok(Some(r)) if r.row.status != Status::Failed)
+    };
+    let to_train = runs.iter().filter(|r| force || !finished(r));
+    let mut cache = HashMap::new();
+    for (spec, n) in data::distinct(to_train.map(|r| &r.config.data)) {
+        let splits = data::load(spec).map_err(|e| {
+            Error::Usage(format!(
+                "{e}\n  (the data of {n} run{} to train: the sweep is refused before any \
+                 training; `flowlab check` states the data of each run)",
+                if n == 1 { "" } else { "s" }
+            ))
+        })?;
+        cache.insert(data::key(spec), splits);
+    }
+    Ok(cache)
 }
 
 /// Records in `exp_dir` that are not runs of `spec_runs` (every run of the spec, all
@@ -413,7 +438,7 @@ fn execute(
 ) -> Result<Executed> {
     let c = &run.config;
     let dev = device(&c.device)?;
-    let key = serde_json::to_string(&c.data).unwrap_or_default();
+    let key = data::key(&c.data);
     if !cache.contains_key(&key) {
         cache.insert(key.clone(), data::load(&c.data)?);
     }
@@ -490,7 +515,7 @@ fn execute(
             &val_l,
             &val_l.ordered(),
             1,
-            derive_seed(seed, streams::VAL, 0),
+            streams::val_seed(seed),
             &mut |d, n| ev.poll("val bpd", d, n),
         )?);
         let (test_bpd, by_class) = train::eval::bpd_by_class(
@@ -498,7 +523,7 @@ fn execute(
             &test_l,
             &test_l.ordered(),
             c.eval.importance_samples,
-            derive_seed(seed, streams::TEST, 0),
+            streams::test_seed(seed, 0),
             &mut |d, n| ev.poll("test bpd", d, n),
         )?;
         row.test_bpd = Some(test_bpd);
@@ -510,7 +535,7 @@ fn execute(
                 &test_l,
                 &test_l.ordered(),
                 k,
-                derive_seed(seed, streams::TEST, 1 + i as u64),
+                streams::test_seed(seed, 1 + i as u64),
                 &mut |d, n| ev.poll(&what, d, n),
             )?;
             row.importance_study.push((k as u64, bpd));

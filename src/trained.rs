@@ -13,7 +13,7 @@ use crate::results::{self, Status};
 use crate::runner;
 use crate::spec::RunConfig;
 use crate::train::eval::{self, Poll};
-use crate::train::{self, derive_seed, streams, CheckpointPaths};
+use crate::train::{self, streams, CheckpointPaths};
 use crate::{Error, Result};
 
 /// Which of a run's images an evaluation uses.
@@ -179,11 +179,11 @@ impl TrainedRun {
         seed: Option<u64>,
         poll: Poll<'_>,
     ) -> Result<(f64, Vec<(u64, f64)>)> {
-        let stream = match set.split {
-            Split::Test => streams::TEST,
-            Split::Val => streams::VAL,
+        let seed = seed.unwrap_or(self.config.train.seed);
+        let seed = match set.split {
+            Split::Test => streams::test_seed(seed, 0),
+            Split::Val => streams::val_seed(seed),
         };
-        let seed = derive_seed(seed.unwrap_or(self.config.train.seed), stream, 0);
         eval::bpd_by_class(&self.model, &set.loader, &set.batches, k, seed, poll)
     }
 }

@@ -173,44 +173,68 @@ fn files_of_the_wrong_kind_are_refused_by_name() {
     );
 }
 
+/// Data no run can train on refuses the sweep before any training; a run that fails in
+/// training (here: its checkpoint is unreadable) is recorded as failed, the sweep goes on
+/// and exits 1, and the next sweep tries the run again.
 #[test]
 fn failed_runs_exit_1_with_plain_logs_and_run_again_next_time() {
     let sw = sweep_of(None, "[0, 1]");
     let out = &sw.out;
-    let args = sw.run_args(&[
-        "-q",
-        "--only",
-        "a",
-        // Fewer training images than a batch: every run fails.
-        "--set",
-        "data.train_subset=8",
-    ]);
-    let (code, _, err) = flowlab(&args);
+    // Fewer training images than a batch: no run can train, nothing is written.
+    let few = sw.run_args(&["-q", "--only", "a", "--set", "data.train_subset=8"]);
+    let (code, _, err) = flowlab(&few);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("2 failed") && err.contains("only 8 training images"),
+        err.contains("only 8 training images for data.batch_size 32")
+            && err
+                .contains("the data of 2 runs to train: the sweep is refused before any training"),
         "{err}"
     );
-    // stderr is a pipe here: no terminal colour codes in the log lines.
-    assert!(!err.contains('\x1b'), "{err:?}");
+    assert!(!out.join("clitest").exists());
+
+    let args = sw.run_args(&["-q", "--only", "a"]);
     let (code, _, err) = flowlab(&args);
-    assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains("2 had failed in an earlier sweep and ran again"),
-        "{err}"
-    );
-    // Sampling from it says why there is nothing to sample from.
+    assert_eq!(code, 0, "{err}");
+    // One run unfinished again, with a checkpoint that cannot be read.
     let run = std::fs::read_dir(out.join("clitest/runs"))
         .unwrap()
         .next()
         .unwrap()
         .unwrap()
         .path();
+    std::fs::remove_file(run.join("result.json")).unwrap();
+    std::fs::write(run.join("checkpoint.safetensors"), b"not a checkpoint").unwrap();
+    let (code, _, err) = flowlab(&args);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("0 done, 0 diverged, 1 failed, 1 already finished"),
+        "{err}"
+    );
+    assert!(
+        err.contains("checkpoint.safetensors: cannot be read: header too large"),
+        "{err}"
+    );
+    // stderr is a pipe here: no terminal colour codes in the log lines.
+    assert!(!err.contains('\x1b'), "{err:?}");
+    let rec = std::fs::read_to_string(run.join("result.json")).unwrap();
+    assert!(
+        rec.contains("\"status\": \"failed\"") && rec.contains("cannot be read: header too large"),
+        "{rec}"
+    );
+    // Without its checkpoint, sampling from it says why there is nothing to sample from.
+    std::fs::remove_file(run.join("checkpoint.safetensors")).unwrap();
     let (code, _, err) = flowlab(&["sample", run.to_str().unwrap()]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("no checkpoint: the run is recorded as failed (data: ")
-            && err.contains("only 8 training images for data.batch_size 32"),
+        err.contains("no checkpoint: the run is recorded as failed (checkpoint "),
+        "{err}"
+    );
+    // The next sweep trains it again, from the start.
+    let (code, _, err) = flowlab(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("1 had failed in an earlier sweep and ran again")
+            && err.contains("1 done, 0 diverged, 0 failed, 1 already finished"),
         "{err}"
     );
 }

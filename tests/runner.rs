@@ -205,33 +205,70 @@ fn runs_of_an_earlier_version_of_the_spec_are_found() {
     assert_eq!(other.len(), 2);
 }
 
+/// Data no run can train on fails every run that reads it: the sweep is refused before
+/// any training (nothing is written), naming the problem and how many runs read the data;
+/// data good for some runs of the sweep and not for others refuses it too.
+#[test]
+fn a_sweep_on_data_that_cannot_train_is_refused_before_training() {
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["data.train_subset=8"],
+            "only 8 training images for data.batch_size 32",
+        ),
+        (&["data.classes=[3,12]"], "no images of class [12]"),
+        (
+            &["data.val_size=70000"],
+            "cannot hold out 70000 validation images",
+        ),
+    ];
+    for (set, msg) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let o: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+        let exp = Experiment::from_text(TINY, "tiny.yaml", "tiny", &o).unwrap();
+        let runs = exp.runs(&[], &shape_of).unwrap();
+        let opts = RunOptions {
+            out: dir.path().to_path_buf(),
+            force: false,
+            quiet: true,
+            stop: None,
+        };
+        let e = run_sweep(&exp, &runs, &opts).unwrap_err().to_string();
+        assert!(e.contains(msg), "{set:?}: {e}");
+        assert!(
+            e.contains("the data of 4 runs to train: the sweep is refused before any training"),
+            "{set:?}: {e}"
+        );
+        assert!(!dir.path().join("tiny").exists(), "{set:?}");
+    }
+    // One run's data of the sweep's two: refused all the same, naming that run only.
+    let dir = tempfile::tempdir().unwrap();
+    let exp = Experiment::from_text(
+        TINY,
+        "tiny.yaml",
+        "tiny",
+        &[
+            "sweep.grid.data.train_subset=[8,256]".into(),
+            "sweep.grid.seed=[0]".into(),
+        ],
+    )
+    .unwrap();
+    let runs = exp.runs(&[], &shape_of).unwrap();
+    let opts = RunOptions {
+        out: dir.path().to_path_buf(),
+        force: false,
+        quiet: true,
+        stop: None,
+    };
+    let e = run_sweep(&exp, &runs, &opts).unwrap_err().to_string();
+    assert!(
+        e.contains("only 8 training images") && e.contains("the data of 2 runs to train"),
+        "{e}"
+    );
+    assert!(!dir.path().join("tiny").exists());
+}
+
 #[test]
 fn a_failed_run_runs_again_in_the_next_sweep_from_its_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let exp = dir.path().join("tiny");
-    // A real failure: too few training images for a batch. It is recorded, and the next
-    // sweep tries it again (and records it again) instead of counting it as finished.
-    let few = ["data.train_subset=8", "sweep.grid.seed=[0]"];
-    let s = sweep(TINY, dir.path(), &few);
-    assert_eq!(
-        (s.done, s.failed, s.skipped, s.retried),
-        (0, 2, 0, 0),
-        "{s:?}"
-    );
-    let recs = results::collect_records(&exp).unwrap();
-    assert!(recs.iter().all(|r| r.row.status == Status::Failed));
-    let reason = recs[0].row.status_reason.as_deref().unwrap();
-    assert!(reason.contains("training images"), "{reason}");
-    // A failed run still records its architecture's parameter count.
-    let counts: Vec<u64> = recs.iter().map(|r| r.row.params).collect();
-    assert!(counts.iter().all(|&p| p > 0), "{counts:?}");
-    let s = sweep(TINY, dir.path(), &few);
-    assert_eq!(
-        (s.done, s.failed, s.skipped, s.retried),
-        (0, 2, 0, 2),
-        "{s:?}"
-    );
-
     // A run that failed after training (say, a full disk while writing samples): the next
     // sweep resumes it from its final checkpoint, evaluates it and records it done,
     // without training again; finished runs are left alone.

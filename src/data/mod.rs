@@ -28,6 +28,25 @@ pub fn builtin_shape(spec: &DataSpec) -> Result<[usize; 3], String> {
     Ok([c, h / f, w / f])
 }
 
+/// A data spec as a map key: two specs with the same key load the same images.
+pub fn key(spec: &DataSpec) -> String {
+    serde_json::to_string(spec).unwrap_or_default()
+}
+
+/// The distinct data specs among `specs`, in first-seen order, each with how many of
+/// `specs` it is (a sweep's runs share a few).
+pub fn distinct<'a>(specs: impl IntoIterator<Item = &'a DataSpec>) -> Vec<(&'a DataSpec, usize)> {
+    let mut out: Vec<(String, &DataSpec, usize)> = Vec::new();
+    for spec in specs {
+        let k = key(spec);
+        match out.iter_mut().find(|(o, _, _)| *o == k) {
+            Some(d) => d.2 += 1,
+            None => out.push((k, spec, 1)),
+        }
+    }
+    out.into_iter().map(|(_, s, n)| (s, n)).collect()
+}
+
 /// Train / validation / test parts of a dataset, after class filters, downscaling and subsets.
 #[derive(Debug, Clone)]
 pub struct Splits {

@@ -84,6 +84,17 @@ pub mod streams {
     pub const TEST: u64 = 4;
     pub const SAMPLE: u64 = 5;
     pub const INIT: u64 = 6;
+
+    /// The dequantization draws of a run's validation bpd (in training and at its end).
+    pub fn val_seed(run_seed: u64) -> u64 {
+        super::derive_seed(run_seed, VAL, 0)
+    }
+
+    /// The dequantization draws of a run's test bpd (`index` 0) and of its importance
+    /// study's `i`-th K (`index` 1 + i). `flowlab eval` reproduces a recorded bpd with these.
+    pub fn test_seed(run_seed: u64, index: u64) -> u64 {
+        super::derive_seed(run_seed, TEST, index)
+    }
 }
 
 /// Total optimizer steps of a run.
@@ -189,7 +200,7 @@ pub fn load_checkpoint(
 /// curve point (zero in checkpoints written at a curve point) and the training seconds
 /// (zero in checkpoints written before either was kept).
 fn load_all(model: &FlowModel, opt: Option<&mut Adam>, paths: &CheckpointPaths) -> Result<State> {
-    let all = candle_core::safetensors::load(&paths.tensors, model.device())?;
+    let all = crate::params::read_safetensors(&paths.tensors, model.device())?;
     let params: std::collections::HashMap<String, Tensor> = all
         .iter()
         .filter(|(k, _)| !k.starts_with("optim.") && !k.starts_with("train."))
@@ -269,7 +280,7 @@ impl Recorder<'_> {
     ) -> Result<bool> {
         let step = st.step;
         let val_bpd = if eval {
-            let seed = derive_seed(self.seed, streams::VAL, 0);
+            let seed = streams::val_seed(self.seed);
             let poll = &mut eval::stop_when(self.stop);
             match eval::mean_bpd(self.model, self.val, &self.val_batches, 1, seed, poll) {
                 Ok(v) => Some(v),

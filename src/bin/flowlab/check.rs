@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use flowlab::build::{build_model, params_under};
-use flowlab::spec::DataSpec;
 use flowlab::testing::{perturb_params, round_trip, FlowCheck};
 
 use super::{load_runs, runs_text, Shapes, SpecArgs};
@@ -28,15 +27,7 @@ pub fn cmd_check(a: SpecArgs) -> Result<ExitCode> {
     // The data of every run, loaded: its sizes, and what cannot be trained on (a class the
     // data lacks, more validation images than there are, fewer training images than a
     // batch), refused here rather than in the middle of a sweep.
-    let mut data: Vec<(String, &DataSpec, usize)> = Vec::new();
-    for run in &runs {
-        let key = serde_json::to_string(&run.config.data)?;
-        match data.iter_mut().find(|(k, _, _)| *k == key) {
-            Some(d) => d.2 += 1,
-            None => data.push((key, &run.config.data, 1)),
-        }
-    }
-    for (_, spec, n) in data {
+    for (spec, n) in flowlab::data::distinct(runs.iter().map(|r| &r.config.data)) {
         match flowlab::data::load(spec) {
             Ok(s) => say!(
                 "data: {} {}, {} training, {} validation and {} test images",

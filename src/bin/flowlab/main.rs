@@ -30,8 +30,10 @@ enum Command {
     /// Train every run of an experiment's sweep and write results/<experiment>/.
     ///
     /// Finished runs are skipped, an interrupted run resumes from its last checkpoint,
-    /// a diverging run is recorded as `diverged` and the sweep goes on. A run that failed
-    /// (an error such as missing data, recorded as `failed`) is tried again by the next
+    /// a diverging run is recorded as `diverged` and the sweep goes on. Data no run can
+    /// train on (missing, a class it lacks, fewer images than a batch) and a missing device
+    /// refuse the sweep before any training. A run that fails in training (an unreadable
+    /// checkpoint, a full disk) is recorded as `failed` and tried again by the next
     /// `flowlab run`, from its checkpoint if it has one. Ctrl-C (or SIGTERM) stops the sweep
     /// gracefully: the run in training checkpoints after its current step (in evaluation:
     /// after its current batch), and the same command resumes it (a second Ctrl-C quits
