@@ -33,21 +33,35 @@ sweep:
     seed: [0, 1]
 ";
 
+/// A quiet sweep's options, writing under `out`.
+fn options(out: &Path, stop: Option<&'static AtomicBool>) -> RunOptions {
+    RunOptions {
+        out: out.to_path_buf(),
+        force: false,
+        quiet: true,
+        stop,
+    }
+}
+
 fn sweep(text: &str, out: &Path, overrides: &[&str]) -> flowlab::runner::SweepSummary {
     let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
     let exp = Experiment::from_text(text, "tiny.yaml", "tiny", &o).unwrap();
     let runs = exp.runs(&[], &shape_of).unwrap();
-    run_sweep(
-        &exp,
-        &runs,
-        &RunOptions {
-            out: out.to_path_buf(),
-            force: false,
-            quiet: true,
-            stop: None,
-        },
-    )
-    .unwrap()
+    run_sweep(&exp, &runs, &options(out, None)).unwrap()
+}
+
+/// The error of a sweep of TINY with `overrides`, which must be refused having written
+/// nothing.
+fn refused(overrides: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    let exp = Experiment::from_text(TINY, "tiny.yaml", "tiny", &o).unwrap();
+    let runs = exp.runs(&[], &shape_of).unwrap();
+    let e = run_sweep(&exp, &runs, &options(dir.path(), None))
+        .unwrap_err()
+        .to_string();
+    assert!(!dir.path().join("tiny").exists(), "{overrides:?}: {e}");
+    e
 }
 
 #[test]
@@ -130,21 +144,11 @@ fn tiny_sweep_writes_tables_samples_and_skips_finished_runs() {
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn a_sweep_on_a_missing_device_is_refused_before_training() {
-    let dir = tempfile::tempdir().unwrap();
-    let exp = Experiment::from_text(TINY, "tiny.yaml", "tiny", &["device=cuda:0".into()]).unwrap();
-    let runs = exp.runs(&[], &shape_of).unwrap();
-    let opts = RunOptions {
-        out: dir.path().to_path_buf(),
-        force: false,
-        quiet: true,
-        stop: None,
-    };
-    let e = run_sweep(&exp, &runs, &opts).unwrap_err().to_string();
+    let e = refused(&["device=cuda:0"]);
     assert!(
         e.contains("device 'cuda:0'") && e.contains("--features cuda"),
         "{e}"
     );
-    assert!(!dir.path().join("tiny").exists());
 }
 
 #[test]
@@ -153,12 +157,7 @@ fn a_stop_request_ends_the_sweep_before_its_next_run() {
     let dir = tempfile::tempdir().unwrap();
     let exp = Experiment::from_text(TINY, "tiny.yaml", "tiny", &[]).unwrap();
     let runs = exp.runs(&[], &shape_of).unwrap();
-    let opts = RunOptions {
-        out: dir.path().to_path_buf(),
-        force: false,
-        quiet: true,
-        stop: Some(&STOP),
-    };
+    let opts = options(dir.path(), Some(&STOP));
     let s = run_sweep(&exp, &runs, &opts).unwrap();
     assert!(s.stopped && s.stopped_at.is_none(), "{s:?}");
     assert_eq!((s.done, s.failed, s.skipped), (0, 0, 0), "{s:?}");
@@ -222,49 +221,22 @@ fn a_sweep_on_data_that_cannot_train_is_refused_before_training() {
         ),
     ];
     for (set, msg) in cases {
-        let dir = tempfile::tempdir().unwrap();
-        let o: Vec<String> = set.iter().map(|s| s.to_string()).collect();
-        let exp = Experiment::from_text(TINY, "tiny.yaml", "tiny", &o).unwrap();
-        let runs = exp.runs(&[], &shape_of).unwrap();
-        let opts = RunOptions {
-            out: dir.path().to_path_buf(),
-            force: false,
-            quiet: true,
-            stop: None,
-        };
-        let e = run_sweep(&exp, &runs, &opts).unwrap_err().to_string();
+        let e = refused(set);
         assert!(e.contains(msg), "{set:?}: {e}");
         assert!(
             e.contains("the data of 4 runs to train: the sweep is refused before any training"),
             "{set:?}: {e}"
         );
-        assert!(!dir.path().join("tiny").exists(), "{set:?}");
     }
-    // One run's data of the sweep's two: refused all the same, naming that run only.
-    let dir = tempfile::tempdir().unwrap();
-    let exp = Experiment::from_text(
-        TINY,
-        "tiny.yaml",
-        "tiny",
-        &[
-            "sweep.grid.data.train_subset=[8,256]".into(),
-            "sweep.grid.seed=[0]".into(),
-        ],
-    )
-    .unwrap();
-    let runs = exp.runs(&[], &shape_of).unwrap();
-    let opts = RunOptions {
-        out: dir.path().to_path_buf(),
-        force: false,
-        quiet: true,
-        stop: None,
-    };
-    let e = run_sweep(&exp, &runs, &opts).unwrap_err().to_string();
+    // The data of two of the sweep's four runs: refused all the same, counting those two.
+    let e = refused(&[
+        "sweep.grid.data.train_subset=[8,256]",
+        "sweep.grid.seed=[0]",
+    ]);
     assert!(
         e.contains("only 8 training images") && e.contains("the data of 2 runs to train"),
         "{e}"
     );
-    assert!(!dir.path().join("tiny").exists());
 }
 
 #[test]
