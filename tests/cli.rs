@@ -211,7 +211,7 @@ fn failed_runs_exit_1_with_plain_logs_and_run_again_next_time() {
         "{err}"
     );
     assert!(
-        err.contains("checkpoint.safetensors: cannot be read: header too large"),
+        err.contains("checkpoint.safetensors: cannot be read: header too large (delete the checkpoint, or run with --force, to train the run from its start)"),
         "{err}"
     );
     // stderr is a pipe here: no terminal colour codes in the log lines.

@@ -314,6 +314,21 @@ impl Recorder<'_> {
     }
 }
 
+/// [`load_all`] for training on: a checkpoint that cannot be resumed fails its run until it
+/// is gone, and the error says so.
+fn resume(model: &FlowModel, opt: &mut Adam, paths: &CheckpointPaths) -> Result<State> {
+    load_all(model, Some(opt), paths).map_err(|e| match e {
+        Error::Checkpoint { path, msg } => Error::Checkpoint {
+            path,
+            msg: format!(
+                "{msg} (delete the checkpoint, or run with --force, to train the run from its \
+                 start)"
+            ),
+        },
+        e => e,
+    })
+}
+
 /// Trains `model` on `train`, validating on `val`. Checkpoints go to `ckpt` (if given) at
 /// every evaluation, at a stop and at the end; an existing checkpoint there is resumed.
 pub fn train(
@@ -333,7 +348,7 @@ pub fn train(
     let per_epoch = steps_per_epoch(cfg, train.len());
     let total = total_steps(cfg, train.len());
     let mut st = match ckpt {
-        Some(p) if p.tensors.is_file() => load_all(model, Some(&mut opt), p)?,
+        Some(p) if p.tensors.is_file() => resume(model, &mut opt, p)?,
         _ => State::default(),
     };
     let resumed_from = st.step;
