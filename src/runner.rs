@@ -163,9 +163,8 @@ pub fn run_sweep(exp: &Experiment, runs: &[Run], opts: &RunOptions) -> Result<Sw
             clear_run_dir(&dir)?;
         }
         match results::read_record(&dir)? {
-            // A failed run (an error, not a result) is tried again, from its checkpoint
-            // if it got that far; done and diverged runs are results and stay.
-            Some(rec) if rec.row.status == Status::Failed => {
+            // A failed run is tried again, from its checkpoint if it got that far.
+            Some(rec) if !rec.row.status.is_finished() => {
                 tracing::info!(run = %run.name, reason = ?rec.row.status_reason, "failed before, trying again");
                 summary.retried += 1;
             }
@@ -250,7 +249,7 @@ fn load_data(runs: &[Run], exp_dir: &Path, force: bool) -> Result<HashMap<String
     let finished = |run: &Run| {
         let rec = results::read_record(&results::run_dir(exp_dir, &run.name, &run.id));
         // An unreadable record is the sweep's to report, when it reaches the run.
-        matches!(rec, Ok(Some(r)) if r.row.status != Status::Failed)
+        matches!(rec, Ok(Some(r)) if r.row.status.is_finished())
     };
     let to_train = runs.iter().filter(|r| force || !finished(r));
     let mut cache = HashMap::new();
@@ -439,6 +438,8 @@ fn execute(
     let c = &run.config;
     let dev = device(&c.device)?;
     let key = data::key(&c.data);
+    // Loaded by `load_data`, unless the run was finished then and is not now (another
+    // process cleared it with --force).
     if !cache.contains_key(&key) {
         cache.insert(key.clone(), data::load(&c.data)?);
     }

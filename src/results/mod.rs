@@ -33,6 +33,12 @@ pub enum Status {
 }
 
 impl Status {
+    /// Done and diverged runs are results, which a sweep keeps and skips; a failed run (an
+    /// error, not a result) is tried again by the next sweep.
+    pub fn is_finished(self) -> bool {
+        self != Status::Failed
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Done => "done",

@@ -157,7 +157,7 @@ struct Shapes(RefCell<HashMap<String, Result<[usize; 3], String>>>);
 
 impl Shapes {
     fn of(&self, d: &DataSpec) -> Result<[usize; 3], String> {
-        let key = serde_json::to_string(d).map_err(|e| e.to_string())?;
+        let key = flowlab::data::key(d);
         if let Some(r) = self.0.borrow().get(&key) {
             return r.clone();
         }
